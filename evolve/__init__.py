@@ -1,0 +1,1 @@
+"""Multi-objective evolutionary search over merge parameters."""

@@ -1,0 +1,1 @@
+"""Cheap scoring of candidate merges: benchmarks, evaluation, IRT and estimators."""

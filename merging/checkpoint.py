@@ -1,0 +1,386 @@
+"""Hugging Face model folders as streams of tensors.
+
+`CheckpointReader` opens a folder holding `model.safetensors` or shards listed in
+`model.safetensors.index.json` and reads one tensor at a time through safetensors'
+memory-mapped `safe_open`; nothing is loaded until asked for.
+
+`CheckpointWriter` writes a sharded safetensors checkpoint without ever holding more
+than one tensor: the names, shapes and dtype of every output tensor are known before
+the first one is computed (they are the base's), so the shard layout and each shard's
+header are planned up front and each tensor's bytes are appended as soon as it is
+ready. The folder is built under a temporary name beside the destination and renamed
+into place only when complete, so a crash or an error never leaves a partial model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files copied from the base into a merged folder (config, generation config, tokenizer).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_ST_DTYPE = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_FROM_ST = {v: k for k, v in _ST_DTYPE.items()}
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be read or written as asked."""
+
+
+def parse_size(size: str | int) -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, ints pass through (bytes)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise CheckpointError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max_shard_size {size!r} is not a size such as '2GB' or '500MiB'")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    value = int(number * base**power)
+    if value <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to the tensors of a HF model folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such model folder")
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE_FILE).is_file():
+            files, weight_map = [SINGLE_FILE], None
+        else:
+            raise CheckpointError(
+                f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)"
+            )
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        self._info: dict[str, TensorInfo] = {}
+        for f in files:
+            fp = self.path / f
+            if not fp.is_file():
+                raise CheckpointError(f"{self.path}: shard {f} named in the index is missing")
+            try:
+                h = safe_open(str(fp), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
+            self._handles[f] = h
+            for name in h.keys():
+                sl = h.get_slice(name)
+                self._where[name] = f
+                self._info[name] = TensorInfo(tuple(sl.get_shape()), _FROM_ST[sl.get_dtype()])
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._where))
+            if missing:
+                raise CheckpointError(f"{self.path}: tensor {missing[0]} is in the index but in no shard")
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self._handles[self._where[name]].get_tensor(name)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def files(self) -> list[Path]:
+        return [self.path / f for f in self._handles]
+
+
+def cache_dir() -> Path:
+    """evomerge's per-machine cache (hashes, evaluation responses): $EVOMERGE_CACHE or ~/.cache/evomerge."""
+    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
+
+
+def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetensors", "*.json")) -> str:
+    """sha256 over the weight and config files of a folder (names and contents), as hex.
+
+    Remembered per machine by (file name, size, mtime), so a large model is hashed once.
+    """
+    root = Path(path).resolve()
+    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    key = hashlib.sha256(json.dumps([str(root), stamp]).encode()).hexdigest()
+    memo = cache_dir() / "hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()
+    atomic_write_text(memo, digest)
+    return digest
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a file through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class _Shard:
+    file: str
+    names: list[str]
+    header: bytes
+    data_bytes: int
+
+
+def plan_shards(infos: dict[str, TensorInfo], dtype_of: dict[str, torch.dtype], max_shard_size: int) -> list[_Shard]:
+    """Assigns tensors, in order, to shards of at most `max_shard_size` bytes (a single
+    larger tensor gets a shard of its own) and builds each shard's safetensors header."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, info in infos.items():
+        nbytes = info.numel * dtype_size(dtype_of[name])
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    shards = []
+    for i, names in enumerate(groups):
+        file = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            nbytes = infos[name].numel * dtype_size(dtype_of[name])
+            header[name] = {
+                "dtype": _ST_DTYPE[dtype_of[name]],
+                "shape": list(infos[name].shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        shards.append(_Shard(file, names, raw, offset))
+    return shards
+
+
+class CheckpointWriter:
+    """Streams tensors into a new HF model folder; use as a context manager.
+
+    Tensors must be written in the order of `infos` (the plan). On a clean exit the
+    folder is complete and renamed to `out_dir`; on an exception it is deleted.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        infos: dict[str, TensorInfo],
+        dtype: torch.dtype | None = None,
+        max_shard_size: str | int = "2GB",
+        overwrite: bool = False,
+    ):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise CheckpointError(f"{self.out_dir}: output folder exists (choose another or allow overwrite)")
+        self.infos = dict(infos)
+        # Floating tensors take the requested dtype; integer buffers keep theirs.
+        self.dtype_of = {
+            n: (dtype if dtype is not None and i.dtype.is_floating_point else i.dtype) for n, i in self.infos.items()
+        }
+        self.shards = plan_shards(self.infos, self.dtype_of, parse_size(max_shard_size))
+        self._order = [n for s in self.shards for n in s.names]
+        self._shard_of = {n: i for i, s in enumerate(self.shards) for n in s.names}
+        self._next = 0
+        self._file = None
+        self._shard_i = -1
+        self._written_in_shard = 0
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        return self
+
+    def _open_next_shard(self) -> None:
+        self._close_shard()
+        self._shard_i += 1
+        shard = self.shards[self._shard_i]
+        self._file = open(self.tmp / shard.file, "wb")
+        self._file.write(struct.pack("<Q", len(shard.header)))
+        self._file.write(shard.header)
+        self._written_in_shard = 0
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            shard = self.shards[self._shard_i]
+            assert self._written_in_shard == shard.data_bytes, "shard data does not match its header"
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    @property
+    def expected(self) -> list[str]:
+        """The names still to write, in order."""
+        return self._order[self._next:]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or name != self._order[self._next]:
+            want = self._order[self._next] if self._next < len(self._order) else "nothing more"
+            raise CheckpointError(f"writer expected {want}, got {name}")
+        info = self.infos[name]
+        if tuple(tensor.shape) != info.shape:
+            raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} differs from the planned {info.shape}")
+        while self._shard_i < self._shard_of[name]:
+            self._open_next_shard()
+        t = tensor.detach().to(device="cpu", dtype=self.dtype_of[name]).contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._file.write(memoryview(data))
+        self._written_in_shard += t.numel() * t.element_size()
+        self._next += 1
+
+    def finish(self, side_files_from: str | os.PathLike | None = None, card: str | None = None) -> Path:
+        """Closes the last shard, writes the index, side files and model card, then renames into place."""
+        if self._next != len(self._order):
+            raise CheckpointError(f"writer finished early: {self._order[self._next]} and others not written")
+        while self._shard_i < len(self.shards) - 1:  # shards holding only zero-size tensors
+            self._open_next_shard()
+        self._close_shard()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.data_bytes for s in self.shards)},
+                "weight_map": {n: s.file for s in self.shards for n in s.names},
+            }
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if side_files_from is not None:
+            for f in SIDE_FILES:
+                src = Path(side_files_from) / f
+                if src.is_file():
+                    shutil.copy2(src, self.tmp / f)
+            if self.dtype_of and (self.tmp / "config.json").is_file():
+                _set_config_dtype(self.tmp / "config.json", next(iter(self.dtype_of.values())))
+        if card is not None:
+            (self.tmp / "README.md").write_text(card)
+        _replace_dir(self.tmp, self.out_dir, self.overwrite)
+        self.tmp = None
+        return self.out_dir
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
+    cfg = json.loads(config.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "torch_dtype":
+            cfg[key] = name
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames `tmp` to `out`; an existing `out` (overwrite) is moved aside first, then removed."""
+    if out.exists():
+        if not overwrite:
+            raise CheckpointError(f"{out}: output folder exists")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "2GB",
+    side_files_from: str | os.PathLike | None = None,
+    card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes an in-memory state dict as a HF folder (tests, the zoo, small models)."""
+    infos = {n: TensorInfo(tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    with CheckpointWriter(out_dir, infos, dtype, max_shard_size, overwrite) as w:
+        for n in w.expected:
+            w.write(n, tensors[n])
+        return w.finish(side_files_from, card)
+
+
+def iter_tensors(reader: CheckpointReader, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for n in names if names is not None else reader.names():
+        yield n, reader.get(n)

@@ -1,0 +1,103 @@
+"""Streams every tensor of the base through a merge method into a new HF model folder.
+
+Peak memory is one float32 tensor per input model plus the base's and the output's: each
+parameter is read (memory-mapped), turned into task vectors, merged on the chosen device
+and appended to its shard before the next one is read. Inputs are checked before any work
+starts, and the output appears only when complete (see `checkpoint.CheckpointWriter`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, content_hash
+from .methods import MethodParams, get_method
+from .spec import MergeSpec
+from .task_vectors import open_source
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} asked for, but CUDA is not available")
+    return dev
+
+
+def open_inputs(base: str | os.PathLike, paths: list[str | os.PathLike]):
+    """Opens the base and the sources and checks that they fit together."""
+    reader = CheckpointReader(base)
+    infos = {n: reader.info(n) for n in reader.names()}
+    sources = []
+    for i, p in enumerate(paths):
+        src = open_source(p)
+        problem = src.mismatch(infos)
+        if problem:
+            raise CheckpointError(f"models[{i}] ({p}) does not match the base {base}: {problem}")
+        sources.append(src)
+    return reader, sources
+
+
+def merged_tensors(reader, sources, method: str, params: MethodParams | Callable[[str], MethodParams],
+                   device: torch.device, names=None):
+    """Yields (name, merged float32 tensor on `device`) in the order of `names`."""
+    fn = get_method(method).fn
+    for name in names if names is not None else reader.names():
+        info = reader.info(name)
+        if not info.dtype.is_floating_point:
+            yield name, reader.get(name, device)
+            continue
+        base = reader.get(name, device, torch.float32)
+        deltas = [s.delta(name, base) for s in sources]
+        p = params(name) if callable(params) else params
+        yield name, fn(base, deltas, p, name)
+
+
+def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> str:
+    recipe = {
+        "method": spec.method,
+        "params": spec.params,
+        "base": {"path": str(spec.base), "sha256": hashes[str(spec.base)]},
+        "models": [{"name": m.name, "path": str(m.path), "sha256": hashes[str(m.path)]} for m in spec.models],
+        "output": spec.output.model_dump(),
+        "evomerge_version": __version__,
+        **(extra or {}),
+    }
+    return (
+        "---\ntags: [merge, evomerge]\n---\n"
+        f"# Merged with evomerge ({spec.method})\n\n"
+        "This model was produced by a weight-space merge. Recipe:\n\n"
+        f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"
+    )
+
+
+def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
+          progress: bool = True, params: Callable[[str], MethodParams] | None = None) -> Path:
+    """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
+
+    `params`, when given, supplies per-tensor parameters (the search uses it for per-block
+    genomes); otherwise the spec's parameters apply to every tensor.
+    """
+    spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite)")
+    reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
+    device = resolve_device(spec.device)
+    dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None
+    hashes = {str(p): content_hash(p) for p in [spec.base, *[m.path for m in spec.models]]}
+    p = params or spec.method_params()
+    infos = {n: reader.info(n) for n in reader.names()}
+    with CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
+        stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected)
+        for name, tensor in tqdm(stream, total=len(infos), desc=f"merge ({spec.method})", unit="tensor",
+                                 disable=not progress, leave=False):
+            writer.write(name, tensor)
+        return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes))

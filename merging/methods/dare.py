@@ -1,0 +1,55 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): Drop And REscale.
+
+Each entry of each task vector is dropped with probability 1 - density and the kept ones
+are rescaled by 1 / density, so the expected task vector is unchanged:
+
+    tau_i' = m_i * tau_i / density_i,   m_i ~ Bernoulli(density_i)
+
+then combined linearly (`dare_linear`: base + lambda * sum_i w_i tau_i') or with TIES'
+sign election and disjoint mean (`dare_ties`). The masks are reproducible: each comes
+from a generator seeded with (seed, tensor name, model index), independent of the order
+in which tensors are processed (masks drawn on CUDA differ from those drawn on CPU).
+Defaults: density 0.5, weights 1, lambda 1, seed 0.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from pydantic import Field
+
+from .registry import register, weighted_sum
+from .ties import TiesParams, disjoint_merge
+
+
+class DareParams(TiesParams):
+    density: float | list[float] = Field(0.5, description="probability of keeping each entry")
+    seed: int = 0
+
+
+def drop_and_rescale(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    if density >= 1.0:
+        return tau
+    g = torch.Generator(device=tau.device).manual_seed(seed)
+    keep = torch.rand(tau.shape, generator=g, device=tau.device) < density
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+def _dropped(deltas, p: DareParams, name: str):
+    dens = p.per_model("density", len(deltas), 0.5)
+    return [
+        drop_and_rescale(t, d, zlib.crc32(f"{p.seed}:{name}:{i}".encode()))
+        for i, (t, d) in enumerate(zip(deltas, dens))
+    ]
+
+
+@register("dare_linear", DareParams)
+def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
+    """Random drop and rescale, then task arithmetic."""
+    return base + p.lambda_ * weighted_sum(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))
+
+
+@register("dare_ties", DareParams)
+def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
+    """Random drop and rescale, then TIES sign election and disjoint mean."""
+    return base + p.lambda_ * disjoint_merge(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))

@@ -1,0 +1,67 @@
+"""TIES-merging (Yadav et al., NeurIPS 2023, "TIES-Merging: Resolving Interference When Merging Models").
+
+Three steps per parameter (paper, Algorithm 1):
+1. Trim: keep the top-k entries of each tau_i by magnitude, k = int(density_i * numel).
+2. Elect sign: gamma = sign(sum_i w_i * trimmed_i); a sum of exactly 0 counts as +.
+3. Disjoint merge: average only the entries that agree with gamma,
+       tau_m = sum_i w_i t_i [sign(t_i) = gamma] / sum_i w_i [sign(t_i) = gamma]
+   (the divisor is 1 where no model agrees), then theta = base + lambda * tau_m.
+
+Weights multiply the trimmed vectors before the sign election and normalize the disjoint
+mean, as in mergekit's `ties` (normalize: true), so that equal parameters give equal
+results. Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 1.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from pydantic import Field, field_validator
+
+from .registry import MethodParams, register
+
+
+class TiesParams(MethodParams):
+    density: float | list[float] = Field(0.2, description="fraction of each task vector kept (one value or one per model)")
+    lambda_: float = Field(1.0, alias="lambda")
+
+    @field_validator("density")
+    @classmethod
+    def _in_unit_interval(cls, v):
+        for d in v if isinstance(v, list) else [v]:
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"density must lie in (0, 1], got {d}")
+        return v
+
+
+def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keeps the int(density * numel) entries of largest magnitude, zeroes the rest."""
+    if density >= 1.0:
+        return tau
+    k = int(density * tau.numel())
+    out = torch.zeros_like(tau)
+    if k > 0:
+        idx = torch.topk(tau.abs().reshape(-1), k, sorted=False).indices
+        out.view(-1)[idx] = tau.reshape(-1)[idx]
+    return out
+
+
+def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Sign election and disjoint weighted mean over (already sparsified) task vectors."""
+    weighted = torch.stack([w * t for w, t in zip(weights, tvs)])
+    gamma = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    agree = weighted.sign() == gamma
+    w = torch.tensor(weights, dtype=weighted.dtype, device=weighted.device).view(-1, *([1] * tvs[0].dim()))
+    num = (weighted * agree).sum(0)
+    den = (w * agree).sum(0)
+    den = torch.where(den.abs() < 1e-8, torch.ones_like(den), den)
+    return num / den
+
+
+@register("ties", TiesParams)
+def ties(base: torch.Tensor, deltas, p: TiesParams, name: str) -> torch.Tensor:
+    """Trim, elect sign, disjoint mean of task vectors."""
+    n = len(deltas)
+    dens = p.per_model("density", n, 0.2)
+    trimmed = [trim_top_k(t, d) for t, d in zip(deltas, dens)]
+    return base + p.lambda_ * disjoint_merge(trimmed, p.per_model("weights", n, 1.0))

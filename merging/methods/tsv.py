@@ -1,0 +1,76 @@
+"""Task Singular Vectors (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task
+Interference in Model Merging").
+
+TSV-C (compression): a layer's task vector is low rank in practice; keeping its top-k
+singular triplets, tau ~ U_k diag(S_k) V_k^T, preserves most of its energy
+sum(S_k^2) / sum(S^2) at a fraction of the storage.
+
+TSV-M (merging), for every 2-D weight and T tasks:
+1. keep k = int(rank / T) singular triplets of each w_i * tau_i (at least 1);
+2. stack them: U = [U_1 .. U_T] (m x Tk), S = diag(S_1 .. S_T), V = [V_1 .. V_T] (n x Tk);
+3. decorrelate the tasks' subspaces by replacing each stack with its nearest matrix with
+   orthonormal columns (orthogonal Procrustes): U = P Sigma Q^T -> U_perp = P Q^T, likewise V;
+4. theta = base + alpha * U_perp S V_perp^T.
+Tensors that are not matrices (biases, norms) are averaged over the tasks, as in the
+paper's code (`compute_and_sum_svd_mem_reduction`). The paper's code also averages CLIP's
+`text_projection` instead of decomposing it; for language models we treat the token
+embedding table (`embed_tokens`, `wte`, `word_embeddings`) the same way, because its rows
+are independent lookups rather than one linear map, while `lm_head` is a linear map and is
+decomposed. alpha defaults to 1.0 as in the paper; weights (default 1) scale each tau_i.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from pydantic import Field
+
+from .registry import MethodParams, register
+
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+
+
+class TsvParams(MethodParams):
+    alpha: float = Field(1.0, description="scale of the merged update")
+
+
+def tsv_c(tau: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """TSV-C: the top-k singular triplets (U_k [m,k], S_k [k], V_k [n,k]) of a matrix and the
+    fraction of its energy (squared Frobenius norm) they keep."""
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return u[:, :k], s[:k], vh[:k].T, kept
+
+
+def nearest_orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """argmin ||Q - X||_F over Q with orthonormal columns (rows if X is wide): P Q^T of X's SVD."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def tsv_m_factors(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_perp, the stacked singular values and V_perp of TSV-M for one matrix."""
+    T = len(taus)
+    k = max(1, min(taus[0].shape) // T)
+    parts = [tsv_c(t, k)[:3] for t in taus]
+    u = torch.cat([p[0] for p in parts], dim=1)
+    s = torch.cat([p[1] for p in parts])
+    v = torch.cat([p[2] for p in parts], dim=1)
+    return nearest_orthonormal(u), s, nearest_orthonormal(v)
+
+
+def is_matrix(tau: torch.Tensor, name: str) -> bool:
+    return tau.dim() == 2 and not _EMBEDDING.search(name)
+
+
+@register("tsv", TsvParams)
+def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
+    """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update."""
+    w = p.per_model("weights", len(deltas), 1.0)
+    taus = [wi * t for wi, t in zip(w, deltas)]
+    if not is_matrix(base, name):
+        return base + p.alpha * torch.stack(taus).mean(0)
+    u, s, v = tsv_m_factors(taus)
+    return base + p.alpha * (u * s) @ v.T

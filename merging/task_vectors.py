@@ -1,0 +1,60 @@
+"""Task vectors tau_i = theta_i - theta_base, one tensor at a time, from a fine-tuned model
+folder or a PEFT LoRA adapter folder (`open_source` tells them apart)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .adapters import LoraAdapter, is_adapter
+from .checkpoint import CheckpointError, CheckpointReader, TensorInfo
+
+
+class ModelSource:
+    """A full fine-tune: its tensors minus the base's."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.reader = CheckpointReader(path)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        return self.reader.get(name, base.device, base.dtype).sub_(base)
+
+    def mismatch(self, infos: dict[str, TensorInfo]) -> str | None:
+        """The first way this model differs from the base's tensor names and shapes, or None."""
+        for name, info in infos.items():
+            if name not in self.reader:
+                return f"tensor {name} is missing"
+            if self.reader.info(name).shape != info.shape:
+                return f"tensor {name} has shape {self.reader.info(name).shape}, the base has {info.shape}"
+        extra = sorted(set(self.reader.names()) - set(infos))
+        if extra:
+            return f"tensor {extra[0]} is not in the base"
+        return None
+
+
+class AdapterSource:
+    """A LoRA adapter: scale * B @ A on its targets, zero elsewhere."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.adapter = LoraAdapter(path)
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        return self.adapter.delta(name, base)
+
+    def mismatch(self, infos: dict[str, TensorInfo]) -> str | None:
+        for name in self.adapter.targets():
+            if name not in infos:
+                return f"adapter target {name} is not a tensor of the base"
+            shape = self.adapter.target_shape(name)
+            if shape != infos[name].shape:
+                return f"adapter target {name} has shape {shape}, the base has {infos[name].shape}"
+        return None
+
+
+def open_source(path: str | os.PathLike) -> ModelSource | AdapterSource:
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: no such model folder")
+    return AdapterSource(path) if is_adapter(path) else ModelSource(path)

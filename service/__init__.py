@@ -1,0 +1,1 @@
+"""The product surface: job spec, REST service, worker and CLI."""

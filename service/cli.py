@@ -1,0 +1,93 @@
+"""`evomerge` command line: merge, zoo, demo (and, later, serve, worker, evolve)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def load_spec_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise CliError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
+    return data
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def cmd_merge(args) -> None:
+    from merging import MergeSpec, merge
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    spec = MergeSpec.model_validate(data)
+    out = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(out)
+
+
+def cmd_methods(args) -> None:
+    from merging.methods import METHODS
+
+    for name, m in sorted(METHODS.items()):
+        fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
+        print(f"{name:16} {m.summary}  params: {fields}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging on one GPU.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="merge models as a spec of kind: merge says")
+    p.add_argument("spec", help="YAML job spec (kind: merge)")
+    p.add_argument("--out", required=True, help="output HF model folder (must not exist)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list the merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from merging.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except ValidationError as e:
+        print(f"evomerge: error: invalid spec: {format_validation_error(e)}", file=sys.stderr)
+        return 2
+    except (CliError, CheckpointError, ValueError, OSError) as e:
+        print(f"evomerge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
