@@ -1,0 +1,42 @@
+"""Tiny transformers models written as HF folders for the tests (random weights, no download)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from merging.checkpoint import write_checkpoint
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 40, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save(model, path: Path, max_shard_size="2GB") -> Path:
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+def perturbed(base_dir: Path, out: Path, seed: int, scale: float = 0.02, max_shard_size="2GB") -> Path:
+    """A 'fine-tune': the base plus seeded Gaussian noise on every floating tensor."""
+    from merging.checkpoint import CheckpointReader
+
+    r = CheckpointReader(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for n in r.names():
+        t = r.get(n)
+        tensors[n] = t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point() else t
+    return write_checkpoint(out, tensors, max_shard_size=max_shard_size, side_files_from=base_dir)
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from merging.checkpoint import CheckpointReader
+
+    r = CheckpointReader(path)
+    return {n: r.get(n) for n in r.names()}

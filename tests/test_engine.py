@@ -1,0 +1,129 @@
+"""The streaming engine end to end on tiny Llama folders, and the CLI's error handling."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from factories import perturbed, save, state_dict, tiny_llama
+from merging import METHODS, merge
+from merging.methods import get_method
+from merging.spec import method_params
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    d = tmp_path_factory.mktemp("family")
+    base = save(tiny_llama(), d / "base", max_shard_size="20KB")
+    models = [perturbed(base, d / f"ft{i}", seed=i + 1, max_shard_size="30KB") for i in range(3)]
+    return base, models
+
+
+def spec_for(base, models, method="task_arithmetic", **params):
+    return {"base": str(base), "models": [{"name": f"m{i}", "path": str(p)} for i, p in enumerate(models)],
+            "method": method, "params": params, "device": "cpu"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_copies_of_base_give_base(tmp_path, family, method):
+    base, _ = family
+    out = merge(spec_for(base, [base, base, base], method), tmp_path / "out", progress=False)
+    got, want = state_dict(out), state_dict(base)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3, "weights": [1.0, 0.5, 2.0]}),
+                                           ("tsv", {"alpha": 0.8}), ("dare_ties", {"seed": 3})])
+def test_engine_equals_method_applied_to_each_tensor(tmp_path, family, method, params):
+    base, models = family
+    out = merge(spec_for(base, models, method, **params), tmp_path / "out", progress=False)
+    b, fts, got = state_dict(base), [state_dict(m) for m in models], state_dict(out)
+    fn, p = get_method(method).fn, method_params(method, params, 3)
+    for k in b:
+        want = fn(b[k].float(), [ft[k].float() - b[k].float() for ft in fts], p, k)
+        assert torch.allclose(got[k].float(), want, atol=1e-6), k
+
+
+def test_merged_folder_loads_and_generates(tmp_path, family):
+    base, models = family
+    spec = spec_for(base, models, "ties", density=0.5)
+    spec["output"] = {"dtype": "bfloat16", "max_shard_size": "10KB"}
+    out = merge(spec, tmp_path / "out", progress=False)
+    assert len(list(out.glob("model-*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    ids = model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert ids.shape == (1, 8)
+    card = (out / "README.md").read_text()
+    recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert recipe["method"] == "ties" and len(recipe["models"]) == 3
+    assert all(len(m["sha256"]) == 64 for m in recipe["models"])
+    assert (out / "config.json").is_file()
+
+
+def write_spec(tmp_path, spec):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return str(p)
+
+
+def assert_cli_error(tmp_path, capsys, spec_path, message, out_name="out"):
+    capsys.readouterr()
+    code = main(["merge", spec_path, "--out", str(tmp_path / out_name), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("evomerge: error:") and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+    assert not any(p.name.startswith((out_name, f".{out_name}")) for p in tmp_path.iterdir())
+
+
+def test_cli_errors(tmp_path, family, capsys):
+    base, models = family
+    good = spec_for(base, models[:2], "ties")
+    cases = [
+        ({**good, "method": "slerp_magic"}, "unknown method 'slerp_magic'"),
+        ({**good, "params": {"density": 2}}, "params.density"),
+        ({**good, "params": {"weights": [1, 2, 3]}}, "params.weights has 3 values for 2 models"),
+        ({**good, "colour": "blue"}, "colour"),
+        ({**good, "models": [{"name": "x", "path": str(tmp_path / "missing")}]}, "missing: no such model folder"),
+        ({**good, "device": "tpu"}, "device"),
+        ({**good, "output": {"max_shard_size": "lots"}}, "max_shard_size"),
+    ]
+    for spec, message in cases:
+        assert_cli_error(tmp_path, capsys, write_spec(tmp_path, spec), message)
+    assert_cli_error(tmp_path, capsys, str(tmp_path / "nope.yaml"), "no such spec file")
+    (tmp_path / "bad.yaml").write_text("kind: [merge\n")
+    assert_cli_error(tmp_path, capsys, str(tmp_path / "bad.yaml"), "not valid YAML")
+
+
+def test_cli_shape_mismatch_names_the_tensor(tmp_path, family, capsys):
+    base, models = family
+    other = save(tiny_llama(hidden=16), tmp_path / "other")
+    spec = write_spec(tmp_path, spec_for(base, [models[0], other]))
+    assert_cli_error(tmp_path, capsys, spec, "models[1]")
+    assert_cli_error(tmp_path, capsys, spec, "tensor model.embed_tokens.weight has shape (40, 16)")
+
+
+def test_cli_refuses_existing_output(tmp_path, family, capsys):
+    base, models = family
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code = main(["merge", write_spec(tmp_path, spec_for(base, models)), "--out", str(tmp_path / "out")])
+    assert code == 2 and "exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_console_script_merges(tmp_path, family):
+    base, models = family
+    spec = write_spec(tmp_path, {"kind": "merge", **spec_for(base, models, "linear")})
+    r = subprocess.run([sys.executable, "-m", "service.cli", "merge", spec, "--out", str(tmp_path / "m"), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got, fts = state_dict(tmp_path / "m"), [state_dict(m) for m in models]
+    for k in got:
+        assert torch.allclose(got[k], sum(ft[k] for ft in fts) / 3, atol=1e-6)

@@ -1,0 +1,175 @@
+"""Merge methods against closed forms, brute-force loop references and properties."""
+import itertools
+
+import pytest
+import torch
+
+from merging.methods import METHODS, get_method
+from merging.methods.tsv import tsv_c, tsv_m_factors
+from merging.spec import method_params
+
+
+def run(method, base, deltas, name="layers.0.mlp.up_proj.weight", **params):
+    p = method_params(method, params, len(deltas))
+    return get_method(method).fn(base, deltas, p, name)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(12, 8), (8,)])
+def test_identical_copies_of_base_give_base(method, shape):
+    base = rand(*shape)
+    out = run(method, base, [torch.zeros(shape)] * 3)
+    assert torch.allclose(out, base, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0}), ("ties", {"lambda": 0}),
+                                           ("dare_linear", {"lambda": 0}), ("dare_ties", {"lambda": 0}),
+                                           ("tsv", {"alpha": 0})])
+def test_zero_scale_gives_base(method, params):
+    base = rand(10, 6)
+    assert torch.equal(run(method, base, [rand(10, 6, seed=s) for s in (1, 2)], **params), base)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_identical_fine_tunes_give_the_fine_tune(method):
+    """Averaging-type merges of N copies of one model return that model (density 1: nothing trimmed)."""
+    base, tau = rand(9, 7), rand(9, 7, seed=1)
+    extra = {} if method == "linear" else {"density": 1.0}
+    assert torch.allclose(run(method, base, [tau] * 4, **extra), base + tau, atol=1e-6)
+
+
+def test_task_arithmetic_and_linear_formulas():
+    base, taus = rand(5, 4), [rand(5, 4, seed=s) for s in (1, 2, 3)]
+    w = [0.5, -1.0, 2.0]
+    want = base + 0.7 * (0.5 * taus[0] - 1.0 * taus[1] + 2.0 * taus[2])
+    assert torch.allclose(run("task_arithmetic", base, taus, weights=w, **{"lambda": 0.7}), want, atol=1e-6)
+    models = [base + t for t in taus]
+    w = [1.0, 2.0, 1.0]
+    want = sum(wi * m for wi, m in zip(w, models)) / sum(w)
+    assert torch.allclose(run("linear", base, taus, weights=w), want, atol=1e-6)
+
+
+def ties_reference(base, taus, densities, weights, lam):
+    """TIES written entry by entry with Python loops, independently of the vectorized code."""
+    flat = [t.flatten().tolist() for t in taus]
+    trimmed = []
+    for vec, d in zip(flat, densities):
+        k = int(d * len(vec))
+        order = sorted(range(len(vec)), key=lambda j: -abs(vec[j]))[:k]
+        keep = set(order)
+        trimmed.append([v if j in keep else 0.0 for j, v in enumerate(vec)])
+    out = []
+    for j in range(len(flat[0])):
+        s = sum(w * t[j] for w, t in zip(weights, trimmed))
+        sign = 1.0 if s >= 0 else -1.0
+        num = den = 0.0
+        for w, t in zip(weights, trimmed):
+            wt = w * t[j]
+            if wt != 0 and (wt > 0) == (sign > 0):
+                num += wt
+                den += w
+        out.append(num / den if abs(den) >= 1e-8 else num)
+    return base + lam * torch.tensor(out).view_as(base)
+
+
+@pytest.mark.parametrize("densities,weights,lam", [([0.2] * 3, [1.0] * 3, 1.0), ([0.5, 0.3, 0.9], [1.0, 0.5, 2.0], 0.8)])
+def test_ties_against_loop_reference(densities, weights, lam):
+    base, taus = rand(7, 6), [rand(7, 6, seed=s) for s in (1, 2, 3)]
+    got = run("ties", base, taus, density=densities, weights=weights, **{"lambda": lam})
+    assert torch.allclose(got, ties_reference(base, taus, densities, weights, lam), atol=1e-5)
+
+
+def test_ties_sign_election_by_hand():
+    base = torch.zeros(3)
+    taus = [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([3.0, -2.0, -1.0]), torch.tensor([-1.0, 4.0, -0.5])]
+    # entry 0: sum 3 > 0 -> mean of 1, 3; entry 1: sum 1 > 0 -> 4; entry 2: sum 0.5 > 0 -> 2
+    assert torch.allclose(run("ties", base, taus, density=1.0), torch.tensor([2.0, 4.0, 2.0]))
+
+
+def test_dare_drops_and_rescales():
+    base, tau = torch.zeros(200, 50), rand(200, 50, seed=3)
+    out = run("dare_linear", base, [tau], density=0.3, seed=5)
+    kept = out != 0
+    assert torch.allclose(out[kept], tau[kept] / 0.3)
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+    assert torch.equal(out, run("dare_linear", base, [tau], density=0.3, seed=5))
+    assert not torch.equal(out, run("dare_linear", base, [tau], density=0.3, seed=6))
+    assert not torch.equal(out, run("dare_linear", base, [tau], name="other.weight", density=0.3, seed=5))
+
+
+def test_dare_is_unbiased_over_seeds():
+    base, tau = torch.zeros(30, 20), rand(30, 20, seed=4)
+    mean = torch.stack([run("dare_linear", base, [tau], density=0.5, seed=s) for s in range(2000)]).mean(0)
+    # each entry's mean of 2000 draws of tau*2*Bernoulli(0.5) has sd |tau|/sqrt(2000)
+    assert torch.all((mean - tau).abs() <= 5 * tau.abs() / 2000**0.5 + 1e-6)
+
+
+@pytest.mark.parametrize("density", [1.0])
+def test_dare_without_drop_reduces_to_its_combiner(density):
+    base, taus = rand(6, 5), [rand(6, 5, seed=s) for s in (1, 2)]
+    assert torch.allclose(run("dare_linear", base, taus, density=density),
+                          run("task_arithmetic", base, taus), atol=1e-6)
+    assert torch.allclose(run("dare_ties", base, taus, density=density),
+                          run("ties", base, taus, density=density), atol=1e-6)
+
+
+def test_tsv_factors_are_orthonormal():
+    taus = [rand(24, 16, seed=s) for s in range(4)]
+    u, s, v = tsv_m_factors(taus)
+    assert u.shape == (24, 16) and v.shape == (16, 16) and s.shape == (16,)
+    assert torch.allclose(u.T @ u, torch.eye(16), atol=1e-5)
+    assert torch.allclose(v.T @ v, torch.eye(16), atol=1e-5)
+
+
+def test_tsv_one_task_full_rank_is_task_arithmetic():
+    base, tau = rand(10, 7), rand(10, 7, seed=1)
+    assert torch.allclose(run("tsv", base, [tau]), base + tau, atol=1e-5)
+
+
+def low_rank(m, n, r, seed):
+    return rand(m, r, seed=seed) @ rand(r, n, seed=seed + 100)
+
+
+def test_tsv_c_keeps_energy_of_low_rank_task_vectors():
+    tau = low_rank(30, 20, 3, seed=1)
+    u, s, v, kept = tsv_c(tau, 3)
+    assert kept > 1 - 1e-6
+    assert torch.allclose((u * s) @ v.T, tau, atol=1e-4)
+    *_, kept1 = tsv_c(tau, 1)
+    sv = torch.linalg.svdvals(tau)
+    assert abs(kept1 - float(sv[0] ** 2 / (sv**2).sum())) < 1e-6
+
+
+def test_tsv_merges_orthogonal_low_rank_tasks_exactly():
+    """Tasks in mutually orthogonal rank-3 subspaces (k = 12 // 4 = 3) do not interfere: TSV-M = task arithmetic."""
+    q_left, _ = torch.linalg.qr(rand(16, 16, seed=7))
+    q_right, _ = torch.linalg.qr(rand(12, 12, seed=8))
+    taus = []
+    for i in range(4):
+        s = torch.diag(torch.tensor([3.0 + i, 2.0 + i, 1.0 + i]))
+        taus.append(q_left[:, 3 * i:3 * i + 3] @ s @ q_right[:, 3 * i:3 * i + 3].T)
+    base = rand(16, 12)
+    assert torch.allclose(run("tsv", base, taus), base + sum(taus), atol=1e-5)
+
+
+def test_tsv_averages_non_matrices_and_embeddings():
+    base, taus = rand(8), [rand(8, seed=s) for s in (1, 2)]
+    assert torch.allclose(run("tsv", base, taus), base + (taus[0] + taus[1]) / 2, atol=1e-6)
+    base, taus = rand(8, 4), [rand(8, 4, seed=s) for s in (1, 2)]
+    got = run("tsv", base, taus, name="model.embed_tokens.weight")
+    assert torch.allclose(got, base + (taus[0] + taus[1]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params,msg", [
+    ("ties", {"density": 1.5}, "params.density"),
+    ("ties", {"densty": 0.5}, "params.densty"),
+    ("task_arithmetic", {"weights": [1.0]}, "params.weights has 1 values for 2 models"),
+    ("linear", {"lambda": 1.0}, "params.lambda"),
+])
+def test_params_validation_names_the_field(method, params, msg):
+    with pytest.raises(ValueError, match=msg.replace(".", r"\.")):
+        method_params(method, params, 2)
