@@ -119,7 +119,8 @@ def test_dare_without_drop_reduces_to_its_combiner(density):
 
 def test_tsv_factors_are_orthonormal():
     taus = [rand(24, 16, seed=s) for s in range(4)]
-    u, s, v = tsv_m_factors(taus)
+    u, s, v, task = tsv_m_factors(taus)
+    assert task.tolist() == [i for i in range(4) for _ in range(4)]
     assert u.shape == (24, 16) and v.shape == (16, 16) and s.shape == (16,)
     assert torch.allclose(u.T @ u, torch.eye(16), atol=1e-5)
     assert torch.allclose(v.T @ v, torch.eye(16), atol=1e-5)
@@ -173,3 +174,20 @@ def test_tsv_averages_non_matrices_and_embeddings():
 def test_params_validation_names_the_field(method, params, msg):
     with pytest.raises(ValueError, match=msg.replace(".", r"\.")):
         method_params(method, params, 2)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": [0.3, 0.7], "weights": [0.4, 1.2]}),
+                                           ("tsv", {"alpha": 0.7, "weights": [0.0, 1.5]})])
+@pytest.mark.parametrize("shape", [(12, 9), (9,)])
+def test_prepared_path_equals_raw_path(method, params, shape):
+    """What a search prepares once gives the same merge as the streaming path."""
+    base, taus = rand(*shape), [rand(*shape, seed=s) for s in (1, 2)]
+    m = get_method(method)
+    prepared = m.prepare(taus, "layers.0.w")
+    p = method_params(method, params, 2)
+    assert torch.allclose(m.fn(base, prepared, p, "layers.0.w"), m.fn(base, taus, p, "layers.0.w"), atol=1e-6)
+
+
+def test_ties_keeps_a_whole_tie_at_the_boundary():
+    tau = torch.tensor([3.0, -2.0, 2.0, 1.0])
+    assert run("ties", torch.zeros(4), [tau], density=0.5).tolist() == [3.0, -2.0, 2.0, 0.0]

@@ -5,11 +5,16 @@ base model, `deltas` the task vectors tau_i = theta_i - theta_base of that param
 (one per input model, in the spec's order), all float32 on one device; `name` is the
 tensor's name, used only where a method needs a per-tensor seed or treats some tensors
 specially. Methods do no I/O; `merging.engine` streams tensors through them.
+
+A method whose work splits into a parameter-free part and a cheap per-parameter part
+(TSV's SVDs, TIES' magnitude ranks) also registers `prepare(deltas, name)`; its `fn`
+then accepts either the raw deltas or what `prepare` returned, so a search that merges
+the same tensors many times prepares them once (`evolve`) with identical results.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +48,7 @@ class Method:
     name: str
     fn: MethodFn
     params: type[MethodParams]
+    prepare: Callable[[Sequence[torch.Tensor], str], Any] | None = None
 
     @property
     def summary(self) -> str:
@@ -52,9 +58,9 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, params: type[MethodParams]):
+def register(name: str, params: type[MethodParams], prepare=None):
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, params)
+        METHODS[name] = Method(name, fn, params, prepare)
         return fn
 
     return deco

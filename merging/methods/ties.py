@@ -13,7 +13,7 @@ results. Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -34,16 +34,32 @@ class TiesParams(MethodParams):
         return v
 
 
-def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keeps the int(density * numel) entries of largest magnitude, zeroes the rest."""
+class Ranked(NamedTuple):
+    """A task vector with its magnitudes sorted in descending order (TIES' `prepare`)."""
+
+    tau: torch.Tensor
+    sorted_abs: torch.Tensor
+
+
+def rank_magnitudes(deltas: Sequence[torch.Tensor], name: str = "") -> list[Ranked]:
+    return [Ranked(t, t.abs().reshape(-1).sort(descending=True).values) for t in deltas]
+
+
+def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
+    """Keeps the entries whose magnitude is at least the k-th largest, k = int(density * numel)
+    (all of a tie at the boundary, so the result does not depend on sort stability), zeroes the rest."""
+    tau, ranked = (tau, None) if isinstance(tau, torch.Tensor) else tau
     if density >= 1.0:
         return tau
     k = int(density * tau.numel())
-    out = torch.zeros_like(tau)
-    if k > 0:
-        idx = torch.topk(tau.abs().reshape(-1), k, sorted=False).indices
-        out.view(-1)[idx] = tau.reshape(-1)[idx]
-    return out
+    if k <= 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs()
+    if ranked is not None:
+        threshold = ranked[k - 1]
+    else:
+        threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
+    return torch.where(mag >= threshold, tau, torch.zeros_like(tau))
 
 
 def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -58,7 +74,7 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return num / den
 
 
-@register("ties", TiesParams)
+@register("ties", TiesParams, prepare=rank_magnitudes)
 def ties(base: torch.Tensor, deltas, p: TiesParams, name: str) -> torch.Tensor:
     """Trim, elect sign, disjoint mean of task vectors."""
     n = len(deltas)

@@ -11,17 +11,19 @@ TSV-M (merging), for every 2-D weight and T tasks:
 3. decorrelate the tasks' subspaces by replacing each stack with its nearest matrix with
    orthonormal columns (orthogonal Procrustes): U = P Sigma Q^T -> U_perp = P Q^T, likewise V;
 4. theta = base + alpha * U_perp S V_perp^T.
+Weights (default 1) scale each task's singular values in S, after the orthogonalization,
+so a weight of 0 removes a task without disturbing the others' subspaces.
 Tensors that are not matrices (biases, norms) are averaged over the tasks, as in the
 paper's code (`compute_and_sum_svd_mem_reduction`). The paper's code also averages CLIP's
 `text_projection` instead of decomposing it; for language models we treat the token
 embedding table (`embed_tokens`, `wte`, `word_embeddings`) the same way, because its rows
 are independent lookups rather than one linear map, while `lm_head` is a linear map and is
-decomposed. alpha defaults to 1.0 as in the paper; weights (default 1) scale each tau_i.
+decomposed. alpha defaults to 1.0 as in the paper.
 """
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from pydantic import Field
@@ -50,27 +52,44 @@ def nearest_orthonormal(x: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def tsv_m_factors(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_perp, the stacked singular values and V_perp of TSV-M for one matrix."""
+class TsvFactors(NamedTuple):
+    """TSV-M's parameter-free part for one matrix: U_perp [m, Tk], the stacked singular
+    values [Tk], V_perp [n, Tk] and the task each singular value came from [Tk]."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    task: torch.Tensor
+
+
+def tsv_m_factors(taus: Sequence[torch.Tensor]) -> TsvFactors:
+    """Steps 1-3 of TSV-M for one matrix."""
     T = len(taus)
     k = max(1, min(taus[0].shape) // T)
     parts = [tsv_c(t, k)[:3] for t in taus]
     u = torch.cat([p[0] for p in parts], dim=1)
     s = torch.cat([p[1] for p in parts])
     v = torch.cat([p[2] for p in parts], dim=1)
-    return nearest_orthonormal(u), s, nearest_orthonormal(v)
+    task = torch.cat([torch.full((len(p[1]),), i, device=s.device) for i, p in enumerate(parts)])
+    return TsvFactors(nearest_orthonormal(u), s, nearest_orthonormal(v), task)
 
 
 def is_matrix(tau: torch.Tensor, name: str) -> bool:
     return tau.dim() == 2 and not _EMBEDDING.search(name)
 
 
-@register("tsv", TsvParams)
+def prepare(deltas: Sequence[torch.Tensor], name: str):
+    """The SVDs and orthogonalizations, independent of alpha and weights."""
+    return tsv_m_factors(deltas) if is_matrix(deltas[0], name) else list(deltas)
+
+
+@register("tsv", TsvParams, prepare=prepare)
 def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
     """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update."""
-    w = p.per_model("weights", len(deltas), 1.0)
-    taus = [wi * t for wi, t in zip(w, deltas)]
-    if not is_matrix(base, name):
-        return base + p.alpha * torch.stack(taus).mean(0)
-    u, s, v = tsv_m_factors(taus)
-    return base + p.alpha * (u * s) @ v.T
+    prepared = deltas if isinstance(deltas, TsvFactors) else prepare(deltas, name)
+    if isinstance(prepared, TsvFactors):
+        n = int(prepared.task.max()) + 1
+        w = torch.tensor(p.per_model("weights", n, 1.0), dtype=base.dtype, device=base.device)
+        return base + p.alpha * (prepared.u * (prepared.s * w[prepared.task])) @ prepared.v.T
+    w = p.per_model("weights", len(prepared), 1.0)
+    return base + p.alpha * torch.stack([wi * t for wi, t in zip(w, prepared)]).mean(0)

@@ -1,0 +1,39 @@
+"""Pareto fronts: non-dominated sorting, hypervolume and the knee point.
+
+All functions take objective matrices F [n, m] in minimization form (a maximized
+objective enters negated), as pymoo does.
+"""
+from __future__ import annotations
+
+import numpy as np
+from pymoo.indicators.hv import HV
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+
+def non_dominated(F: np.ndarray) -> np.ndarray:
+    """Indices of the first front (pymoo's non-dominated sorting); duplicates all kept."""
+    F = np.asarray(F, dtype=float)
+    if len(F) == 0:
+        return np.array([], dtype=int)
+    return np.sort(NonDominatedSorting().do(F, only_non_dominated_front=True))
+
+
+def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
+    """Volume dominated by F and bounded by the reference point (points beyond it add nothing)."""
+    F = np.asarray(F, dtype=float)
+    if len(F) == 0:
+        return 0.0
+    return float(HV(ref_point=np.asarray(ref, dtype=float))(F))
+
+
+def knee_point(F: np.ndarray) -> int:
+    """Index (into F) of the front member farthest from the line/plane through the extremes,
+    after scaling each objective to [0, 1] (the "maximum distance to the hyperplane" knee,
+    Das 1999); for one objective, the best point."""
+    F = np.asarray(F, dtype=float)
+    if F.shape[1] == 1 or len(F) <= 2:
+        return int(np.argmin(F.sum(1)))
+    lo, hi = F.min(0), F.max(0)
+    Z = (F - lo) / np.where(hi > lo, hi - lo, 1.0)
+    # hyperplane sum(z) = 1 through the unit points; distance below it
+    return int(np.argmax((1.0 - Z.sum(1)) / np.sqrt(F.shape[1])))
