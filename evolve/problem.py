@@ -1,0 +1,138 @@
+"""The search problem: genome -> merged model in memory -> scored objectives.
+
+`MergeProblem` is a pymoo `Problem` over the search space's bounds. Evaluating a genome
+decodes it into per-tensor merge parameters, writes the candidate into the resident
+model (`ResidentMerge.materialize`, no checkpoint) and asks the scorer for its objectives.
+pymoo minimizes, so maximized objectives enter negated.
+
+Every evaluation is keyed by a canonical hash of (genome, method, fixed parameters,
+scorer settings): a genome seen before, in this run or before a resume, is never
+evaluated twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+from pymoo.core.problem import Problem
+
+from .genome import SearchSpace
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    sense: str  # "max" or "min"
+    worst: float  # the hypervolume reference value for this objective
+
+    def to_min(self, value: float) -> float:
+        return -value if self.sense == "max" else value
+
+
+@dataclass
+class Score:
+    values: dict[str, float]
+    items: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+
+class Scorer(Protocol):
+    """What the search needs from fitness: objectives, a cheap score and a full one."""
+
+    objectives: list[Objective]
+
+    def settings_key(self) -> str: ...
+
+    def score(self, model) -> Score: ...
+
+    def score_full(self, model) -> Score: ...
+
+
+@dataclass
+class Candidate:
+    id: int
+    key: str
+    generation: int
+    genome: list[float]
+    params: list[dict[str, Any]]
+    objectives: dict[str, float]
+    cost: dict[str, float] = field(default_factory=dict)
+    true_objectives: dict[str, float] | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def genome_key(x: Sequence[float], method: str, fixed: dict, settings: str) -> str:
+    payload = json.dumps([[float(v).hex() for v in x], method, fixed, settings], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class MergeProblem(Problem):
+    """pymoo's view: bounds and objective count. The evaluator (model and scorer) is attached
+    at run time and never pickled with the algorithm's checkpoint."""
+
+    def __init__(self, space: SearchSpace, objectives: Sequence[Objective]):
+        xl, xu = space.bounds
+        super().__init__(n_var=space.n_var, n_obj=len(objectives), xl=xl, xu=xu)
+        self.objectives = list(objectives)
+        self.evaluate_genome: Callable[[np.ndarray], dict[str, float]] | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["evaluate_genome"] = None
+        return state
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        if self.evaluate_genome is None:
+            raise RuntimeError("MergeProblem has no evaluator attached")
+        values = [self.evaluate_genome(x) for x in X]
+        out["F"] = np.array([[o.to_min(v[o.name]) for o in self.objectives] for v in values])
+
+
+class CandidateEvaluator:
+    """Genome -> Candidate, with the cache; materializes and scores on a miss."""
+
+    def __init__(self, space: SearchSpace, resident, scorer: Scorer, known: Sequence[Candidate] = ()):
+        self.space, self.resident, self.scorer = space, resident, scorer
+        self.settings = scorer.settings_key()
+        self.by_key: dict[str, Candidate] = {c.key: c for c in known}
+        self.candidates: list[Candidate] = list(known)
+        self.generation = 0
+        self.on_new: Callable[[Candidate], None] | None = None
+        self.evaluated = 0  # genomes scored in this process (cache misses)
+
+    def key(self, x) -> str:
+        return genome_key(x, self.space.method, self.space.fixed, self.settings)
+
+    def __call__(self, x: np.ndarray) -> dict[str, float]:
+        return self.candidate(x).objectives
+
+    def candidate(self, x: np.ndarray) -> Candidate:
+        key = self.key(x)
+        if key in self.by_key:
+            return self.by_key[key]
+        t0 = time.perf_counter()
+        model = self.resident.materialize(self.space.params_for_tensor(x))
+        t1 = time.perf_counter()
+        score = self.scorer.score(model)
+        cost = {"items": score.items, "forward_passes": score.forward_passes,
+                "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1}
+        c = Candidate(len(self.candidates), key, self.generation, [float(v) for v in x],
+                      self.space.decode(x), dict(score.values), cost)
+        self.by_key[key] = c
+        self.candidates.append(c)
+        self.evaluated += 1
+        if self.on_new:
+            self.on_new(c)
+        return c
+
+    def true_objectives(self, c: Candidate) -> dict[str, float]:
+        """Full evaluation of a candidate (the final check)."""
+        model = self.resident.materialize(self.space.params_for_tensor(np.array(c.genome)))
+        return dict(self.scorer.score_full(model).values)

@@ -1,0 +1,188 @@
+"""The search loop: pymoo ask-and-tell, a checkpoint after every generation, exact resume.
+
+pymoo's algorithm keeps its own random generator (`algorithm.random_state`, pymoo >=
+0.6.1.6), so pickling the algorithm after each `tell` captures the whole search state;
+a resumed run asks for the same populations as an uninterrupted one, and the genomes
+already scored are read back from `candidates.jsonl` instead of being evaluated again.
+A crash loses at most the candidate being scored.
+
+Algorithms: NSGA-II (default), NSGA-III, SMS-EMOA, MOEA/D for several objectives; GA and
+CMA-ES for one. The state is written with cloudpickle, which also serializes the local
+functions some of pymoo's operators keep (plain pickle refuses NSGA-III's). MOEA/D holds a
+Python generator mid-run that nothing can pickle: it is not checkpointed, and a resume
+replays it from its seed, which asks for the same genomes, all answered from the record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import cloudpickle
+from pymoo.core.evaluator import Evaluator
+from pymoo.core.termination import NoTermination
+
+from .pareto import hypervolume, knee_point, non_dominated
+from .problem import Candidate, CandidateEvaluator, MergeProblem
+
+ALGORITHMS_MULTI = ("nsga2", "nsga3", "smsemoa", "moead")
+ALGORITHMS_SINGLE = ("ga", "cmaes")
+STATE_FILE = "state.pkl"
+CANDIDATES_FILE = "candidates.jsonl"
+RUN_FILE = "run.json"
+
+
+def make_algorithm(name: str, population: int, n_obj: int):
+    if n_obj > 1 and name not in ALGORITHMS_MULTI:
+        raise ValueError(f"search.algorithm: {name} is not a multi-objective algorithm ({', '.join(ALGORITHMS_MULTI)})")
+    if n_obj == 1 and name not in ALGORITHMS_SINGLE + ("nsga2",):
+        raise ValueError(f"search.algorithm: with one objective use {', '.join(ALGORITHMS_SINGLE)} or nsga2")
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    if name == "nsga2":
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        return NSGA2(pop_size=population)
+    if name == "nsga3":
+        from pymoo.algorithms.moo.nsga3 import NSGA3
+        return NSGA3(ref_dirs=get_reference_directions("energy", n_obj, population, seed=1), pop_size=population)
+    if name == "smsemoa":
+        from pymoo.algorithms.moo.sms import SMSEMOA
+        return SMSEMOA(pop_size=population)
+    if name == "moead":
+        from pymoo.algorithms.moo.moead import MOEAD
+        return MOEAD(ref_dirs=get_reference_directions("energy", n_obj, population, seed=1), n_neighbors=min(15, population))
+    if name == "ga":
+        from pymoo.algorithms.soo.nonconvex.ga import GA
+        return GA(pop_size=population)
+    from pymoo.algorithms.soo.nonconvex.cmaes import CMAES
+    return CMAES(popsize=population)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_candidates(path: Path) -> list[Candidate]:
+    """Candidates recorded so far; a torn last line (a crash mid-write) is ignored."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(Candidate(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    return out
+
+
+@dataclass
+class Progress:
+    generation: int
+    generations: int
+    evaluations: int
+    best: dict[str, float]
+    hypervolume: float
+    eta_seconds: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    front: list[int]  # candidate ids on the final front
+    knee: int  # candidate id
+    hypervolume: float
+    reference_point: list[float]
+
+
+def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Path, *, algorithm: str = "nsga2",
+               population: int = 16, generations: int = 8, seed: int = 0, resume: bool = False,
+               fingerprint: str = "", callback: Callable[[Progress], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> SearchResult:
+    """Runs (or resumes) the search; writes state.pkl and candidates.jsonl in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path, cand_path = out_dir / STATE_FILE, out_dir / CANDIDATES_FILE
+    objectives = problem.objectives
+    ref = np.array([o.to_min(o.worst) for o in objectives], dtype=float)
+    run_path = out_dir / RUN_FILE
+    algo, done = None, 0
+    if resume and run_path.is_file():
+        if json.loads(run_path.read_text())["fingerprint"] != fingerprint:
+            raise ValueError(f"{out_dir}: the checkpoint belongs to a different spec; not resuming")
+        if state_path.is_file():
+            state = pickle.loads(state_path.read_bytes())
+            algo, done = state["algorithm"], state["generation"]
+            algo.problem = problem
+    else:
+        for p in (state_path, cand_path):
+            p.unlink(missing_ok=True)
+        atomic_write_bytes(run_path, json.dumps({"fingerprint": fingerprint}).encode())
+    known = read_candidates(cand_path)
+    evaluator.by_key = {c.key: c for c in known}
+    evaluator.candidates = list(known)
+    if algo is None:
+        algo = make_algorithm(algorithm, population, len(objectives))
+        algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
+    problem.evaluate_genome = evaluator
+    checkpointable = algorithm != "moead"
+
+    with open(cand_path, "a") as log:
+        def record(c: Candidate) -> None:
+            log.write(json.dumps(c.to_json()) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
+        evaluator.on_new = record
+        t_start, gens_this_run = time.perf_counter(), 0
+        while done < generations:
+            if should_stop and should_stop():
+                break
+            evaluator.generation = done
+            pop = algo.ask()
+            Evaluator().eval(problem, pop)
+            algo.tell(infills=pop)
+            done += 1
+            gens_this_run += 1
+            if checkpointable:
+                atomic_write_bytes(state_path, cloudpickle.dumps(
+                    {"algorithm": algo, "generation": done}))
+            if callback:
+                F = _matrix(evaluator.candidates, objectives)
+                per_gen = (time.perf_counter() - t_start) / gens_this_run
+                callback(Progress(done, generations, len(evaluator.candidates),
+                                  _best(evaluator.candidates, objectives), hypervolume(F, ref),
+                                  per_gen * (generations - done)))
+        evaluator.on_new = None
+    return summarize(evaluator.candidates, objectives, ref)
+
+
+def _matrix(cands: list[Candidate], objectives) -> np.ndarray:
+    return np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands]).reshape(-1, len(objectives))
+
+
+def _best(cands: list[Candidate], objectives) -> dict[str, float]:
+    return {o.name: (max if o.sense == "max" else min)(c.objectives[o.name] for c in cands) for o in objectives}
+
+
+def summarize(cands: list[Candidate], objectives, ref: np.ndarray) -> SearchResult:
+    F = _matrix(cands, objectives)
+    front = non_dominated(F)
+    knee = int(front[knee_point(F[front])]) if len(front) else -1
+    return SearchResult(cands, [cands[i].id for i in front], cands[knee].id if knee >= 0 else -1,
+                        hypervolume(F[front], ref) if len(front) else 0.0, ref.tolist())
