@@ -20,25 +20,9 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from pymoo.core.problem import Problem
 
+from fitness.fitness import Objective, Score
+
 from .genome import SearchSpace
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    sense: str  # "max" or "min"
-    worst: float  # the hypervolume reference value for this objective
-
-    def to_min(self, value: float) -> float:
-        return -value if self.sense == "max" else value
-
-
-@dataclass
-class Score:
-    values: dict[str, float]
-    items: int = 0
-    forward_passes: int = 0
-    seconds: float = 0.0
 
 
 class Scorer(Protocol):

@@ -79,11 +79,13 @@ def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, A
 
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
-          progress: bool = True, params: Callable[[str], MethodParams] | None = None) -> Path:
+          progress: bool = True, params: Callable[[str], MethodParams] | None = None,
+          card_extra: Mapping[str, Any] | None = None) -> Path:
     """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
-    genomes); otherwise the spec's parameters apply to every tensor.
+    genomes); otherwise the spec's parameters apply to every tensor. `card_extra` adds
+    entries to the recipe in the model card.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
     out = Path(out_dir)
@@ -100,4 +102,4 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
         for name, tensor in tqdm(stream, total=len(infos), desc=f"merge ({spec.method})", unit="tensor",
                                  disable=not progress, leave=False):
             writer.write(name, tensor)
-        return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes))
+        return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))

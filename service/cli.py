@@ -46,6 +46,44 @@ def cmd_merge(args) -> None:
     print(out)
 
 
+class ProgressPrinter:
+    """One line per stage and per generation on stderr (a progress bar for the search)."""
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "stage":
+            print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+        elif kind == "progress":
+            best = ", ".join(f"{k}={v:.4g}" for k, v in event["best"].items())
+            eta = event.get("eta_seconds")
+            done, total = event["generation"], event["generations"]
+            bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
+            print(f"  gen {done}/{total} [{bar}] evals {event['evaluations']}  best {best}  "
+                  f"HV {event['hypervolume']:.4g}" + (f"  ETA {eta:.0f}s" if eta is not None else ""),
+                  file=sys.stderr, flush=True)
+
+
+def cmd_evolve(args) -> None:
+    import json
+
+    from evolve import EvolveSpec, run
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    spec = EvolveSpec.model_validate(data)
+    result = run(spec, args.out, callback=None if args.quiet else ProgressPrinter(), resume=args.resume)
+    print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
+                      "hypervolume": result.hypervolume, "true_hypervolume": result.true_hypervolume,
+                      "cost": result.cost}, indent=2))
+
+
+def cmd_export(args) -> None:
+    from evolve import export
+
+    print(export(args.run, args.candidate, args.out, overwrite=args.overwrite, progress=not args.quiet))
+
+
 def cmd_methods(args) -> None:
     from merging.methods import METHODS
 
@@ -65,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("evolve", help="search merge parameters for a Pareto front (kind: evolve)")
+    p.add_argument("spec", help="YAML job spec (kind: evolve)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, candidates.jsonl, front.json, front.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evolve)
+
+    p = sub.add_parser("export", help="write one candidate of an evolve run as a HF model folder")
+    p.add_argument("run", help="the evolve run folder")
+    p.add_argument("--candidate", type=int, required=True, help="candidate id (see front.json)")
+    p.add_argument("--out", required=True, help="output HF model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)

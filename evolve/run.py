@@ -1,0 +1,225 @@
+"""An evolve job from spec to Pareto front: `run(spec, out_dir)` and `export(out_dir, cid, dir)`.
+
+Stages (each reported to `callback` as {"type": "stage", "stage": ...}):
+1. endpoints: the base and every model are evaluated on the full benchmarks once per
+   machine (response cache; an adapter is first merged into a cached full folder);
+2. probes: a few task-arithmetic merges (weights lambda * c with lambda on an even grid
+   over [0, 1] and c a seeded Dirichlet draw scaled to sum N) are evaluated in full; they
+   enrich the IRT fit and give the entropy subset its disagreement signal. Their cost is
+   counted in the job's cost report;
+3. irt: item parameters, endpoint abilities and subsets (`fitness.Fitness.fit`);
+4. search: pymoo over the search space, candidates materialized in memory and scored on
+   the subsets; progress events after every generation; checkpointed for `resume`;
+5. final_check: the front's members evaluated on the full benchmarks, so the true
+   objectives stand next to the estimates.
+Outputs in out_dir: spec.json, candidates.jsonl, front.json, front.png (and state.pkl).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from fitness.benchmarks import load_benchmark
+from fitness.evaluate import Responses, evaluate_folder
+from fitness.fitness import Fitness, benchmark_paths, eval_settings
+from merging.adapters import is_adapter
+from merging.checkpoint import atomic_write_text, cache_dir, content_hash
+from merging.engine import merge
+from merging.spec import MergeSpec
+
+from .genome import SearchSpace
+from .materialize import ResidentMerge
+from .problem import Candidate, CandidateEvaluator, MergeProblem
+from .search import Progress, read_candidates, run_search, CANDIDATES_FILE
+from .spec import EvolveSpec
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class EvolveResult:
+    front: list[dict[str, Any]]
+    knee: int
+    hypervolume: float
+    true_hypervolume: float | None
+    cost: dict[str, Any]
+    out_dir: Path
+
+
+def _emit(callback: Callback | None, event: dict[str, Any]) -> None:
+    if callback:
+        callback(event)
+
+
+def endpoint_folder(base: Path, model: Path) -> Path:
+    """A full model folder for an endpoint: the model itself, or an adapter merged once into the cache."""
+    if not is_adapter(model):
+        return model
+    folder = cache_dir() / "endpoints" / hashlib.sha256(f"{content_hash(base)}:{content_hash(model)}".encode()).hexdigest()[:32]
+    if not folder.exists():
+        merge({"base": base, "models": [{"name": "adapter", "path": model}], "method": "task_arithmetic",
+               "device": "cpu"}, folder, progress=False)
+    return folder
+
+
+def probe_weights(n_probes: int, n_models: int, seed: int) -> list[list[float]]:
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(0.0, 1.0, n_probes) if n_probes > 1 else np.array([1.0])
+    return [(lam * n_models * rng.dirichlet(np.ones(n_models))).tolist() for lam in grid]
+
+
+def _fingerprint(spec: EvolveSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
+        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> EvolveResult:
+    from transformers import AutoTokenizer
+
+    spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.json", spec.model_dump_json(indent=2))
+    settings, ev = eval_settings(spec.evaluation), spec.evaluation
+    paths = [m.path for m in spec.models]
+    cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
+
+    _emit(callback, {"type": "stage", "stage": "endpoints"})
+    benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
+    endpoints: dict[str, list[Responses]] = {k: [] for k in benches}
+    for folder in [spec.base, *(endpoint_folder(spec.base, p) for p in paths)]:
+        for k, b in benches.items():
+            endpoints[k].append(evaluate_folder(folder, b, settings, batch_size=ev.batch_size, device=spec.device))
+            cost["endpoint_items"] += len(b)
+
+    _emit(callback, {"type": "stage", "stage": "probes"})
+    probes: dict[str, list[Responses]] = {k: [] for k in benches}
+    resident = None
+    tokenizer = AutoTokenizer.from_pretrained(spec.base)
+    if ev.irt.probes:
+        from fitness.evaluate import evaluate
+        from merging.spec import method_params
+
+        resident = ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
+        for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed):
+            model = resident.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
+            for k, b in benches.items():
+                probes[k].append(evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device))
+                cost["probe_items"] += len(b)
+        if spec.method != "task_arithmetic":
+            resident = None
+
+    _emit(callback, {"type": "stage", "stage": "irt"})
+    fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
+    _emit(callback, {"type": "irt", "benchmarks": fitness.describe()})
+
+    _emit(callback, {"type": "stage", "stage": "search"})
+    resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
+    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
+    space = SearchSpace(spec.method, len(paths), spec.search.space, spec.params, blocks, resident.n_layers)
+    problem = MergeProblem(space, fitness.objectives)
+    evaluator = CandidateEvaluator(space, resident, fitness)
+    s = spec.search
+    result = run_search(problem, evaluator, out, algorithm=s.algorithm, population=s.population,
+                        generations=s.generations, seed=s.seed, resume=resume, fingerprint=_fingerprint(spec),
+                        callback=lambda p: _emit(callback, {"type": "progress", **p.to_json()}),
+                        should_stop=should_stop)
+    cands = result.candidates
+    cost["search_items"] = int(sum(c.cost.get("items", 0) for c in cands))
+    cost["candidates"] = len(cands)
+    cost["evaluated_this_run"] = evaluator.evaluated
+
+    true_hv = None
+    if spec.final_check and not (should_stop and should_stop()):
+        _emit(callback, {"type": "stage", "stage": "final_check"})
+        for cid in result.front:
+            c = cands[cid]
+            if c.true_objectives is None:
+                c.true_objectives = evaluator.true_objectives(c)
+            cost["final_items"] += sum(len(b) for b in benches.values())
+        from .pareto import hypervolume
+
+        F = np.array([[o.to_min(cands[i].true_objectives[o.name]) for o in fitness.objectives] for i in result.front])
+        true_hv = hypervolume(F, np.array(result.reference_point))
+        _rewrite_candidates(out / CANDIDATES_FILE, cands)
+    full_per_candidate = sum(len(b) for b in benches.values())
+    cost["items_per_candidate"] = cost["search_items"] / max(len(cands), 1)
+    cost["full_items_per_candidate"] = full_per_candidate
+    spent = cost["probe_items"] + cost["search_items"]
+    cost["item_ratio_vs_full"] = (full_per_candidate * len(cands)) / spent if spent else None
+    front = [_front_entry(cands[i], i == result.knee) for i in result.front]
+    res = EvolveResult(front, result.knee, result.hypervolume, true_hv, cost, out)
+    doc = {"objectives": [o.__dict__ for o in fitness.objectives], "front": front, "knee": result.knee,
+           "hypervolume": result.hypervolume, "true_hypervolume": true_hv, "reference_point": result.reference_point,
+           "cost": cost, "fitness": fitness.describe(), "complete": not (should_stop and should_stop())}
+    atomic_write_text(out / "front.json", json.dumps(doc, indent=2))
+    plot_front(out / "front.png", cands, result.front, fitness.objectives)
+    _emit(callback, {"type": "done", "knee": result.knee, "front": len(front)})
+    return res
+
+
+def _front_entry(c: Candidate, knee: bool) -> dict[str, Any]:
+    return {"id": c.id, "params": c.params, "objectives": c.objectives, "true_objectives": c.true_objectives,
+            "genome": c.genome, "knee": knee}
+
+
+def _rewrite_candidates(path: Path, cands: list[Candidate]) -> None:
+    atomic_write_text(path, "".join(json.dumps(c.to_json()) + "\n" for c in cands))
+
+
+def plot_front(path: Path, cands: list[Candidate], front: list[int], objectives) -> None:
+    """Scatter of every candidate over the first two objectives, the front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [o.name for o in objectives]
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    x = [c.objectives[names[0]] for c in cands]
+    y = [c.objectives[names[1]] for c in cands] if len(names) > 1 else [c.generation for c in cands]
+    ax.scatter(x, y, s=14, c="#bbbbbb", label="candidates")
+    fx = [cands[i].objectives[names[0]] for i in front]
+    fy = [cands[i].objectives[names[1]] if len(names) > 1 else cands[i].generation for i in front]
+    ax.scatter(fx, fy, s=30, c="#d62728", label="Pareto front")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1] if len(names) > 1 else "generation")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_run(out_dir: str | os.PathLike) -> tuple[EvolveSpec, list[Candidate]]:
+    out = Path(out_dir)
+    if not (out / "spec.json").is_file():
+        raise ValueError(f"{out}: not an evolve run folder (no spec.json)")
+    return EvolveSpec.model_validate_json((out / "spec.json").read_text()), read_candidates(out / CANDIDATES_FILE)
+
+
+def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.PathLike, *, overwrite: bool = False,
+           progress: bool = False) -> Path:
+    """Writes candidate `candidate_id` of a run as a HF model folder through the streaming engine."""
+    spec, cands = load_run(out_dir)
+    by_id = {c.id: c for c in cands}
+    if candidate_id not in by_id:
+        raise ValueError(f"candidate {candidate_id} is not in {out_dir} (ids 0..{len(cands) - 1})")
+    c = by_id[candidate_id]
+    config = json.loads((Path(spec.base) / "config.json").read_text())
+    n_layers = config.get("num_hidden_layers", 1)
+    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
+    space = SearchSpace(spec.method, len(spec.models), spec.search.space, spec.params, blocks, n_layers)
+    merge_spec = MergeSpec(base=spec.base, models=spec.models, method=spec.method, params=spec.params,
+                           output=spec.output, device=spec.device)
+    return merge(merge_spec, model_dir, overwrite=overwrite, progress=progress,
+                 params=space.params_for_tensor(np.array(c.genome)),
+                 card_extra={"candidate": c.id, "candidate_params": c.params, "objectives": c.objectives,
+                             "true_objectives": c.true_objectives})

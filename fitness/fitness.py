@@ -1,0 +1,180 @@
+"""The fitness a search calls: a model in, its estimated objectives out (MERGE^3's recipe).
+
+Built once per job by `Fitness.fit` from full evaluations of the endpoint models (the base
+and the models being merged) and of a few probe merges:
+1. per benchmark, IRT item parameters are fitted on that response matrix (py-irt), unless
+   no objective needs them, or the spec imports a fitted parameter file;
+2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
+3. the subset of items each candidate will answer is extracted (random, IRT anchors, or
+   the highest-entropy items across endpoints and probes, Evo-L2S).
+Then `score(model)` runs the model only on the subset items (all benchmarks' items in
+batched passes) and turns its answers into each objective with the chosen estimator
+(`fitness.estimators`); `score_full` is the exact evaluation used for the final check.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .benchmarks import Benchmark, load_benchmark
+from .estimators import NEEDS_ITEM_PARAMS, estimate
+from .evaluate import EvalSettings, Responses, evaluate, response_matrix
+from .irt import ItemParams, estimate_theta, fit_item_params
+from .spec import EvaluationSpec, ObjectiveSpec
+from .subsets import Subset, anchor_subset, entropy_subset, random_subset
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    sense: str  # "max" or "min"
+    worst: float  # the hypervolume reference value for this objective
+
+    def to_min(self, value: float) -> float:
+        return -value if self.sense == "max" else value
+
+
+@dataclass
+class Score:
+    values: dict[str, float]
+    items: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BenchmarkFit:
+    benchmark: Benchmark
+    subset: Subset
+    item_params: ItemParams | None
+    endpoint_thetas: np.ndarray | None
+    irt_rows: int  # response rows the IRT fit used (endpoints + probes)
+
+
+def eval_settings(ev: EvaluationSpec) -> EvalSettings:
+    return EvalSettings(max_new_tokens=ev.max_new_tokens, stop=tuple(ev.stop), mc_norm=ev.mc_norm, dtype=ev.dtype)
+
+
+def _batches(n: int, batch: int) -> int:
+    return -(-n // batch)
+
+
+class Fitness:
+    def __init__(self, specs: Sequence[ObjectiveSpec], fits: dict[str, BenchmarkFit], tokenizer,
+                 evaluation: EvaluationSpec, device="auto"):
+        self.specs, self.fits, self.tokenizer = list(specs), fits, tokenizer
+        self.evaluation, self.settings, self.device = evaluation, eval_settings(evaluation), device
+
+    @property
+    def objectives(self) -> list[Objective]:
+        out = []
+        for s in self.specs:
+            if s.metric == "accuracy":
+                out.append(Objective(s.label, "max", 0.0))
+            else:
+                out.append(Objective(s.label, "min", float(self.evaluation.max_new_tokens)))
+        return out
+
+    def settings_key(self) -> str:
+        blob = {
+            "objectives": [s.model_dump(mode="json") for s in self.specs],
+            "evaluation": self.evaluation.model_dump(mode="json"),
+            "fits": {k: [f.benchmark.hash, f.subset.to_dict()] for k, f in self.fits.items()},
+        }
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+    def _items(self, key: str) -> np.ndarray:
+        fit = self.fits[key]
+        if any(s.estimator == "full" for s in self.specs if str(s.benchmark) == key):
+            return np.arange(len(fit.benchmark))
+        return fit.subset.indices
+
+    def _run(self, model, key: str, idx: np.ndarray) -> Responses:
+        items = [self.fits[key].benchmark.items[i] for i in idx]
+        return evaluate(model, self.tokenizer, items, self.settings, batch_size=self.evaluation.batch_size,
+                        device=self.device)
+
+    def score(self, model) -> Score:
+        """Estimated objectives from the subset items only."""
+        t0, values, items, passes = time.perf_counter(), {}, 0, 0
+        for key, fit in self.fits.items():
+            idx = self._items(key)
+            resp = self._run(model, key, idx)
+            items += len(idx)
+            passes += _batches(len(idx), self.evaluation.batch_size)
+            pos = np.searchsorted(idx, fit.subset.indices)
+            for s in (s for s in self.specs if str(s.benchmark) == key):
+                values[s.label] = self._estimate(s, fit, resp, pos)
+        return Score(values, items, passes, time.perf_counter() - t0)
+
+    @staticmethod
+    def _estimate(s: ObjectiveSpec, fit: BenchmarkFit, resp: Responses, pos: np.ndarray) -> float:
+        if s.estimator == "full":
+            return resp.accuracy if s.metric == "accuracy" else resp.mean_output_tokens
+        if s.metric == "mean_output_tokens":
+            w = fit.subset.weights / fit.subset.weights.sum()
+            return float(resp.output_tokens[pos].astype(float) @ w)
+        return float(estimate(s.estimator, resp.correct[pos].astype(float), fit.subset.indices, fit.subset.weights,
+                              fit.item_params, fit.endpoint_thetas))
+
+    def score_full(self, model) -> Score:
+        """Exact objectives on every item of every benchmark."""
+        t0, values, items, passes = time.perf_counter(), {}, 0, 0
+        for key, fit in self.fits.items():
+            resp = self._run(model, key, np.arange(len(fit.benchmark)))
+            items += len(fit.benchmark)
+            passes += _batches(len(fit.benchmark), self.evaluation.batch_size)
+            for s in (s for s in self.specs if str(s.benchmark) == key):
+                values[s.label] = resp.accuracy if s.metric == "accuracy" else resp.mean_output_tokens
+        return Score(values, items, passes, time.perf_counter() - t0)
+
+    @classmethod
+    def fit(cls, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec, tokenizer,
+            endpoints: dict[str, list[Responses]], probes: dict[str, list[Responses]] | None = None,
+            device="auto") -> "Fitness":
+        """Fits IRT and extracts subsets from full responses, keyed by benchmark path."""
+        fits = {}
+        for key in dict.fromkeys(str(s.benchmark) for s in specs):
+            mine = [s for s in specs if str(s.benchmark) == key]
+            fits[key] = fit_benchmark(load_benchmark(key), mine, evaluation, endpoints[key], (probes or {}).get(key, []))
+        return cls(specs, fits, tokenizer, evaluation, device)
+
+    def describe(self) -> dict:
+        return {k: {"items": len(f.benchmark), "subset": len(f.subset), "strategy": f.subset.strategy,
+                    "irt_rows": f.irt_rows, "irt": f.item_params is not None} for k, f in self.fits.items()}
+
+
+def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec,
+                  endpoints: list[Responses], probes: list[Responses]) -> BenchmarkFit:
+    sub = specs[0].subset
+    if any(s.subset != sub for s in specs):
+        raise ValueError(f"objectives on {bench.name} must share one subset spec")
+    Y = response_matrix(list(endpoints) + list(probes)).astype(float)
+    irt = evaluation.irt
+    params = None
+    if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy == "anchor":
+        if irt.params_file is not None:
+            params = ItemParams.load(irt.params_file)
+            if params.n_items != len(bench):
+                raise ValueError(f"irt.params_file has {params.n_items} items, {bench.name} has {len(bench)}")
+        else:
+            params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
+    thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
+    k = min(sub.size, len(bench))
+    if sub.strategy == "random":
+        subset = random_subset(len(bench), k, seed=sub.seed)
+    elif sub.strategy == "anchor":
+        subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed)
+    else:
+        subset = entropy_subset(Y, k, seed=sub.seed)
+    return BenchmarkFit(bench, subset, params, thetas, len(Y))
+
+
+def benchmark_paths(specs: Sequence[ObjectiveSpec]) -> list[Path]:
+    return [Path(k) for k in dict.fromkeys(str(s.benchmark) for s in specs)]
