@@ -1,0 +1,242 @@
+"""Estimate a model's accuracy on a whole benchmark from its answers on a small subset.
+
+The benchmark has N items; the candidate answered only the n items of ``subset_idx`` (its 0/1
+``responses``, aligned with ``subset_idx``). Every estimator has the same call::
+
+    est(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, **options)
+
+and returns a float for one response vector [n] or an array for a matrix [models, n]. ``estimate``
+picks one by name from ``ESTIMATORS``.
+
+    subset_mean  sum_i w_i y_i                                   (w from the subset: 1/n random,
+                                                                   cluster shares for anchors)
+    full         (1/N) sum_j y_j on all N items: the exact accuracy, the reference
+    p_irt        (n/N) ybar_seen + (1 - n/N) mean_{j unseen} P_j(theta_hat)
+                 Polo et al. 2024, "tinyBenchmarks", eq. for p-IRT; theta_hat = MLE on the subset
+    gp_irt       lam * subset_mean + (1 - lam) * p_irt           tinyBenchmarks' generalised p-IRT
+    mp_irt       (n/N) sum_i w_i y_i + (1 - n/N) mean_{j unseen} P_j(theta_m),
+                 theta_m = sum_k lambda_k theta_k over the endpoint models' abilities, lambdas by
+                 ML on the subset (Mencattini et al. 2025, "MERGE^3", merged-performance IRT)
+    gmp_irt      delta * subset_mean + (1 - delta) * mp_irt, delta = 0.5   (MERGE^3)
+
+with P_j(theta) = sigmoid(a_j . theta - b_j) (see ``fitness.irt``). The IRT part predicts the
+unseen items from the ability the subset reveals; the blends hedge against IRT's model error.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.optimize import minimize
+
+from fitness.irt import LOGIT_CLIP, ItemParams, estimate_theta, sigmoid
+
+Array = np.ndarray
+Estimate = float | Array
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _rows(responses: Sequence | Array) -> tuple[Array, bool]:
+    y = np.asarray(responses, dtype=np.float64)
+    if y.ndim not in (1, 2):
+        raise ValueError("responses must be [n] or [models, n]")
+    return np.atleast_2d(y), y.ndim == 1
+
+
+def _out(values: Array, single: bool) -> Estimate:
+    return float(values[0]) if single else values
+
+
+def _weights(weights: Sequence | Array | None, n: int) -> Array:
+    """Subset item weights normalised to sum 1 (uniform when none are given)."""
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != n or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be {n} non-negative numbers with a positive sum")
+    return w / w.sum()
+
+
+def _split(subset_idx: Sequence[int] | Array, item_params: ItemParams | None, n: int) -> tuple[Array, Array, int]:
+    """Seen indices, unseen indices and N; checks the subset against the item parameters."""
+    if item_params is None:
+        raise ValueError("this estimator needs item_params (fitness.irt.ItemParams)")
+    seen = np.asarray(subset_idx, dtype=int).reshape(-1)
+    if seen.shape[0] != n:
+        raise ValueError(f"{n} responses for {seen.shape[0]} subset items")
+    N = item_params.n_items
+    if np.any(seen < 0) or np.any(seen >= N) or np.unique(seen).size != seen.size:
+        raise ValueError("subset_idx must be distinct item indices into the item parameters")
+    unseen = np.setdiff1d(np.arange(N), seen)
+    return seen, unseen, N
+
+
+def _blend_irt(observed: Array, theta: Array, item_params: ItemParams, unseen: Array, n: int, N: int) -> Array:
+    """(n/N) * observed + (1 - n/N) * mean over unseen items of P(correct | theta), per row."""
+    if unseen.size == 0:
+        return observed
+    predicted = item_params.prob(theta, unseen).mean(axis=-1)
+    return (n / N) * observed + (1.0 - n / N) * predicted
+
+
+# ---- estimators ------------------------------------------------------------------------------
+def subset_mean(responses, subset_idx=None, weights=None, item_params=None, endpoint_thetas=None) -> Estimate:
+    """Weighted subset accuracy sum_i w_i y_i with sum_i w_i = 1 (plain mean without weights).
+
+    With random subsets (w = 1/n) this is the sample mean; with tinyBenchmarks anchor subsets
+    w_i is the share of the benchmark in anchor i's cluster (``tutorials/anchor_points.ipynb``).
+    """
+    y, single = _rows(responses)
+    return _out(y @ _weights(weights, y.shape[1]), single)
+
+
+def full(responses, subset_idx=None, weights=None, item_params=None, endpoint_thetas=None) -> Estimate:
+    """Exact accuracy (1/N) sum_j y_j: the model answered every item. The yardstick for the rest."""
+    y, single = _rows(responses)
+    return _out(y.mean(axis=1), single)
+
+
+def p_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *,
+          theta_method: str = "mle", prior_sd: float = 1.0) -> Estimate:
+    """p-IRT (tinyBenchmarks, Polo et al. 2024):
+
+        Z_hat = (n/N) * ybar_seen + (1 - n/N) * (1/|unseen|) sum_{j unseen} P_j(theta_hat)
+
+    The seen items count with their actual answers (their exact share of the full mean), the
+    unseen ones with the IRT prediction at theta_hat, the MLE of the model's ability on the subset
+    (``tinyBenchmarks/__init__.py::evaluate``: ``data_part_IRTp``, ``irt_part``, ``IRTp_lambd``).
+    Following that code the seen part is the plain mean, so ``weights`` are not used here.
+    """
+    y, single = _rows(responses)
+    seen, unseen, N = _split(subset_idx, item_params, y.shape[1])
+    theta = estimate_theta(y, item_params, seen, method=theta_method, prior_sd=prior_sd)
+    return _out(_blend_irt(y.mean(axis=1), theta, item_params, unseen, y.shape[1], N), single)
+
+
+def gp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *,
+           lam: float = 0.5, theta_method: str = "mle", prior_sd: float = 1.0) -> Estimate:
+    """gp-IRT (tinyBenchmarks): Z_hat = lam * sum_i w_i y_i + (1 - lam) * p-IRT.
+
+    tinyBenchmarks calibrates ``lam`` per benchmark on held-out models (``gp_irt_lambda``:
+    lam = b^2 / (b^2 + v / (4n)), large when IRT is biased, small when the subset is noisy);
+    without a calibrated value we take 0.5, the delta MERGE^3 uses for the same blend.
+    """
+    observed = subset_mean(responses, subset_idx, weights)
+    pirt = p_irt(responses, subset_idx, weights, item_params, theta_method=theta_method, prior_sd=prior_sd)
+    return lam * observed + (1.0 - lam) * pirt
+
+
+def fit_lambdas(responses, subset_idx, item_params: ItemParams, endpoint_thetas) -> Array:
+    """MERGE^3's ability of a merge as a combination of its endpoints' abilities.
+
+    lambda_hat = argmax_lambda sum_{i in subset} y_i log P_i(theta_m) + (1-y_i) log(1-P_i(theta_m)),
+    theta_m = sum_k lambda_k theta_k, by BFGS from equal weights 1/K, unconstrained, as Mergenetic's
+    ``estimator/utils.py::fit_lambda``. Here the gradient is analytic: with g_ki = a_i . theta_k,
+    dNLL/dlambda_k = sum_i g_ki (P_i - y_i). Returns [K] or [models, K].
+    """
+    y, single = _rows(responses)
+    seen = np.asarray(subset_idx, dtype=int)
+    thetas = np.atleast_2d(np.asarray(endpoint_thetas, dtype=np.float64))
+    if thetas.shape[1] != item_params.dims:
+        thetas = thetas.reshape(-1, item_params.dims)
+    K = thetas.shape[0]
+    g = thetas @ item_params.a[seen].T          # [K, n]: each endpoint's a_i . theta_k
+    b = item_params.b[seen]
+
+    def nll(lam: Array, yy: Array) -> tuple[float, Array]:
+        z = lam @ g - b
+        zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
+        value = float((yy * np.logaddexp(0.0, -zc) + (1.0 - yy) * np.logaddexp(0.0, zc)).sum())
+        resid = np.where(np.abs(z) < LOGIT_CLIP, sigmoid(zc) - yy, 0.0)
+        return value, g @ resid
+
+    start = np.full(K, 1.0 / K)
+    lams = np.stack([minimize(nll, start, args=(row,), jac=True, method="BFGS").x for row in y])
+    return lams[0] if single else lams
+
+
+def mp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None) -> Estimate:
+    """mp-IRT (MERGE^3, Mencattini et al. 2025; Mergenetic ``eval_mpirt_on_anchors``):
+
+        Z_hat = (n/N) * sum_i w_i y_i + (1 - n/N) * mean_{j unseen} P_j(theta_m),
+        theta_m = sum_k lambda_k theta_k   (``fit_lambdas``)
+
+    A merge of endpoint models is assumed to have an ability in the span of theirs, so only K
+    lambdas (not a free theta) are read from the n answers. ``endpoint_thetas`` [K, dims] are the
+    endpoints' MLE abilities on all their responses. With a single endpoint Mergenetic uses its
+    theta as is; we do the same.
+    """
+    if endpoint_thetas is None:
+        raise ValueError("mp_irt needs endpoint_thetas [K, dims]")
+    y, single = _rows(responses)
+    seen, unseen, N = _split(subset_idx, item_params, y.shape[1])
+    thetas = np.asarray(endpoint_thetas, dtype=np.float64).reshape(-1, item_params.dims)
+    if thetas.shape[0] == 1:
+        theta_m = np.repeat(thetas, y.shape[0], axis=0)
+    else:
+        theta_m = np.atleast_2d(fit_lambdas(y, seen, item_params, thetas)) @ thetas
+    observed = y @ _weights(weights, y.shape[1])
+    return _out(_blend_irt(observed, theta_m, item_params, unseen, y.shape[1], N), single)
+
+
+def gmp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *,
+            delta: float = 0.5) -> Estimate:
+    """gmp-IRT (MERGE^3; Mergenetic ``estimate_fitness``): delta * sum_i w_i y_i + (1 - delta) * mp-IRT,
+    delta = 0.5 by default (Mergenetic's default)."""
+    observed = subset_mean(responses, subset_idx, weights)
+    return delta * observed + (1.0 - delta) * mp_irt(responses, subset_idx, weights, item_params, endpoint_thetas)
+
+
+# ---- calibration -----------------------------------------------------------------------------
+def gp_irt_lambda(train_responses, item_params: ItemParams, n: int) -> float:
+    """gp-IRT's blend weight, as tinyBenchmarks computes it (``tutorials/training_irt.ipynb``):
+
+        lam = b^2 / (b^2 + v / (4 n))
+
+    b: mean absolute error of IRT's prediction of a model's accuracy on the odd-numbered items
+    from theta fitted on the even-numbered ones (the notebook's validation split);
+    v: mean over models of the variance of their 0/1 answers across items; n: subset size.
+    IRT bias b against the subset mean's sampling variance: the more biased IRT, the more weight
+    on the plain subset estimate. Calibrate on models the item parameters were not fitted on,
+    when there are any: in-sample rows understate b.
+    """
+    y = np.atleast_2d(np.asarray(train_responses, dtype=np.float64))
+    even, odd = np.arange(0, y.shape[1], 2), np.arange(1, y.shape[1], 2)
+    theta = estimate_theta(y[:, even], item_params, even)
+    b = np.abs(item_params.prob(theta, odd).mean(axis=1) - y[:, odd].mean(axis=1)).mean()
+    v = y.var(axis=1).mean()
+    return float(b ** 2 / (b ** 2 + v / (4 * n))) if b > 0 else 0.0
+
+
+def judge(estimated, exact) -> dict[str, float]:
+    """How well estimates track the exact accuracies over a set of held-out models: mean absolute
+    error, and Spearman rank correlation (what an evolutionary search needs is the ordering)."""
+    from scipy.stats import spearmanr
+
+    est, ref = np.asarray(estimated, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    rho = spearmanr(est, ref)[0] if est.size > 1 and np.ptp(est) > 0 and np.ptp(ref) > 0 else float("nan")
+    return {"mae": float(np.abs(est - ref).mean()), "spearman": float(rho)}
+
+
+# ---- registry --------------------------------------------------------------------------------
+ESTIMATORS: dict[str, Callable[..., Estimate]] = {
+    "subset_mean": subset_mean,
+    "full": full,
+    "p_irt": p_irt,
+    "gp_irt": gp_irt,
+    "mp_irt": mp_irt,
+    "gmp_irt": gmp_irt,
+}
+NEEDS_ITEM_PARAMS = frozenset({"p_irt", "gp_irt", "mp_irt", "gmp_irt"})
+NEEDS_ENDPOINTS = frozenset({"mp_irt", "gmp_irt"})
+
+
+def estimate(name: str, responses, subset_idx=None, weights=None, item_params: ItemParams | None = None,
+             endpoint_thetas=None, **options) -> Estimate:
+    """Accuracy estimate by estimator name (see ``ESTIMATORS``); ``options`` go to that estimator
+    (``lam`` for gp_irt, ``delta`` for gmp_irt, ``theta_method``/``prior_sd`` for p/gp_irt)."""
+    try:
+        fn = ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}") from None
+    return fn(responses, subset_idx, weights, item_params, endpoint_thetas, **options)

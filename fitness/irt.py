@@ -1,0 +1,354 @@
+"""Item response theory: fit item parameters once, then read a model's ability from a few answers.
+
+Item model (multidimensional two-parameter logistic, as in tinyBenchmarks and MERGE^3)::
+
+    P(item j correct | theta) = sigmoid( sum_d a_jd * theta_d  -  b_j )
+
+``a`` (discrimination, [items, dims]) says how sharply an item separates weak from strong
+models along each ability dimension; ``b`` (difficulty, [items]) shifts the curve. 1PL is the
+special case dims = 1, a = 1.
+
+*Fitting* (``fit_item_params``) uses py-irt's variational Bayes (pyro SVI, hierarchical priors,
+Adam lr 0.1, 2000 epochs: the settings tinyBenchmarks passes to ``py-irt train``) on a 0/1 response
+matrix whose rows are models and columns items. Stock py-irt parameterises the logit as
+``sum_d disc_d * (theta_d - diff_d)``; we convert to the form above with ``a = disc`` and
+``b = sum_d disc_d * diff_d``, which is the same curve. IRT needs many rows: three or four
+endpoint models are far too few, so callers add probe merges, and ``ItemParams.n_rows`` records
+how many rows the fit used so that cost figures can count them.
+
+*Ability* (``estimate_theta``) is then a small convex problem per model with the items fixed:
+maximum likelihood (as tinyBenchmarks' ``fit_theta``) or MAP under a N(0, prior_sd^2 I) prior,
+solved with scipy's L-BFGS-B on an analytic gradient, all models in one call.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import minimize
+
+LOGIT_CLIP = 30.0  # as tinyBenchmarks' item_curve: keeps exp() finite, flattens the gradient beyond
+THETA_BOUND = 8.0  # MLE of an all-correct / all-wrong record is at infinity; stop at this |theta_d|
+FORMAT = "evomerge.item_params"
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow warnings
+
+
+@dataclass
+class ItemParams:
+    """Fitted item parameters: ``a`` [items, dims], ``b`` [items], plus where they came from.
+
+    ``n_rows`` is the number of response rows (models, probe merges included) the fit used;
+    ``meta`` keeps the fit settings (model type, epochs, seed, ...).
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    model: str = "2pl"
+    n_rows: int = 0
+    item_ids: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.a = np.asarray(self.a, dtype=np.float64)
+        self.b = np.asarray(self.b, dtype=np.float64).reshape(-1)
+        if self.a.ndim == 1:
+            self.a = self.a[:, None]
+        if self.a.shape[0] != self.b.shape[0]:
+            raise ValueError(f"a has {self.a.shape[0]} items, b has {self.b.shape[0]}")
+        if self.item_ids is not None and len(self.item_ids) != self.n_items:
+            raise ValueError("item_ids must name every item")
+
+    @property
+    def n_items(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def dims(self) -> int:
+        return int(self.a.shape[1])
+
+    def logits(self, theta: np.ndarray, items: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """sum_d a_jd theta_d - b_j, clipped to +-30; theta [dims] or [models, dims] -> [..., items]."""
+        a, b = (self.a, self.b) if items is None else (self.a[items], self.b[items])
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.ndim == 0:
+            theta = theta.reshape(1)
+        if theta.shape[-1] != self.dims:
+            raise ValueError(f"theta's last axis must have {self.dims} dims, got shape {theta.shape}")
+        return np.clip(theta @ a.T - b, -LOGIT_CLIP, LOGIT_CLIP)
+
+    def prob(self, theta: np.ndarray, items: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """P(correct | theta) for every item (or the given ones): the item characteristic curves."""
+        return sigmoid(self.logits(theta, items))
+
+    def subset(self, items: Sequence[int] | np.ndarray) -> "ItemParams":
+        items = np.asarray(items, dtype=int)
+        ids = None if self.item_ids is None else [self.item_ids[i] for i in items]
+        return ItemParams(self.a[items], self.b[items], self.model, self.n_rows, ids, dict(self.meta))
+
+    # ---- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "model": self.model,
+            "n_rows": int(self.n_rows),
+            "a": self.a.tolist(),
+            "b": self.b.tolist(),
+            "item_ids": self.item_ids,
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically: a temporary file beside ``path``, fsync, then rename over it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the result is an ordinary file
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], convention: str = "py_irt") -> "ItemParams":
+        """Our own format, or a py-irt parameter export (keys ``disc``/``diff``, see ``from_py_irt``)."""
+        if data.get("format") == FORMAT:
+            return cls(np.array(data["a"]), np.array(data["b"]), data.get("model", "2pl"),
+                       int(data.get("n_rows", 0)), data.get("item_ids"), dict(data.get("meta") or {}))
+        if "diff" in data:
+            return cls.from_py_irt(data, convention=convention)
+        raise ValueError("not an item parameter file: expected evomerge format or py-irt 'diff'/'disc'")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, convention: str = "py_irt") -> "ItemParams":
+        """Read a file written by ``save`` or a py-irt ``parameters.json``/``best_parameters.json``."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f), convention=convention)
+
+    @classmethod
+    def from_py_irt(cls, params: dict[str, Any], model: str | None = None, convention: str = "py_irt",
+                    n_rows: int | None = None) -> "ItemParams":
+        """Convert py-irt's exported ``disc``/``diff`` to (a, b).
+
+        ``convention="py_irt"``: stock py-irt, logit = sum_d disc_d (theta_d - diff_d), so
+        b = sum_d disc_d diff_d. ``convention="tinybenchmarks"``: the tinyBenchmarks fork of py-irt
+        (``felipemaiapolo/py-irt``, multidim_2pl), logit = sum_d (disc_d theta_d - diff_d), so
+        b = sum_d diff_d; use it to import tinyBenchmarks' ``best_parameters.json``.
+        """
+        model = model or str(params.get("irt_model", "2pl"))
+        diff = np.asarray(params["diff"], dtype=np.float64)
+        diff2 = diff[:, None] if diff.ndim == 1 else diff
+        if "disc" in params:
+            disc = np.asarray(params["disc"], dtype=np.float64)
+            disc = disc[:, None] if disc.ndim == 1 else disc
+        else:  # 1PL: unit discrimination
+            disc = np.ones_like(diff2)
+        if convention == "py_irt":
+            b = (disc * diff2).sum(axis=1)
+        elif convention == "tinybenchmarks":
+            b = diff2.sum(axis=1)
+        else:
+            raise ValueError(f"unknown convention {convention!r}")
+        item_ids = params.get("item_ids")
+        if isinstance(item_ids, dict):  # py-irt exports {index: item_id}
+            item_ids = [item_ids[k] for k in sorted(item_ids, key=int)]
+        if n_rows is None:
+            n_rows = len(params.get("subject_ids") or params.get("ability") or [])
+        return cls(disc, b, model, int(n_rows), item_ids)
+
+
+# ---- fitting ---------------------------------------------------------------------------------
+PY_IRT_MODELS = {"1pl": "1pl", "2pl": "2pl", "multidim_2pl": "multidim_2pl", "mirt": "multidim_2pl"}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed python, numpy, torch and pyro for the block, then put the caller's RNG states back."""
+    import pyro
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        pyro.set_rng_seed(seed)  # seeds random, numpy and torch
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _py_irt_dataset(responses: np.ndarray, item_ids: list[str]):
+    """py-irt's Dataset built in memory (no jsonlines file); NaN cells are left out as unobserved."""
+    from py_irt.dataset import Dataset, OrderedSet
+
+    rows, cols = np.nonzero(~np.isnan(responses))
+    subject_ids = [f"m{i}" for i in range(responses.shape[0])]
+    return Dataset(
+        item_ids=OrderedSet(item_ids),
+        subject_ids=OrderedSet(subject_ids),
+        item_id_to_ix={x: j for j, x in enumerate(item_ids)},
+        ix_to_item_id={j: x for j, x in enumerate(item_ids)},
+        subject_id_to_ix={x: i for i, x in enumerate(subject_ids)},
+        ix_to_subject_id={i: x for i, x in enumerate(subject_ids)},
+        observation_subjects=rows.tolist(),
+        observation_items=cols.tolist(),
+        observations=responses[rows, cols].tolist(),
+        training_example=[True] * len(rows),
+    )
+
+
+def fit_item_params(
+    responses: np.ndarray,
+    model: str = "2pl",
+    dims: int = 1,
+    *,
+    epochs: int = 2000,
+    lr: float = 0.1,
+    priors: str = "hierarchical",
+    seed: int = 42,
+    device: str = "cpu",
+    item_ids: Sequence[str] | None = None,
+    use_best: bool = True,
+    threads: int | None = 1,
+) -> ItemParams:
+    """Fit IRT item parameters to a response matrix with py-irt (pyro SVI), deterministically.
+
+    responses: [models, items], 1 correct / 0 wrong / NaN not evaluated. model: ``"1pl"``,
+    ``"2pl"`` or ``"multidim_2pl"`` (with ``dims``; only py-irt's multidimensional model takes
+    more than one). Defaults follow tinyBenchmarks' ``tutorials/irt.py::train_irt_model``
+    (hierarchical priors, lr 0.1, 2000 epochs, seed 42, and the lowest-loss epoch's parameters,
+    i.e. ``best_parameters.json``, with ``use_best``). Rows and items with no observation at all
+    are an error rather than silently given prior values.
+
+    Determinism: the seed fixes pyro's sampling, and ``threads=1`` (default) runs torch single-
+    threaded during the fit, because multi-threaded CPU scatter-adds (the backward pass of the
+    per-observation gathers) sum in a varying order and make repeated fits differ in the last bits.
+    On these small problems one thread is also the fastest. ``threads=None`` leaves torch alone.
+    """
+    import pyro
+
+    with warnings.catch_warnings():  # py-irt's imports raise pydantic/click deprecation warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from py_irt.config import IrtConfig
+        from py_irt.training import IrtModelTrainer
+
+    y = np.asarray(responses, dtype=np.float64)
+    if y.ndim != 2:
+        raise ValueError("responses must be a [models, items] matrix")
+    observed = ~np.isnan(y)
+    if not np.all(np.isin(y[observed], (0.0, 1.0))):
+        raise ValueError("responses must be 0/1 (NaN for missing)")
+    if not observed.any(axis=0).all() or not observed.any(axis=1).all():
+        raise ValueError("every row and every column needs at least one observed response")
+    py_model = PY_IRT_MODELS.get(model)
+    if py_model is None:
+        raise ValueError(f"unknown IRT model {model!r}; choose from {sorted(PY_IRT_MODELS)}")
+    if dims != 1 and py_model != "multidim_2pl":
+        raise ValueError("dims > 1 needs model='multidim_2pl'")
+    ids = [str(x) for x in item_ids] if item_ids is not None else [f"q{j}" for j in range(y.shape[1])]
+    if len(set(ids)) != y.shape[1]:
+        raise ValueError("item_ids must be unique, one per column")
+
+    config = IrtConfig(model_type=py_model, epochs=epochs, lr=lr, priors=priors, seed=seed,
+                       dims=dims if py_model == "multidim_2pl" else None, log_every=max(epochs, 1))
+    with _seeded(seed), _torch_threads(threads), contextlib.redirect_stdout(io.StringIO()):
+        trainer = IrtModelTrainer(data_path=None, config=config, dataset=_py_irt_dataset(y, ids), verbose=False)
+        trainer.train(epochs=epochs, device=device)
+        exported = trainer.best_params if use_best and trainer.best_params else trainer.last_params
+        pyro.clear_param_store()
+    params = ItemParams.from_py_irt(exported, model=py_model, n_rows=y.shape[0])
+    params.item_ids = ids if item_ids is not None else None
+    params.meta = {"epochs": epochs, "lr": lr, "priors": priors, "seed": seed, "dims": dims,
+                   "n_observations": int(observed.sum()), "fitter": "py-irt", "params": "best" if use_best else "last"}
+    return params
+
+
+# ---- ability ---------------------------------------------------------------------------------
+def _neg_log_lik(theta: np.ndarray, y: np.ndarray, mask: np.ndarray, a: np.ndarray, b: np.ndarray,
+                 prior_sd: float | None) -> tuple[float, np.ndarray]:
+    """Bernoulli NLL summed over observed cells and rows, with its gradient in theta [rows, dims]."""
+    z = theta @ a.T - b                                  # [rows, items]
+    zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
+    # log P = -softplus(-z), log(1-P) = -softplus(z); softplus via logaddexp is exact and stable
+    nll = np.where(mask, y * np.logaddexp(0.0, -zc) + (1.0 - y) * np.logaddexp(0.0, zc), 0.0).sum()
+    resid = np.where(mask & (np.abs(z) < LOGIT_CLIP), sigmoid(zc) - y, 0.0)
+    grad = resid @ a                                     # [rows, dims]
+    if prior_sd is not None:
+        nll += 0.5 * float((theta ** 2).sum()) / prior_sd ** 2
+        grad = grad + theta / prior_sd ** 2
+    return float(nll), grad
+
+
+def estimate_theta(
+    responses: np.ndarray,
+    item_params: ItemParams,
+    items: Sequence[int] | np.ndarray | None = None,
+    method: str = "mle",
+    prior_sd: float = 1.0,
+    bound: float = THETA_BOUND,
+) -> np.ndarray:
+    """Ability of one or many models from their 0/1 answers on ``items`` (all items by default).
+
+    MLE (tinyBenchmarks ``fit_theta``):  theta = argmax sum_j y_j log P_j + (1-y_j) log(1-P_j),
+    P_j = sigmoid(a_j . theta - b_j). MAP adds log N(theta; 0, prior_sd^2 I), which keeps the
+    estimate finite and shrinks it toward the population mean when few items were seen; the MLE
+    of an all-correct or all-wrong record is unbounded and stops at +-``bound``.
+
+    responses: [n] or [models, n] aligned with ``items`` (NaN = not answered). Returns [dims] or
+    [models, dims]. Rows are independent, so all of them are solved as one L-BFGS-B problem
+    (the objective and gradient are sums over rows).
+    """
+    if method not in ("mle", "map"):
+        raise ValueError("method must be 'mle' or 'map'")
+    y = np.asarray(responses, dtype=np.float64)
+    single = y.ndim == 1
+    y = np.atleast_2d(y)
+    ip = item_params if items is None else item_params.subset(items)
+    if y.shape[1] != ip.n_items:
+        raise ValueError(f"{y.shape[1]} responses for {ip.n_items} items")
+    mask = ~np.isnan(y)
+    y = np.where(mask, y, 0.0)
+    rows, dims = y.shape[0], ip.dims
+    prior = prior_sd if method == "map" else None
+
+    def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        nll, grad = _neg_log_lik(flat.reshape(rows, dims), y, mask, ip.a, ip.b, prior)
+        return nll, grad.ravel()
+
+    res = minimize(fun, np.zeros(rows * dims), jac=True, method="L-BFGS-B",
+                   bounds=[(-bound, bound)] * (rows * dims),
+                   options={"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-7, "maxcor": 20})
+    theta = res.x.reshape(rows, dims)
+    return theta[0] if single else theta

@@ -1,0 +1,225 @@
+"""Choose the few benchmark items a candidate merge is run on, and how much each one counts.
+
+Three strategies, each deterministic for a seed and returning a ``Subset`` (item indices, their
+weights summing to 1, the strategy name):
+
+* ``random_subset``: uniform sample, weights 1/n (MERGE^3's random subsets).
+* ``anchor_subset``: tinyBenchmarks' anchor points (Polo et al. 2024, ``tutorials/
+  anchor_points.ipynb``): KMeans on item embeddings, either the IRT parameters (a_j, b_j) or the
+  items' response pattern over known models; one representative item per cluster, weighted by the
+  cluster's share of the items, so sum_i w_i y_i estimates the mean over all items.
+* ``entropy_subset``: Evo-L2S: run a few probe merges on every item and keep the items they
+  disagree on most, scored by the binary entropy H(p) = -p log p - (1-p) log(1-p) of the share
+  p of probes answering correctly; items every probe gets right (or wrong) say nothing about
+  which candidate is better.
+
+``groups`` (one label per item) marks benchmarks concatenated into one item pool: every
+strategy then splits n across groups in proportion to their size (at least one item each when
+n allows) and chooses within each group, so no benchmark goes unrepresented. Weights are then
+(group size / N) / (items taken from the group), so the weighted mean still estimates the mean
+over all N items.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fitness.irt import ItemParams
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Item ``indices`` (sorted, into the full item pool), ``weights`` (sum 1), ``strategy``."""
+
+    indices: Array
+    weights: Array
+    strategy: str
+
+    def __post_init__(self) -> None:
+        idx = np.asarray(self.indices, dtype=int)
+        w = np.asarray(self.weights, dtype=np.float64)
+        if idx.shape != w.shape or idx.ndim != 1:
+            raise ValueError("indices and weights must be 1-D and of equal length")
+        if np.unique(idx).size != idx.size:
+            raise ValueError("indices must be distinct")
+        order = np.argsort(idx, kind="stable")
+        object.__setattr__(self, "indices", idx[order])
+        object.__setattr__(self, "weights", w[order])
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices.tolist(), "weights": self.weights.tolist(), "strategy": self.strategy}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Subset":
+        return cls(np.asarray(data["indices"]), np.asarray(data["weights"]), str(data["strategy"]))
+
+
+# ---- stratification --------------------------------------------------------------------------
+def _groups(groups: Sequence | Array | None, n_items: int) -> Array:
+    if groups is None:
+        return np.zeros(n_items, dtype=int)
+    g = np.asarray(groups)
+    if g.shape != (n_items,):
+        raise ValueError(f"groups must give one label per item ({n_items})")
+    return np.unique(g, return_inverse=True)[1]
+
+
+def allocate(k: int, sizes: Sequence[int]) -> Array:
+    """Split k picks over groups of the given sizes: one per group first when k allows, then
+    one at a time to the group furthest below its proportional share k * size / total (so the
+    result is the proportional split, rounded), never more than a group holds."""
+    sizes = np.asarray(sizes, dtype=int)
+    if not 0 < k <= sizes.sum():
+        raise ValueError(f"k must be in 1..{sizes.sum()}, got {k}")
+    take = np.minimum(sizes, 1) if k >= sizes.size else np.zeros(sizes.size, dtype=int)
+    quota = k * sizes / sizes.sum()
+    for _ in range(k - int(take.sum())):
+        take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
+    return take
+
+
+def _stratified(k: int, labels: Array, pick: Callable[[Array, int, np.random.Generator], Array],
+                rng: np.random.Generator) -> tuple[Array, Array]:
+    """Run ``pick(items_of_group, k_group, rng)`` per group; weights (N_g / N) / k_g each."""
+    sizes = np.bincount(labels)
+    chosen, weights = [], []
+    for g, k_g in enumerate(allocate(k, sizes)):
+        if k_g == 0:
+            continue
+        members = np.flatnonzero(labels == g)
+        idx = np.asarray(pick(members, int(k_g), rng), dtype=int)
+        chosen.append(idx)
+        weights.append(np.full(idx.size, sizes[g] / labels.size / idx.size))
+    return np.concatenate(chosen), np.concatenate(weights)
+
+
+# ---- strategies ------------------------------------------------------------------------------
+def random_subset(n_items: int, k: int, seed: int = 0, groups=None) -> Subset:
+    """k items drawn uniformly without replacement (per group when ``groups``); weights 1/k."""
+    labels = _groups(groups, n_items)
+    rng = np.random.default_rng(seed)
+    idx, w = _stratified(k, labels, lambda members, k_g, r: r.choice(members, k_g, replace=False), rng)
+    return Subset(idx, w, "random")
+
+
+def binary_entropy(p: Array) -> Array:
+    """H(p) in nats; 0 at p = 0 and p = 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log(p) + (1 - p) * np.log1p(-p))
+    return np.nan_to_num(h, nan=0.0)
+
+
+def entropy_subset(probe_responses, k: int, seed: int = 0, groups=None) -> Subset:
+    """Evo-L2S: the k items with the highest binary entropy of the probes' success rate.
+
+    probe_responses: [probes, items] 0/1 (NaN = not run), e.g. task-arithmetic merges at
+    lambda = 0, 0.1, ..., 1 between the endpoints. p_j = share of probes right on item j,
+    score H(p_j). Ties, and the fill when fewer than k items have 0 < p < 1, are broken at random
+    (seeded), so uninformative items enter only as a uniform random fill. Weights 1/k (group
+    shares with ``groups``).
+    """
+    y = np.atleast_2d(np.asarray(probe_responses, dtype=np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no probe ran the item
+        p = np.nanmean(y, axis=0)
+    score = binary_entropy(np.nan_to_num(p, nan=0.0))
+    labels = _groups(groups, y.shape[1])
+    rng = np.random.default_rng(seed)
+
+    def pick(members: Array, k_g: int, r: np.random.Generator) -> Array:
+        tiebreak = r.random(members.size)
+        order = np.lexsort((tiebreak, -score[members]))  # by score descending, then at random
+        return members[order[:k_g]]
+
+    idx, w = _stratified(k, labels, pick, rng)
+    return Subset(idx, w, "entropy")
+
+
+def item_embedding(item_params: ItemParams | None = None, responses=None, features: str = "irt") -> Array:
+    """What anchor clustering sees of each item (tinyBenchmarks ``clustering='irt'|'correct.'``):
+    ``"irt"``: [a_j1..a_jD, b_j]; ``"correctness"``: the item's 0/1 column over known models."""
+    if features == "irt":
+        if item_params is None:
+            raise ValueError("features='irt' needs item_params")
+        return np.column_stack([item_params.a, item_params.b])
+    if features in ("correctness", "correct."):
+        if responses is None:
+            raise ValueError("features='correctness' needs responses [models, items]")
+        return np.nan_to_num(np.asarray(responses, dtype=np.float64), nan=0.5).T
+    raise ValueError("features must be 'irt' or 'correctness'")
+
+
+def anchor_subset(k: int, item_params: ItemParams | None = None, responses=None, seed: int = 42,
+                  groups=None, features: str = "irt") -> Subset:
+    """tinyBenchmarks anchor points: KMeans (``n_init="auto"``, ``random_state=seed``, default 42
+    as in the notebook) with k clusters on the item embeddings; the anchor of a cluster is its
+    member closest to the centroid, its weight the cluster's size / N.
+
+    tinyBenchmarks takes the item nearest each centroid over all items, which can pick the same
+    item twice; choosing among the cluster's own members keeps anchors distinct and each weight
+    tied to the items it stands for. Clusters KMeans leaves empty are dropped (only possible with
+    fewer distinct items than k), so the subset can then be smaller than k.
+    """
+    from sklearn.cluster import KMeans
+
+    X = item_embedding(item_params, responses, features)
+    labels = _groups(groups, X.shape[0])
+    n_items = X.shape[0]
+
+    def anchors_of(members: Array, k_g: int) -> tuple[Array, Array]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning when distinct points < k
+            km = KMeans(n_clusters=k_g, n_init="auto", random_state=seed).fit(X[members])
+        anchors, sizes = [], []
+        for c in range(k_g):
+            in_c = np.flatnonzero(km.labels_ == c)
+            if in_c.size == 0:
+                continue
+            d = ((X[members[in_c]] - km.cluster_centers_[c]) ** 2).sum(axis=1)
+            anchors.append(members[in_c[np.argmin(d)]])
+            sizes.append(in_c.size)
+        return np.array(anchors), np.array(sizes, dtype=np.float64) / n_items
+
+    chosen, weights = [], []
+    for g, k_g in enumerate(allocate(k, np.bincount(labels))):
+        if k_g:
+            idx, w = anchors_of(np.flatnonzero(labels == g), int(k_g))
+            chosen.append(idx)
+            weights.append(w)
+    return Subset(np.concatenate(chosen), np.concatenate(weights), "anchor")
+
+
+# ---- registry --------------------------------------------------------------------------------
+STRATEGIES = ("random", "anchor", "entropy")
+
+
+def select(strategy: str, k: int, *, n_items: int | None = None, item_params: ItemParams | None = None,
+           responses=None, probe_responses=None, groups=None, seed: int = 0, features: str = "irt") -> Subset:
+    """One entry point by name. ``random`` needs n_items; ``anchor`` item_params (or responses
+    with features='correctness'); ``entropy`` probe_responses (defaults to ``responses``)."""
+    if strategy == "random":
+        if n_items is None and item_params is not None:
+            n_items = item_params.n_items
+        if n_items is None:
+            known = responses if responses is not None else probe_responses
+            if known is None:
+                raise ValueError("random subsets need n_items")
+            n_items = np.shape(known)[1]
+        return random_subset(n_items, k, seed=seed, groups=groups)
+    if strategy == "anchor":
+        return anchor_subset(k, item_params, responses, seed=seed, groups=groups, features=features)
+    if strategy == "entropy":
+        probes = probe_responses if probe_responses is not None else responses
+        if probes is None:
+            raise ValueError("entropy subsets need probe_responses [probes, items]")
+        return entropy_subset(probes, k, seed=seed, groups=groups)
+    raise ValueError(f"unknown subset strategy {strategy!r}; choose from {STRATEGIES}")

@@ -1,0 +1,160 @@
+"""fitness.estimators on simulated benchmarks where the true accuracy is known."""
+import numpy as np
+import pytest
+
+from fitness.estimators import (ESTIMATORS, estimate, fit_lambdas, full, gmp_irt, gp_irt, gp_irt_lambda, judge,
+                                mp_irt, p_irt, subset_mean)
+from fitness.irt import ItemParams, estimate_theta, fit_item_params
+
+K_SMALL = 20
+
+
+def make_world(seed, n_items=600, n_models=150, dims=2, n_endpoints=3):
+    """Known 2PL items; endpoint abilities; candidates whose ability is a convex combination of
+    the endpoints' (as MERGE^3 assumes of merges); their 0/1 answers on every item."""
+    rng = np.random.default_rng(seed)
+    items = ItemParams(rng.lognormal(0.0, 0.5, (n_items, dims)) / np.sqrt(dims), rng.normal(0.0, 1.5, n_items))
+    endpoints = rng.normal(0.0, 1.2, (n_endpoints, dims))
+    lambdas = rng.dirichlet(np.ones(n_endpoints), n_models)
+    theta = lambdas @ endpoints
+    y = (rng.random((n_models, n_items)) < items.prob(theta)).astype(float)
+    return {"items": items, "endpoints": endpoints, "lambdas": lambdas, "theta": theta, "y": y, "rng": rng}
+
+
+def mean_abs_errors(world, names, n_subsets=6, k=K_SMALL, item_params=None, endpoints=None):
+    """MAE against the exact accuracy over all models, averaged over several random subsets."""
+    y, rng = world["y"], world["rng"]
+    item_params = item_params or world["items"]
+    endpoints = world["endpoints"] if endpoints is None else endpoints
+    exact = y.mean(axis=1)
+    errors = {name: [] for name in names}
+    for _ in range(n_subsets):
+        idx = np.sort(rng.choice(y.shape[1], k, replace=False))
+        for name in names:
+            est = estimate(name, y[:, idx], idx, None, item_params, endpoints)
+            errors[name].append(np.abs(est - exact).mean())
+    return {name: float(np.mean(v)) for name, v in errors.items()}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(0)
+
+
+def test_full_is_exact_accuracy_and_subset_mean_is_weighted():
+    y = np.array([[1, 0, 1, 1], [0, 0, 0, 1.0]])
+    assert np.array_equal(full(y), [0.75, 0.25]) and full(y[0]) == 0.75
+    assert estimate("full", y[1]) == 0.25
+    assert subset_mean([1, 0, 1], weights=[0.5, 0.25, 0.25]) == pytest.approx(0.75)
+    assert subset_mean([1, 0, 1], weights=[2, 1, 1]) == pytest.approx(0.75)  # normalised
+    assert subset_mean([1, 0, 1, 1]) == 0.75
+
+
+def test_irt_estimators_beat_subset_mean_at_small_k(world):
+    mae = mean_abs_errors(world, ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt"])
+    print({k: round(v, 4) for k, v in mae.items()})
+    for name in ("p_irt", "gp_irt", "mp_irt", "gmp_irt"):
+        assert mae[name] < 0.95 * mae["subset_mean"], (name, mae)
+
+
+def test_mp_irt_uses_the_endpoint_span():
+    # two endpoints in a three-dimensional ability space: merges lie on a plane, and mp-IRT,
+    # which fits 2 lambdas instead of 3 free ability coordinates, predicts better than p-IRT
+    world = make_world(0, dims=3, n_endpoints=2)
+    mae = mean_abs_errors(world, ["subset_mean", "p_irt", "mp_irt", "gmp_irt"])
+    print({k: round(v, 4) for k, v in mae.items()})
+    assert mae["mp_irt"] < mae["p_irt"] < mae["subset_mean"]
+    assert mae["gmp_irt"] < mae["subset_mean"]
+
+
+def test_fit_lambdas_is_the_ability_mle_in_the_endpoint_span():
+    # with as many independent endpoints as dimensions the span is everything, so
+    # sum_k lambda_k theta_k must equal the unconstrained MLE of theta, and near the truth
+    world = make_world(1, n_models=30, dims=2, n_endpoints=2)
+    y, items, ends = world["y"], world["items"], world["endpoints"]
+    every = np.arange(y.shape[1])
+    lambdas = fit_lambdas(y, every, items, ends)
+    assert lambdas.shape == (30, 2)
+    assert np.allclose(lambdas @ ends, estimate_theta(y, items), atol=1e-3)
+    assert np.abs(lambdas @ ends - world["theta"]).mean() < 0.25
+    assert np.allclose(fit_lambdas(y[0], every, items, ends), lambdas[0])
+
+
+def test_seeing_every_item_gives_the_exact_accuracy(world):
+    y, items, ends = world["y"][:10], world["items"], world["endpoints"]
+    every = np.arange(y.shape[1])
+    exact = y.mean(axis=1)
+    for name in ESTIMATORS:
+        assert np.allclose(estimate(name, y, every, None, items, ends), exact), name
+
+
+def test_single_endpoint_uses_its_theta(world):
+    y, items = world["y"][0], world["items"]
+    idx = np.arange(0, 600, 30)
+    theta = world["endpoints"][:1]
+    expected = (20 / 600) * y[idx].mean() + (580 / 600) * items.prob(theta[0], np.setdiff1d(np.arange(600), idx)).mean()
+    assert mp_irt(y[idx], idx, None, items, theta) == pytest.approx(expected)
+    assert gmp_irt(y[idx], idx, None, items, theta) == pytest.approx(0.5 * y[idx].mean() + 0.5 * expected)
+
+
+def test_blends_and_batching(world):
+    y, items, ends = world["y"][:4], world["items"], world["endpoints"]
+    idx = np.arange(5, 600, 40)
+    w = np.linspace(1, 2, idx.size)
+    sub = y[:, idx]
+    for lam in (0.0, 0.3, 1.0):
+        blend = lam * subset_mean(sub, idx, w) + (1 - lam) * p_irt(sub, idx, w, items)
+        assert np.allclose(gp_irt(sub, idx, w, items, lam=lam), blend)
+    mp = mp_irt(sub, idx, w, items, ends)
+    assert np.allclose(gmp_irt(sub, idx, w, items, ends, delta=0.25), 0.25 * subset_mean(sub, idx, w) + 0.75 * mp)
+    # a matrix of models gives the same numbers as one model at a time
+    for name in ESTIMATORS:
+        many = estimate(name, sub, idx, w, items, ends)
+        one = [estimate(name, sub[i], idx, w, items, ends) for i in range(4)]
+        assert isinstance(one[0], float) and np.allclose(many, one, atol=1e-6), name
+
+
+def test_gp_irt_lambda_trusts_a_good_irt_model_more(world):
+    y, items = world["y"], world["items"]
+    good = gp_irt_lambda(y, items, K_SMALL)
+    rng = np.random.default_rng(0)
+    shuffled = ItemParams(items.a, rng.permutation(items.b))  # a wrong model of the items
+    bad = gp_irt_lambda(y, shuffled, K_SMALL)
+    assert 0 <= good < bad <= 1
+
+
+def test_registry_and_errors(world):
+    assert set(ESTIMATORS) == {"subset_mean", "full", "p_irt", "gp_irt", "mp_irt", "gmp_irt"}
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimate("nope", [1, 0])
+    with pytest.raises(ValueError, match="item_params"):
+        estimate("p_irt", [1, 0], [0, 1])
+    with pytest.raises(ValueError, match="endpoint_thetas"):
+        estimate("mp_irt", [1, 0], [0, 1], None, world["items"])
+    with pytest.raises(ValueError):
+        estimate("p_irt", [1, 0], [0, 0], None, world["items"])  # repeated item
+
+
+def test_end_to_end_with_py_irt_fitted_items():
+    # the estimators know only what the pipeline would: items fitted by py-irt on 200 models'
+    # answers, and the endpoints' MLE abilities from all their answers; the candidates (convex
+    # combinations of three endpoints) answer according to the true items
+    rng = np.random.default_rng(7)
+    n_items = 500
+    items = ItemParams(rng.lognormal(0.0, 0.5, (n_items, 1)), rng.normal(0.0, 1.5, n_items))
+    train_theta = rng.normal(size=(200, 1))
+    train = (rng.random((200, n_items)) < items.prob(train_theta)).astype(float)
+    fitted = fit_item_params(train, "2pl", epochs=300, seed=0)
+    ends = estimate_theta(train[:3], fitted)
+    theta = rng.dirichlet(np.ones(3), 100) @ train_theta[:3]
+    world = {"y": (rng.random((100, n_items)) < items.prob(theta)).astype(float), "rng": rng}
+    mae = mean_abs_errors(world, ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt"],
+                          item_params=fitted, endpoints=ends)
+    print({k: round(v, 4) for k, v in mae.items()})
+    for name in ("p_irt", "gp_irt", "mp_irt", "gmp_irt"):
+        assert mae[name] < mae["subset_mean"], (name, mae)
+
+
+def test_judge():
+    assert judge([0.1, 0.2, 0.3], [0.2, 0.3, 0.5]) == pytest.approx({"mae": 0.4 / 3, "spearman": 1.0})
+    assert judge([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])["spearman"] == pytest.approx(-1.0)

@@ -1,0 +1,118 @@
+"""fitness.subsets: sizes, weights, determinism, and each strategy's defining choice."""
+import numpy as np
+import pytest
+
+from fitness.irt import ItemParams
+from fitness.subsets import (Subset, allocate, anchor_subset, binary_entropy, entropy_subset, random_subset,
+                             select)
+
+GROUPS = np.repeat([0, 1, 2], [400, 150, 50])
+
+
+@pytest.fixture(scope="module")
+def items():
+    rng = np.random.default_rng(0)
+    return ItemParams(rng.lognormal(0, 0.5, (600, 1)), rng.normal(0, 1.5, 600))
+
+
+@pytest.fixture(scope="module")
+def probes():
+    rng = np.random.default_rng(1)  # 11 probe merges (lambda grid 0, 0.1, ..., 1) on 600 items
+    return (rng.random((11, 600)) < rng.random(600)).astype(float)
+
+
+def check(subset, k, n_items, strategy):
+    assert isinstance(subset, Subset) and subset.strategy == strategy
+    assert len(subset) == k and np.unique(subset.indices).size == k
+    assert np.all(np.diff(subset.indices) > 0) and 0 <= subset.indices.min() and subset.indices.max() < n_items
+    assert subset.weights.sum() == pytest.approx(1.0) and np.all(subset.weights > 0)
+
+
+def test_allocate_is_proportional_and_covers_groups():
+    assert allocate(20, [400, 150, 50]).tolist() == [13, 5, 2]
+    assert allocate(3, [1000, 1, 1]).tolist() == [1, 1, 1]  # every group represented
+    assert allocate(2, [5, 5, 5]).sum() == 2  # fewer picks than groups
+    assert allocate(12, [1, 1, 10]).tolist() == [1, 1, 10]  # capped by group size
+    with pytest.raises(ValueError):
+        allocate(13, [1, 1, 10])
+
+
+def test_random_subset(items):
+    a, b = random_subset(600, 20, seed=3), random_subset(600, 20, seed=3)
+    check(a, 20, 600, "random")
+    assert np.array_equal(a.indices, b.indices) and np.allclose(a.weights, 1 / 20)
+    assert not np.array_equal(a.indices, random_subset(600, 20, seed=4).indices)
+
+
+def test_stratified_weights_estimate_the_pooled_mean():
+    for subset in (random_subset(600, 20, seed=0, groups=GROUPS),
+                   entropy_subset(np.random.default_rng(2).random((5, 600)) < 0.5, 20, groups=GROUPS)):
+        check(subset, 20, 600, subset.strategy)
+        assert np.bincount(GROUPS[subset.indices]).tolist() == [13, 5, 2]
+        for g, share in enumerate([400 / 600, 150 / 600, 50 / 600]):
+            # a benchmark's share of the pool is recovered exactly by the weighted subset mean
+            assert subset.weights @ (GROUPS[subset.indices] == g) == pytest.approx(share)
+
+
+def test_entropy_picks_the_items_probes_disagree_on():
+    probes = np.zeros((11, 100))             # items 0-59: every probe wrong
+    probes[:, 60:] = 1.0                     # items 60-99: every probe right
+    probes[:6, [5, 17, 42]] = 1.0            # p = 6/11: the probes split
+    probes[6:, 70] = 0.0                     # p = 6/11 as well
+    probes[:3, 30] = 1.0                     # p = 3/11: informative, less so
+    assert entropy_subset(probes, 4, seed=0).indices.tolist() == [5, 17, 42, 70]
+    got = entropy_subset(probes, 5, seed=0)
+    check(got, 5, 100, "entropy")
+    assert got.indices.tolist() == [5, 17, 30, 42, 70]
+    assert np.allclose(got.weights, 0.2)
+    # too few informative items: the rest is a seeded random fill from the uninformative ones
+    big = entropy_subset(probes, 12, seed=0)
+    assert {5, 17, 30, 42, 70} <= set(big.indices.tolist())
+    assert np.array_equal(big.indices, entropy_subset(probes, 12, seed=0).indices)
+    assert not np.array_equal(big.indices, entropy_subset(probes, 12, seed=1).indices)
+
+
+def test_binary_entropy():
+    assert binary_entropy(np.array([0.0, 1.0])).tolist() == [0.0, 0.0]
+    assert binary_entropy(np.array([0.5]))[0] == pytest.approx(np.log(2))
+    assert binary_entropy(np.array([0.2]))[0] == pytest.approx(binary_entropy(np.array([0.8]))[0])
+
+
+def test_anchor_finds_one_item_per_cluster_weighted_by_cluster_size():
+    # five tight, well-separated clusters of items in (a, b) space, of known sizes
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.5, -2.0], [1.0, 0.0], [2.0, 2.0], [0.3, 3.0], [1.5, -1.0]])
+    sizes = np.array([50, 10, 25, 5, 10])
+    label = np.repeat(np.arange(5), sizes)
+    emb = centres[label] + rng.normal(0, 0.01, (100, 2))
+    got = anchor_subset(5, ItemParams(emb[:, :1], emb[:, 1]))
+    check(got, 5, 100, "anchor")
+    assert sorted(label[got.indices].tolist()) == [0, 1, 2, 3, 4]
+    assert np.allclose(got.weights, sizes[label[got.indices]] / 100)
+
+
+def test_anchor_subsets(items, probes):
+    by_irt = anchor_subset(20, items, seed=42)
+    check(by_irt, 20, 600, "anchor")
+    assert np.array_equal(by_irt.indices, anchor_subset(20, items, seed=42).indices)
+    by_answers = anchor_subset(20, responses=probes, features="correctness")
+    check(by_answers, 20, 600, "anchor")
+    grouped = anchor_subset(20, items, groups=GROUPS)
+    check(grouped, 20, 600, "anchor")
+    assert np.bincount(GROUPS[grouped.indices]).tolist() == [13, 5, 2]
+    with pytest.raises(ValueError):
+        anchor_subset(5)
+
+
+def test_select_and_serialisation(items, probes):
+    assert np.array_equal(select("random", 10, n_items=600, seed=1).indices, random_subset(600, 10, seed=1).indices)
+    assert len(select("random", 10, item_params=items)) == 10
+    assert np.array_equal(select("entropy", 10, probe_responses=probes).indices, entropy_subset(probes, 10).indices)
+    assert select("anchor", 10, item_params=items).strategy == "anchor"
+    with pytest.raises(ValueError):
+        select("best", 10, n_items=600)
+    s = entropy_subset(probes, 10, seed=5)
+    back = Subset.from_dict(s.to_dict())
+    assert np.array_equal(back.indices, s.indices) and np.array_equal(back.weights, s.weights)
+    with pytest.raises(ValueError):
+        Subset(np.array([1, 1]), np.array([0.5, 0.5]), "random")
