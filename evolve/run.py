@@ -75,7 +75,8 @@ def probe_weights(n_probes: int, n_models: int, seed: int) -> list[list[float]]:
 
 
 def _fingerprint(spec: EvolveSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    """What a checkpoint must match to be resumed: everything but where it runs and how it is saved."""
+    return hashlib.sha256(spec.model_dump_json(exclude={"device", "output"}).encode()).hexdigest()
 
 
 def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
@@ -206,7 +207,7 @@ def load_run(out_dir: str | os.PathLike) -> tuple[EvolveSpec, list[Candidate]]:
 
 
 def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.PathLike, *, overwrite: bool = False,
-           progress: bool = False) -> Path:
+           progress: bool = False, device: str | None = None) -> Path:
     """Writes candidate `candidate_id` of a run as a HF model folder through the streaming engine."""
     spec, cands = load_run(out_dir)
     by_id = {c.id: c for c in cands}
@@ -218,7 +219,7 @@ def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.Pa
     blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
     space = SearchSpace(spec.method, len(spec.models), spec.search.space, spec.params, blocks, n_layers)
     merge_spec = MergeSpec(base=spec.base, models=spec.models, method=spec.method, params=spec.params,
-                           output=spec.output, device=spec.device)
+                           output=spec.output, device=device or spec.device)
     return merge(merge_spec, model_dir, overwrite=overwrite, progress=progress,
                  params=space.params_for_tensor(np.array(c.genome)),
                  card_extra={"candidate": c.id, "candidate_params": c.params, "objectives": c.objectives,

@@ -84,6 +84,16 @@ def cmd_export(args) -> None:
     print(export(args.run, args.candidate, args.out, overwrite=args.overwrite, progress=not args.quiet))
 
 
+def cmd_zoo_build(args) -> None:
+    from zoo.build import build_zoo
+
+    manifest = build_zoo(Path(args.out), preset=args.preset, seed=args.seed,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(Path(args.out) / "zoo.json")
+    if manifest.get("build_seconds") is not None:
+        print(f"built in {manifest['build_seconds']:.0f}s", file=sys.stderr)
+
+
 def cmd_methods(args) -> None:
     from merging.methods import METHODS
 
@@ -120,8 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("zoo", help="the project's small real models and benchmarks")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    z = zsub.add_parser("build", help="build (or verify and reuse) a zoo")
+    z.add_argument("--out", required=True)
+    z.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    z.add_argument("--seed", type=int, default=0)
+    z.set_defaults(func=cmd_zoo_build)
+
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
+
+    from service.client import add_commands
+
+    add_commands(sub)  # serve, worker, submit, status, cancel, download, benchmark
     return ap
 
 

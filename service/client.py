@@ -1,0 +1,344 @@
+"""A small Python client for the REST API (httpx), and the CLI commands built on it.
+
+    c = Client("http://127.0.0.1:8000", token="...")      # or $EVOMERGE_URL / $EVOMERGE_TOKEN
+    job = c.submit("spec.yaml")                             # a path, a dict or a spec object
+    for event in c.events(job["id"]): print(event)          # server-sent progress, until the end
+    c.download(job["id"], 0, "merged/")                     # the HF folder (or a .tar path)
+
+Every non-2xx answer raises `ApiError` with the server's one-line message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(ValueError):
+    """The server refused a request, or could not be reached; the message is one line."""
+
+    def __init__(self, message: str, status: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0):
+        self.url = (url or os.environ.get("EVOMERGE_URL") or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get("EVOMERGE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ApiError(f"cannot reach {self.url}: {e}") from None
+        _raise_for(r)
+        return r
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, spec: dict | str | os.PathLike | Any) -> dict:
+        """Submits a job spec (a dict, a pydantic spec, or a YAML/JSON file path); returns the job."""
+        if isinstance(spec, (str, os.PathLike)):
+            spec = load_spec_file(spec)
+        elif hasattr(spec, "model_dump"):
+            spec = spec.model_dump(mode="json")
+        return self._request("POST", "/v1/jobs", json=spec).json()
+
+    def job(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def jobs(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict:
+        params = {"limit": limit, "offset": offset} | ({"status": status} if status else {})
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+
+    def front(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}/front").json()
+
+    def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[dict]:
+        """The job's events as dicts (with `id`), from the start or after `last_event_id`, until it ends.
+
+        A dropped connection is resumed from the last event seen."""
+        last = last_event_id
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                      timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        _raise_for(r)
+                    for ev_id, data in _sse(r.iter_lines()):
+                        if ev_id is not None:
+                            last = ev_id
+                        yield data | ({"id": ev_id} if ev_id is not None else {})
+                        if data.get("type") == "end":
+                            return
+            except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+                if last is None:
+                    raise ApiError(f"event stream from {self.url} broke: {e}") from None
+                time.sleep(1)
+            except httpx.HTTPError as e:
+                raise ApiError(f"cannot reach {self.url}: {e}") from None
+
+    def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None) -> dict:
+        """Follows the events until the job ends; returns the final job."""
+        for ev in self.events(job_id):
+            if on_event:
+                on_event(ev)
+        return self.job(job_id)
+
+    def download(self, job_id: str, cid: int, dest: str | os.PathLike, *, extract: bool | None = None,
+                 timeout: float = 3600) -> Path:
+        """Saves candidate `cid` as a tar (dest ends in .tar) or as an extracted HF folder at `dest`.
+
+        Waits while the server builds the tar (202 + Retry-After)."""
+        dest = Path(dest)
+        extract = not dest.name.endswith(".tar") if extract is None else extract
+        if extract and dest.exists():
+            raise ApiError(f"{dest}: already exists")
+        url, deadline = f"/v1/jobs/{job_id}/candidates/{cid}/checkpoint", time.monotonic() + timeout
+        while True:
+            try:
+                with self.http.stream("GET", url, timeout=httpx.Timeout(self.http.timeout.connect, read=600)) as r:
+                    if r.status_code == 202:
+                        wait = float(r.headers.get("retry-after", "2"))
+                    else:
+                        if r.status_code >= 400:
+                            r.read()
+                            _raise_for(r)
+                        return _save(r, dest, extract)
+            except httpx.HTTPError as e:
+                raise ApiError(f"download from {self.url} failed: {e}") from None
+            if time.monotonic() + wait > deadline:
+                raise ApiError(f"the checkpoint of job {job_id} candidate {cid} was not ready within {timeout:.0f} s")
+            time.sleep(wait)
+
+    # -- benchmarks ---------------------------------------------------------------------------
+    def upload_benchmark(self, name: str, items: str | os.PathLike | bytes) -> dict:
+        """Uploads JSONL (a file path, or the bytes themselves) under `name`."""
+        data = items if isinstance(items, bytes) else Path(items).read_bytes()
+        return self._request("POST", "/v1/benchmarks", params={"name": name}, content=data,
+                             headers={"Content-Type": "application/x-ndjson"}).json()
+
+    def benchmarks(self) -> list[dict]:
+        return self._request("GET", "/v1/benchmarks").json()["benchmarks"]
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        body = r.json()
+        detail, field = body.get("detail", r.reason_phrase), body.get("field")
+    except ValueError:
+        detail, field = r.text.strip()[:200] or r.reason_phrase, None
+    raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code, field)
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[int | None, dict]]:
+    """Parses server-sent events into (id, data as JSON)."""
+    ev_id, data = None, []
+    for line in lines:
+        if line == "":
+            if data:
+                yield ev_id, json.loads("\n".join(data))
+            ev_id, data = None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            key, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "data":
+                data.append(value)
+            elif key == "id" and value.isdigit():
+                ev_id = int(value)
+
+
+def _save(r: httpx.Response, dest: Path, extract: bool) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        tar_path = Path(tmp) / "checkpoint.tar"
+        with open(tar_path, "wb") as f:
+            for chunk in r.iter_bytes(1 << 20):
+                f.write(chunk)
+        if not extract:
+            os.replace(tar_path, dest)
+            return dest
+        with tarfile.open(tar_path) as tf:
+            tf.extractall(Path(tmp) / "x", filter="data")
+        (top,) = list((Path(tmp) / "x").iterdir())
+        shutil.move(str(top), dest)
+    return dest
+
+
+def load_spec_file(path: str | os.PathLike) -> dict:
+    """A YAML (or JSON) spec file as a dict; ApiError with a one-line reason otherwise."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ApiError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ApiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ApiError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
+    return data
+
+
+# -- command line: `evomerge serve | worker | submit | status | cancel | download | benchmark` ----
+
+def add_commands(sub) -> None:
+    """Adds the service's subcommands to the `evomerge` argparse subparsers."""
+    def client_args(p):
+        p.add_argument("--url", help=f"API address (default: $EVOMERGE_URL or {DEFAULT_URL})")
+        p.add_argument("--token", help="bearer token (default: $EVOMERGE_TOKEN)")
+
+    p = sub.add_parser("serve", help="run the REST API and one worker per device")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", help="SQLAlchemy URL (default: $EVOMERGE_DB or SQLite in the artifacts folder)")
+    p.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS or ./artifacts)")
+    p.add_argument("--model-root", action="append", dest="model_roots",
+                   help="folder model paths must lie in (repeatable; default: $EVOMERGE_MODEL_ROOTS or the CWD)")
+    p.add_argument("--devices", help="comma-separated devices to start workers on; '' for none "
+                                     "(default: every GPU, or the CPU)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run jobs from the store on one device")
+    p.add_argument("--db", help="SQLAlchemy URL (default: $EVOMERGE_DB)")
+    p.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS or ./artifacts)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a job spec to the service")
+    p.add_argument("spec", help="YAML job spec")
+    p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+    client_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show a job (or list jobs without an ID)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--json", action="store_true", help="print the whole job as JSON")
+    client_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("id")
+    client_args(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("download", help="download a result candidate as a HF folder (or .tar)")
+    p.add_argument("id")
+    p.add_argument("cid", type=int, nargs="?", default=0, help="candidate id (a merge job's result is 0)")
+    p.add_argument("--out", help="destination folder, or a path ending in .tar (default: ./<id>-<cid>)")
+    client_args(p)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("benchmark", help="upload a JSONL benchmark to the service")
+    p.add_argument("name")
+    p.add_argument("file")
+    client_args(p)
+    p.set_defaults(func=cmd_benchmark)
+
+
+def cmd_serve(args) -> None:
+    from .app import serve
+
+    devices = None if args.devices is None else [d.strip() for d in args.devices.split(",") if d.strip()]
+    serve(args.host, args.port, args.db, args.artifacts, args.model_roots, devices)
+
+
+def cmd_worker(args) -> None:
+    import logging
+
+    from .worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_worker(args.db, args.artifacts, args.device)
+
+
+def _progress_line(ev: dict) -> str | None:
+    if ev.get("type") == "status":
+        return f"status: {ev['status']}" + (f" ({ev['error']})" if ev.get("error") else "")
+    if ev.get("type") == "stage":
+        return f"stage: {ev.get('stage')}"
+    if ev.get("type") == "progress":
+        return "progress: " + ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("type", "id"))
+    return None
+
+
+def cmd_submit(args) -> None:
+    with Client(args.url, args.token) as c:
+        job = c.submit(args.spec)
+        print(job["id"])
+        if args.wait:
+            def show(ev: dict) -> None:
+                line = _progress_line(ev)
+                if line:
+                    print(line, flush=True)
+
+            final = c.wait(job["id"], show)
+            if final["status"] != "succeeded":
+                raise ApiError(f"job {job['id']} {final['status']}" + (f": {final['error']}" if final["error"] else ""))
+
+
+def cmd_status(args) -> None:
+    with Client(args.url, args.token) as c:
+        if args.id is None:
+            for j in c.jobs()["jobs"]:
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created_at"]))
+                print(f"{j['id']}  {j['kind']:6}  {j['status']:9}  {created}")
+            return
+        job = c.job(args.id)
+        if args.json:
+            print(json.dumps(job, indent=2))
+            return
+        print(f"{job['id']}  {job['kind']}  {job['status']}")
+        if job["progress"]:
+            print(_progress_line(job["progress"]))
+        if job["error"]:
+            print(f"error: {job['error']}")
+
+
+def cmd_cancel(args) -> None:
+    with Client(args.url, args.token) as c:
+        print(c.cancel(args.id)["status"])
+
+
+def cmd_download(args) -> None:
+    with Client(args.url, args.token) as c:
+        print(c.download(args.id, args.cid, args.out or f"{args.id}-{args.cid}"))
+
+
+def cmd_benchmark(args) -> None:
+    with Client(args.url, args.token) as c:
+        b = c.upload_benchmark(args.name, args.file)
+        print(f"{b['name']}: {b['items']} items")

@@ -1,0 +1,187 @@
+"""The one job spec, shared by the CLI (YAML), the REST API (JSON) and Python, and its checks.
+
+`JobSpec` is a pydantic union told apart by `kind`: `merge` (one merge with fixed
+parameters, `merging.MergeSpec`) or `evolve` (a Pareto search, `evolve.spec.EvolveSpec`,
+when that module is installed). Parsing checks shapes and types (`parse_spec`, status
+422); `check_spec` then checks what the spec refers to, against the server's view of the
+world (status 400): model paths lie inside the allowed model roots once symlinks are
+resolved, the folders exist and share the base's tensor names and shapes, the device is
+served, the benchmarks exist (uploaded by name, or files under the roots)
+and parse. Every rejection is a `SpecError` whose message
+starts with the field, e.g. `models[1].path: resolves outside the allowed model roots`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Union
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from merging.checkpoint import CheckpointError, CheckpointReader
+from merging.spec import MergeSpec
+
+try:  # evolve jobs arrive with the evolve package; until then only merges are accepted
+    from evolve.spec import EvolveSpec
+except ModuleNotFoundError as e:  # pragma: no cover - depends on the installation
+    if e.name not in ("evolve", "evolve.spec"):
+        raise
+    EvolveSpec = None
+
+if EvolveSpec is not None:
+    JobSpec = Annotated[Union[MergeSpec, EvolveSpec], Field(discriminator="kind")]
+    KINDS: tuple[str, ...] = ("merge", "evolve")
+else:  # a one-member union cannot carry a discriminator
+    JobSpec = MergeSpec  # type: ignore[misc]
+    KINDS = ("merge",)
+
+_ADAPTER = TypeAdapter(JobSpec)
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w\[\].]*): ")
+
+
+class SpecError(ValueError):
+    """A rejected spec: `field` names the offending part, `status` is the HTTP status (422/400)."""
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.message, self.status = field, message, status
+
+
+def field_name(loc: Iterable[Any]) -> str:
+    """('models', 1, 'path') -> 'models[1].path'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _from_validation_error(e: ValidationError) -> SpecError:
+    err = e.errors(include_url=False)[0]
+    loc = list(err["loc"])
+    if len(KINDS) > 1 and loc and loc[0] in KINDS:  # the union's tag, not a field
+        loc = loc[1:]
+    msg = str(err["msg"]).replace("Value error, ", "")
+    if err["type"] == "path_type":
+        msg = "must be a path (a string)"
+    field = field_name(loc)
+    m = _FIELD_PREFIX.match(msg)
+    if m and (not field or m.group(1).startswith(field)):  # validators that name their own field
+        field, msg = m.group(1), msg[m.end():]
+    if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+        field, msg = "kind", f"must be one of {', '.join(KINDS)}"
+    return SpecError(field or "spec", msg, 422)
+
+
+def parse_spec(data: Any) -> Any:
+    """A JSON/YAML mapping -> a MergeSpec or EvolveSpec; SpecError (422) names the first bad field."""
+    if isinstance(data, (MergeSpec,) + ((EvolveSpec,) if EvolveSpec else ())):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError("spec", "a job spec is a JSON object (kind, base, models, method, ...)", 422)
+    if data.get("kind") == "evolve" and EvolveSpec is None:
+        raise SpecError("kind", "evolve jobs are not available in this installation (no evolve.spec)", 422)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise _from_validation_error(e) from None
+
+
+def resolve_path(value: Path, field: str, roots: Iterable[Path], what: str = "model folder") -> Path:
+    """The real path of a folder (or, with what="file", a file), which must lie inside one of `roots`
+    once symlinks are resolved. Relative paths are taken relative to each root in turn."""
+    roots = [Path(r).resolve() for r in roots]
+    if ".." in Path(value).parts:
+        raise SpecError(field, "must not contain '..'")
+    tries = [Path(value)] if Path(value).is_absolute() else [r / value for r in roots]
+    for p in tries:
+        real = p.resolve()
+        if not any(real == r or real.is_relative_to(r) for r in roots):
+            raise SpecError(field, f"{value} lies outside the allowed model roots")
+        if real.is_file() if what == "file" else real.is_dir():
+            return real
+    raise SpecError(field, f"{value}: no such {what} under the model roots")
+
+
+def device_accepted(device: str, devices: Iterable[str]) -> bool:
+    devices = list(devices)
+    if not devices or device == "auto":
+        return True
+    return device in devices or any(device == d.split(":")[0] for d in devices) or (
+        device == "cuda:0" and "cuda" in devices)
+
+
+def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = (),
+               uploaded_benchmark: Callable[[str], Path | None] = lambda name: None) -> Any:
+    """Checks what the spec points at; returns a copy with every path made real and absolute.
+
+    `uploaded_benchmark(name)` gives the file of a benchmark uploaded under that name (an
+    evolve objective may name one instead of giving a path)."""
+    from merging.engine import open_inputs
+    from merging.task_vectors import open_source
+
+    roots = list(model_roots)
+    if not device_accepted(spec.device, devices):
+        raise SpecError("device", f"no worker serves {spec.device} (served: {', '.join(devices)})")
+    base = resolve_path(spec.base, "base", roots)
+    paths = [resolve_path(m.path, f"models[{i}].path", roots) for i, m in enumerate(spec.models)]
+    try:
+        CheckpointReader(base)
+    except CheckpointError as e:
+        raise SpecError("base", str(e).replace(str(base), str(spec.base))) from None
+    try:
+        open_inputs(base, paths)
+    except CheckpointError as e:
+        msg = str(e)
+        m = re.match(r"models\[(\d+)\]", msg)
+        i = int(m.group(1)) if m else next((i for i, p in enumerate(paths) if _fails(open_source, p)), 0)
+        marker = f"does not match the base {base}: "
+        if marker in msg:
+            msg = f"{spec.models[i].path} does not match the base {spec.base}: {msg.split(marker, 1)[1]}"
+        raise SpecError(f"models[{i}].path", msg.replace(str(paths[i]), str(spec.models[i].path))) from None
+    update: dict[str, Any] = {"base": base,
+                              "models": [m.model_copy(update={"path": p}) for m, p in zip(spec.models, paths)]}
+    if getattr(spec, "objectives", None) is not None:
+        update["objectives"] = [_check_objective(o, f"objectives[{i}]", roots, uploaded_benchmark)
+                                for i, o in enumerate(spec.objectives)]
+    irt = getattr(getattr(spec, "evaluation", None), "irt", None)
+    if irt is not None and irt.params_file is not None:
+        real = resolve_path(irt.params_file, "evaluation.irt.params_file", roots, "file")
+        evaluation = spec.evaluation.model_copy(update={"irt": irt.model_copy(update={"params_file": real})})
+        update["evaluation"] = evaluation
+    return spec.model_copy(update=update)
+
+
+def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable[[str], Path | None]) -> Any:
+    """An objective's benchmark: an uploaded name or a JSONL file under the roots, and valid."""
+    from fitness.benchmarks import BenchmarkError, load_benchmark
+
+    field, given = f"{where}.benchmark", Path(obj.benchmark)
+    path = uploaded(str(given)) if len(given.parts) == 1 else None
+    if path is None:
+        try:
+            path = resolve_path(given, field, roots, "file")
+        except SpecError as e:
+            if len(given.parts) == 1 and "no such" in e.message:
+                raise SpecError(field, f"no benchmark named {str(given)!r} was uploaded, "
+                                       "and no such file is under the model roots") from None
+            raise
+    try:
+        load_benchmark(path)
+    except BenchmarkError as e:
+        raise SpecError(field, str(e).replace(str(path), str(given))) from None
+    update: dict[str, Any] = {"benchmark": path}
+    if obj.name is None and re.fullmatch(r"[A-Za-z0-9_.:-]+", obj.label):
+        update["name"] = obj.label  # keep the label the user's spec implies, whatever the real file name
+    return obj.model_copy(update=update)
+
+
+def _fails(open_source, path: Path) -> bool:
+    try:
+        open_source(path)
+        return False
+    except CheckpointError:
+        return True
+
+
+def spec_json(spec: Any) -> dict:
+    return spec.model_dump(mode="json")

@@ -1,0 +1,314 @@
+"""The worker: a process per device that claims queued jobs and runs them one at a time.
+
+A worker loops: claim the oldest job its device may run (an atomic conditional UPDATE in
+the store), run it with a heartbeat thread holding the lease, store the outcome, repeat.
+While a job runs, `should_stop()` turns true when the user cancels it, when the worker is
+asked to shut down (SIGTERM/SIGINT: the job goes back to the queue), or when the lease is
+lost; merges check it between tensors, searches between evaluations.
+
+A worker that dies (SIGKILL, OOM, power) stops heartbeating; any idle worker, and every
+worker on start, puts such stale jobs back in the queue. A resumed evolve job continues
+from its last generation checkpoint (`resume=True`), a merge simply runs again. A job that
+raises ends `failed` with a one-line message and the worker carries on with the next one.
+
+Run it with `evomerge worker --device cuda:0` or `python -m service.worker --device cpu`.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Settings
+from .store import Job, Store
+
+log = logging.getLogger("evomerge.worker")
+
+
+class Stopped(Exception):
+    """Raised inside a merge when `should_stop()` turns true between tensors."""
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON for the store and the browser: numpy scalars to numbers, NaN/inf to None."""
+    if hasattr(obj, "to_json") and callable(obj.to_json):
+        obj = obj.to_json()
+    elif hasattr(obj, "__dataclass_fields__"):
+        obj = dict(obj.__dict__)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def one_line(e: BaseException) -> str:
+    """An error as the user sees it: the message's first line, with the type for unexpected errors."""
+    msg = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, (ValueError, OSError)) and msg:
+        return msg
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+class Lease(threading.Thread):
+    """Heartbeats a running job and notices cancellation or a lost lease."""
+
+    def __init__(self, store: Store, job_id: str, worker: str, interval: float):
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.store, self.job_id, self.worker, self.interval = store, job_id, worker, interval
+        self.cancelled, self.lost, self._done = threading.Event(), threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                ours, cancel = self.store.heartbeat(self.job_id, self.worker)
+            except Exception as e:  # a busy or unreachable database: try again next beat
+                log.warning("heartbeat for %s failed: %s", self.job_id, one_line(e))
+                continue
+            if cancel:
+                self.cancelled.set()
+            if not ours:
+                self.lost.set()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+# -- running one job ------------------------------------------------------------------------
+
+def run_merge(spec, job_dir: Path, emit: Callable[[dict], None], should_stop: Callable[[], bool]):
+    """One merge into job_dir/model; the result is candidate 0 with the spec's parameters."""
+    from merging import merge
+    from merging.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(spec.base)
+    total = sum(1 for n in reader.names() if reader.info(n).dtype.is_floating_point)
+    fixed = spec.method_params()
+    state = {"done": 0, "last": 0.0}
+
+    def params(name: str):  # called once per floating tensor, before it is merged
+        if should_stop():
+            raise Stopped()
+        state["done"] += 1
+        now = time.monotonic()
+        if now - state["last"] > 0.5 or state["done"] == total:
+            state["last"] = now
+            emit({"type": "progress", "tensors": state["done"], "total": total,
+                  "fraction": round(state["done"] / max(total, 1), 4)})
+        return fixed
+
+    emit({"type": "stage", "stage": "merging"})
+    merge(spec, job_dir / "model", overwrite=True, progress=False, params=params)
+    candidates = [{"id": 0, "params": spec.params, "objectives": {}, "true_objectives": None, "on_front": True}]
+    return candidates, {"knee": 0, "objectives": []}
+
+
+def run_evolve(spec, job_dir: Path, emit, should_stop, resume: bool):
+    """A Pareto search in job_dir/search (checkpointed there); the result is its front."""
+    import json
+
+    import evolve
+
+    def callback(event) -> None:
+        data = jsonable(event)
+        data.setdefault("type", "progress")
+        emit(data)
+
+    out = job_dir / "search"
+    result = evolve.run(spec, out, callback=callback, should_stop=should_stop, resume=resume)
+    front = [jsonable(c) | {"on_front": True} for c in result.front]
+    try:  # names in order, and whether each is maximized or minimized
+        declared = json.loads((out / "front.json").read_text())["objectives"]
+        names, senses = [o["name"] for o in declared], {o["name"]: o.get("sense") for o in declared}
+    except (OSError, ValueError, KeyError, TypeError):
+        names, senses = list(dict.fromkeys(k for c in front for k in (c.get("objectives") or {}))), {}
+    summary = {"knee": jsonable(result.knee), "hypervolume": jsonable(result.hypervolume),
+               "true_hypervolume": jsonable(getattr(result, "true_hypervolume", None)),
+               "cost": jsonable(getattr(result, "cost", None)), "objectives": names, "senses": senses}
+    return front, summary
+
+
+def build_checkpoint_tar(settings: Settings, job: Job, cid: int) -> Path:
+    """The tar of candidate `cid` as a HF folder (exported first for evolve jobs); cached on disk."""
+    job_dir = settings.job_dir(job.id)
+    exports = job_dir / "exports"
+    tar_path = exports / f"{cid}.tar"
+    if tar_path.is_file():
+        return tar_path
+    exports.mkdir(parents=True, exist_ok=True)
+    if job.kind == "merge":
+        folder = job_dir / "model"
+    else:
+        import evolve
+
+        folder = exports / str(cid)
+        if not (folder / "config.json").is_file():
+            # on the CPU where export allows it: the API process should not compete with workers for a GPU
+            cpu = {"device": "cpu"} if "device" in inspect.signature(evolve.export).parameters else {}
+            evolve.export(job_dir / "search", cid, folder, overwrite=True, **cpu)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the output of job {job.id} is missing from the artifacts folder")
+    tmp = exports / f".{cid}.tar.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with tarfile.open(tmp, "w") as tf:
+            tf.add(folder, arcname=f"{job.id}-{cid}")
+        os.replace(tmp, tar_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tar_path
+
+
+class Worker:
+    """Serves one device; `serve_forever()` until SIGTERM/SIGINT (or its parent process exits)."""
+
+    def __init__(self, settings: Settings, device: str, store: Store | None = None, parent_pid: int | None = None):
+        self.settings, self.device = settings, device
+        self.store = store or Store(settings.database_url)
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.parent_pid = parent_pid
+        self.stopping = threading.Event()
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log.info("worker %s serving %s", self.id, self.settings.database_url)
+        self.requeue_stale()
+        while not self.stopping.is_set():
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.info("parent process exited; stopping")
+                break
+            try:
+                job = self.store.claim(self.id, self.device)
+            except Exception as e:  # the database is busy or away: wait and retry
+                log.warning("claim failed: %s", one_line(e))
+                job = None
+            if job is None:
+                self.requeue_stale()
+                self.stopping.wait(self.settings.poll_seconds)
+                continue
+            self.execute(job)
+        log.info("worker %s stopped", self.id)
+
+    def requeue_stale(self) -> None:
+        try:
+            for job_id in self.store.requeue_stale(self.settings.stale_seconds, self.settings.max_attempts):
+                log.info("job %s lost its worker; back in the queue", job_id)
+        except Exception as e:
+            log.warning("stale-job check failed: %s", one_line(e))
+
+    def execute(self, job: Job) -> str:
+        """Runs a claimed job to its end and records the outcome; returns the final status."""
+        log.info("running job %s (%s, attempt %d)", job.id, job.kind, job.attempts)
+        lease = Lease(self.store, job.id, self.id, self.settings.heartbeat_seconds)
+        lease.start()
+
+        def should_stop() -> bool:
+            return lease.cancelled.is_set() or lease.lost.is_set() or self.stopping.is_set()
+
+        def emit(data: dict) -> None:
+            try:
+                self.store.add_event(job.id, jsonable(data))
+            except Exception as e:  # progress is best effort; the job goes on
+                log.warning("event for %s not stored: %s", job.id, one_line(e))
+
+        error, stopped = None, False
+        try:
+            from .schemas import parse_spec
+
+            spec = parse_spec(job.spec).model_copy(update={"device": self.device})  # claim() matched them
+            job_dir = self.settings.job_dir(job.id)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            if job.kind == "merge":
+                candidates, summary = run_merge(spec, job_dir, emit, should_stop)
+            else:
+                candidates, summary = run_evolve(spec, job_dir, emit, should_stop, resume=job.attempts > 1)
+            stopped = job.kind != "merge" and should_stop()  # a search returns early when asked to stop
+            self.store.set_candidates(job.id, candidates)
+        except Stopped:
+            stopped, summary = True, None
+        except Exception as e:
+            error, summary = one_line(e), None
+            log.exception("job %s failed", job.id)
+        finally:
+            lease.stop()
+            _free_device_memory()
+        if lease.lost.is_set():
+            log.info("job %s was taken over by another worker", job.id)
+            return "lost"
+        try:
+            if error is not None:
+                status = "failed"
+            elif stopped:
+                cancel = lease.cancelled.is_set() or self.store.heartbeat(job.id, self.id)[1]
+                status = "cancelled" if cancel else "queued"  # shut down mid-job: another start resumes it
+            else:
+                status = "succeeded"
+            self.store.finish(job.id, self.id, status, error=error, result=summary)
+        except Exception as e:  # the store is away: the stale-heartbeat check will requeue the job
+            log.error("outcome of job %s not recorded: %s", job.id, one_line(e))
+            return "unrecorded"
+        log.info("job %s %s", job.id, status)
+        return status
+
+
+def _free_device_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_worker(db_url: str | None = None, artifacts: str | os.PathLike | None = None, device: str = "cpu",
+               settings: Settings | None = None, parent_pid: int | None = None) -> None:
+    """Runs a worker in this process until SIGTERM/SIGINT; what `evomerge worker` calls."""
+    settings = (settings or Settings.from_env()).with_(db_url=db_url, artifacts=Path(artifacts) if artifacts else None)
+    Worker(settings, device, parent_pid=parent_pid).serve_forever()
+
+
+def worker_command(settings: Settings, device: str, parent_pid: int | None = None) -> list[str]:
+    """The command line that starts a worker process with these settings (used by `serve`)."""
+    cmd = [sys.executable, "-m", "service.worker", "--db", settings.database_url,
+           "--artifacts", str(settings.artifacts.absolute()), "--device", device,
+           "--heartbeat", str(settings.heartbeat_seconds), "--stale", str(settings.stale_seconds),
+           "--poll", str(settings.poll_seconds)]
+    if parent_pid:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.worker", description="Runs evomerge jobs on one device.")
+    ap.add_argument("--db", help="SQLAlchemy URL of the job store (default: $EVOMERGE_DB)")
+    ap.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--heartbeat", type=float, help="seconds between heartbeats")
+    ap.add_argument("--stale", type=float, help="seconds without heartbeat after which a job is resumed elsewhere")
+    ap.add_argument("--poll", type=float, help="seconds between queue polls when idle")
+    ap.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.from_env().with_(db_url=args.db, artifacts=Path(args.artifacts) if args.artifacts else None,
+                                         heartbeat_seconds=args.heartbeat, stale_seconds=args.stale,
+                                         poll_seconds=args.poll)
+    Worker(settings, args.device, parent_pid=args.parent_pid).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The REST API without workers: input checks, auth, benchmarks, listing, metrics and the page.
+
+A real uvicorn server on a free loopback port over a real SQLite file. Every bad input
+is answered with its status and a message that names the field, and leaves the store as
+it was.
+"""
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from factories import perturbed, save, tiny_llama
+from service.app import BackgroundServer
+from service.config import Settings, parse_tokens
+from service.schemas import field_name
+
+TOKENS = "alice:a-token,bob:b-token,root:r-token:admin"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    base = save(tiny_llama(), root / "base")
+    perturbed(base, root / "math", seed=1)
+    perturbed(base, root / "ja", seed=2)
+    save(tiny_llama(hidden=16), root / "narrow")
+    outside = tmp_path_factory.mktemp("outside")
+    perturbed(base, outside / "secret", seed=3)
+    os.symlink(outside / "secret", root / "escape")
+    (root / "bench.jsonl").write_text(json.dumps({"id": "q1", "prompt": "2+2=", "answer": "4"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """(url, settings) of a server with auth on and small limits."""
+    art = tmp_path_factory.mktemp("artifacts")
+    settings = Settings(artifacts=art, model_roots=(models,), devices=("cpu",), tokens=parse_tokens(TOKENS),
+                        max_body_bytes=16 << 10, max_benchmark_bytes=4 << 10, rate_limit_per_minute=1000)
+    old = os.environ.get("EVOMERGE_CACHE")
+    os.environ["EVOMERGE_CACHE"] = str(art / "cache")
+    with BackgroundServer(settings) as url:
+        yield url, settings
+    if old is None:
+        os.environ.pop("EVOMERGE_CACHE", None)
+    else:
+        os.environ["EVOMERGE_CACHE"] = old
+
+
+def client(server, token="a-token") -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server[0], headers=headers, timeout=30)
+
+
+def spec(**changes) -> dict:
+    s = {"kind": "merge", "base": "base", "models": [{"name": "math", "path": "math"}, {"name": "ja", "path": "ja"}],
+         "method": "ties", "params": {"density": 0.5}}
+    return s | changes
+
+
+def snapshot(c: httpx.Client) -> tuple:
+    admin = client((c.base_url,), "r-token")
+    jobs = admin.get("/v1/jobs", params={"limit": 500}).json()
+    bench = admin.get("/v1/benchmarks").json()
+    return jobs["total"], [j["id"] for j in jobs["jobs"]], bench["benchmarks"]
+
+
+MODELS = lambda *paths: [{"name": f"m{i}", "path": p} for i, p in enumerate(paths)]  # noqa: E731
+
+BAD_SPECS = [
+    # (case, body, status, field, words in the message)
+    ("not an object", [1, 2], 422, "spec", "JSON object"),
+    ("no kind", {k: v for k, v in spec().items() if k != "kind"}, 422, "kind", "merge"),
+    ("unknown kind", spec(kind="train"), 422, "kind", "must be one of"),
+    ("base of wrong type", spec(base=3), 422, "base", "path"),
+    ("models not a list", spec(models="math"), 422, "models", "list"),
+    ("model path of wrong type", spec(models=[{"name": "m", "path": ["x"]}]), 422, "models[0].path", "path"),
+    ("unknown field", spec(seed=1), 422, "seed", "Extra inputs"),
+    ("unknown method", spec(method="frankenmerge"), 422, "method", "unknown method"),
+    ("parameter out of range", spec(params={"density": 7}), 422, "params.density", "density"),
+    ("unknown parameter", spec(params={"dnsity": 0.5}), 422, "params.dnsity", "Extra inputs"),
+    ("bad device", spec(device="tpu"), 422, "device", "cuda"),
+    ("unserved device", spec(device="cuda:3"), 400, "device", "no worker serves"),
+    ("path traversal", spec(models=MODELS("math", "../outside/secret")), 400, "models[1].path", "'..'"),
+    ("absolute path outside", spec(base="/etc"), 400, "base", "outside the allowed model roots"),
+    ("symlink escape", spec(models=MODELS("escape")), 400, "models[0].path", "outside the allowed model roots"),
+    ("missing model", spec(models=MODELS("math", "nowhere")), 400, "models[1].path", "no such model folder"),
+    ("not a model folder", spec(base="."), 400, "base", "no model.safetensors"),
+    ("mismatched model", spec(models=MODELS("math", "narrow")), 400, "models[1].path", "does not match the base"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,field,words", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_bad_specs_are_refused_naming_the_field(server, case, body, status, field, words):
+    c = client(server)
+    before = snapshot(c)
+    r = c.post("/v1/jobs", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and r.json()["detail"].startswith(f"{field}: ") and words in r.json()["detail"]
+    assert "Traceback" not in r.text and "\n" not in r.json()["detail"]
+    assert snapshot(c) == before
+
+
+def test_bad_bodies(server):
+    c = client(server)
+    before = snapshot(c)
+    r = c.post("/v1/jobs", content=b"{not json")
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON")
+    r = c.post("/v1/jobs", json=spec(params={"weights": [1.0] * 5000}))
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert snapshot(c) == before
+
+
+BAD_BENCHMARKS = [
+    ("invalid JSON line", "b1", b'{"id": "1", "prompt": "p", "answer": "a"}\n{"id": 2,\n', 422, "line 2", "not valid JSON"),
+    ("missing key", "b1", b'{"id": "1", "prompt": "p"}\n', 422, "line 1", "missing 'answer'"),
+    ("duplicate id", "b1", b'{"id": 1, "prompt": "p", "answer": "a"}\n{"id": 1, "prompt": "q", "answer": "b"}\n',
+     422, "line 2", "duplicate id"),
+    ("empty", "b1", b"\n\n", 422, "body", "no items"),
+    ("not UTF-8", "b1", b'{"id": "1", "prompt": "\xff", "answer": "a"}\n', 422, "body", "UTF-8"),
+    ("oversized", "b1", b'{"id": "1", "prompt": "' + b"x" * 5000 + b'", "answer": "a"}\n', 413, None, "limit"),
+    ("bad name", "../etc", b'{"id": "1", "prompt": "p", "answer": "a"}\n', 422, "name", "letters"),
+]
+
+
+@pytest.mark.parametrize("case,name,body,status,field,words", BAD_BENCHMARKS, ids=[c[0] for c in BAD_BENCHMARKS])
+def test_bad_benchmark_uploads(server, case, name, body, status, field, words):
+    c = client(server)
+    before = snapshot(c)
+    r = c.post("/v1/benchmarks", params={"name": name}, content=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"] and (field is None or r.json()["field"] == field)
+    assert snapshot(c) == before
+    assert not list((server[1].benchmark_dir).glob(f"{name}*")) if server[1].benchmark_dir.exists() else True
+
+
+def test_benchmark_upload_and_evolve_spec_checks(server):
+    c = client(server)
+    r = c.post("/v1/benchmarks", params={"name": "arith"},
+               content=b'{"id": "q1", "prompt": "1+1=", "answer": "2", "match": "number"}\n'
+                       b'{"id": "q2", "prompt": "Pick", "choices": ["a", "b"], "answer": 0}\n')
+    assert r.status_code == 201 and r.json()["items"] == 2
+    assert [b["name"] for b in c.get("/v1/benchmarks").json()["benchmarks"]] == ["arith"]
+    assert client(server, "b-token").get("/v1/benchmarks").json()["benchmarks"] == []  # alice's
+    r = client(server, "b-token").post("/v1/benchmarks", params={"name": "arith"}, content=b'{"id":1,"prompt":"","answer":"x"}')
+    assert r.status_code == 409 and r.json()["field"] == "name"
+
+    evolve = spec(kind="evolve", params={}, method="task_arithmetic",
+                  objectives=[{"benchmark": "arith", "metric": "accuracy", "estimator": "subset_mean"}],
+                  search={"population": 4, "generations": 1})
+    before = snapshot(c)
+    for objectives, words in [([{"benchmark": "unknown"}], "no benchmark named 'unknown'"),
+                              ([{"benchmark": "../bench.jsonl"}], "'..'")]:
+        r = client(server, "b-token").post("/v1/jobs", json=evolve | {"objectives": objectives})
+        assert r.status_code == 400 and r.json()["field"] == "objectives[0].benchmark" and words in r.json()["detail"]
+    r = client(server, "b-token").post("/v1/jobs", json=evolve)  # alice's benchmark is not bob's
+    assert r.status_code == 400 and r.json()["field"] == "objectives[0].benchmark"
+    assert snapshot(c) == before
+    r = c.post("/v1/jobs", json=evolve)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["kind"] == "evolve" and job["spec"]["objectives"][0]["benchmark"].endswith("benchmarks/arith.jsonl")
+    assert job["spec"]["objectives"][0]["name"] == "arith:accuracy"
+    r = c.post("/v1/jobs", json=evolve | {"objectives": [{"benchmark": "bench.jsonl", "estimator": "subset_mean"}]})
+    assert r.status_code == 201, r.text  # a file under the model roots works too
+    for j in (job, r.json()):
+        assert c.delete(f"/v1/jobs/{j['id']}").json()["status"] == "cancelled"
+
+
+def test_auth(server):
+    url = server[0]
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"  # open
+    for path in ("/v1/jobs", "/v1/benchmarks", "/metrics", "/jobs/x"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401 and r.json()["detail"].startswith("authorization:"), path
+        assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.post(f"{url}/v1/jobs", json=spec())
+    assert r.status_code == 401
+    r = client(server, "wrong").get("/v1/jobs")
+    assert r.status_code == 401 and "unknown token" in r.json()["detail"]
+
+    alice, bob, root = client(server), client(server, "b-token"), client(server, "r-token")
+    job = alice.post("/v1/jobs", json=spec()).json()
+    assert job["owner"] == "alice"
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/front", f"/v1/jobs/{job['id']}/events",
+                 f"/jobs/{job['id']}", f"/v1/jobs/{job['id']}/candidates/0/checkpoint"):
+        r = bob.get(path)
+        assert r.status_code == 404 and r.json()["detail"] == f"no job {job['id']}", path
+    assert bob.delete(f"/v1/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["jobs"]]
+    assert job["id"] in [j["id"] for j in root.get("/v1/jobs").json()["jobs"]]  # admins see all
+    assert root.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    # a cookie (set by the page from ?token=) works for GET only
+    r = httpx.get(f"{url}/jobs/{job['id']}", params={"token": "a-token"}, follow_redirects=False)
+    assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
+    page = httpx.get(f"{url}/jobs/{job['id']}", cookies={"evomerge_token": "a-token"})
+    assert page.status_code == 200 and "<svg" in page.text and job["id"] in page.text
+    r = httpx.delete(f"{url}/v1/jobs/{job['id']}", cookies={"evomerge_token": "a-token"})
+    assert r.status_code == 401
+    assert alice.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert alice.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"  # idempotent
+
+
+def test_listing_filters_and_pages(server):
+    c = client(server, "b-token")
+    ids = [c.post("/v1/jobs", json=spec()).json()["id"] for _ in range(3)]
+    c.delete(f"/v1/jobs/{ids[0]}")
+    page = c.get("/v1/jobs", params={"status": "queued", "limit": 1}).json()
+    assert page["total"] == 2 and [j["id"] for j in page["jobs"]] == [ids[2]] and "spec" not in page["jobs"][0]
+    assert c.get("/v1/jobs", params={"status": "queued", "limit": 1, "offset": 1}).json()["jobs"][0]["id"] == ids[1]
+    assert c.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"][0]["id"] == ids[0]
+    for params, field in [({"status": "sleeping"}, "status"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit")]:
+        r = c.get("/v1/jobs", params=params)
+        assert r.status_code == 422 and r.json()["field"] == field
+    metrics = c.get("/metrics").text
+    assert "evomerge_queue_depth" in metrics and 'evomerge_jobs{state="cancelled"}' in metrics
+    for i in ids[1:]:
+        c.delete(f"/v1/jobs/{i}")
+    assert c.get(f"/v1/jobs/{ids[1]}/candidates/0/checkpoint").status_code == 404
+
+
+def test_submissions_are_rate_limited(models, tmp_path):
+    settings = Settings(artifacts=tmp_path, model_roots=(models,), rate_limit_per_minute=2)
+    with BackgroundServer(settings) as url:
+        codes = [httpx.post(f"{url}/v1/jobs", json=spec(method="nope")).status_code for _ in range(3)]
+        r = httpx.post(f"{url}/v1/jobs", json=spec())
+    assert codes == [422, 422, 429] and r.status_code == 429 and int(r.headers["retry-after"]) > 0
+
+
+def test_field_names():
+    assert field_name(("models", 1, "path")) == "models[1].path"
+    assert field_name(("params", "density")) == "params.density"
+    assert parse_tokens("alice:x, root:y:admin\n# c\nsolo") == {
+        "x": parse_tokens("alice:x")["x"], "y": parse_tokens("root:y:admin")["y"], "solo": parse_tokens("solo")["solo"]}
+    assert parse_tokens("root:y:admin")["y"].admin and not parse_tokens("alice:x")["x"].admin
