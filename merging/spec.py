@@ -44,10 +44,11 @@ def check_device(v: str) -> str:
     return v
 
 
-class MergeSpec(BaseModel):
+class JobBase(BaseModel):
+    """What every job names: the base, the models, the method, where it runs and how it is saved."""
+
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["merge"] = "merge"
     base: Path
     models: list[ModelRef] = Field(..., min_length=1)
     method: str
@@ -67,7 +68,7 @@ class MergeSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _params(self) -> "MergeSpec":
+    def _params(self):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("models: names must be unique")
@@ -75,6 +76,16 @@ class MergeSpec(BaseModel):
         return self
 
     def method_params(self) -> MethodParams:
+        return method_params(self.method, self.params, len(self.models))
+
+
+class MergeSpec(JobBase):
+    """One merge with fixed parameters."""
+
+    kind: Literal["merge"] = "merge"
+
+
+def method_params(self) -> MethodParams:
         return method_params(self.method, self.params, len(self.models))
 
 

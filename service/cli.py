@@ -1,29 +1,13 @@
-"""`evomerge` command line: merge, zoo, demo (and, later, serve, worker, evolve)."""
+"""`evomerge` command line: merge, evolve, export, zoo, demo, methods, and the service commands."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-
-class CliError(Exception):
-    """An error the user can fix; printed as one line, exit status 2."""
-
-
-def load_spec_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"{path}: no such spec file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CliError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
-    return data
+from service.client import load_spec_file
 
 
 def format_validation_error(e: ValidationError) -> str:
@@ -94,6 +78,13 @@ def cmd_zoo_build(args) -> None:
         print(f"built in {manifest['build_seconds']:.0f}s", file=sys.stderr)
 
 
+def cmd_demo(args) -> None:
+    from service.demo import run_demo
+
+    run_demo(Path(args.out), population=args.population, generations=args.generations,
+             log=lambda m: print(m, flush=True))
+
+
 def cmd_methods(args) -> None:
     from merging.methods import METHODS
 
@@ -138,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=0)
     z.set_defaults(func=cmd_zoo_build)
 
+    p = sub.add_parser("demo", help="build the tiny zoo, run an evolve job through the service, download the knee")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--generations", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
 
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"evomerge: error: invalid spec: {format_validation_error(e)}", file=sys.stderr)
         return 2
-    except (CliError, CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"evomerge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -40,3 +40,11 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     r = CheckpointReader(path)
     return {n: r.get(n) for n in r.names()}
+
+
+def family(root: Path) -> Path:
+    """A base and two 'fine-tunes' of it (math, ja) in one folder; returns the folder."""
+    base = save(tiny_llama(), root / "base")
+    perturbed(base, root / "math", seed=1)
+    perturbed(base, root / "ja", seed=2)
+    return root

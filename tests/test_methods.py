@@ -1,5 +1,4 @@
 """Merge methods against closed forms, brute-force loop references and properties."""
-import itertools
 
 import pytest
 import torch

@@ -13,7 +13,6 @@ import torch
 
 from evolve.genome import SearchSpace
 from evolve.materialize import ResidentMerge
-from evolve.pareto import non_dominated
 from evolve.problem import CandidateEvaluator, MergeProblem
 from fitness.fitness import Objective, Score
 from evolve.search import run_search

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from factories import perturbed, save, tiny_llama
+from factories import family, perturbed, save, tiny_llama
 from service.app import BackgroundServer
 from service.config import Settings, parse_tokens
 from service.schemas import field_name
@@ -21,10 +21,8 @@ TOKENS = "alice:a-token,bob:b-token,root:r-token:admin"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    base = save(tiny_llama(), root / "base")
-    perturbed(base, root / "math", seed=1)
-    perturbed(base, root / "ja", seed=2)
+    root = family(tmp_path_factory.mktemp("models"))
+    base = root / "base"
     save(tiny_llama(hidden=16), root / "narrow")
     outside = tmp_path_factory.mktemp("outside")
     perturbed(base, outside / "secret", seed=3)

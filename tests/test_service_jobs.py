@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from factories import perturbed, save, tiny_llama
+from factories import family, perturbed
 from merging import merge
 from service.app import BackgroundServer
 from service.client import ApiError, Client
@@ -46,11 +46,7 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    base = save(tiny_llama(), root / "base")
-    perturbed(base, root / "math", seed=1)
-    perturbed(base, root / "ja", seed=2)
-    return root
+    return family(tmp_path_factory.mktemp("models"))
 
 
 def merge_spec(**changes) -> dict:
