@@ -36,7 +36,7 @@ from merging.spec import MergeSpec
 from .genome import SearchSpace
 from .materialize import ResidentMerge
 from .problem import Candidate, CandidateEvaluator, MergeProblem
-from .search import Progress, read_candidates, run_search, CANDIDATES_FILE
+from .search import CANDIDATES_FILE, read_candidates, run_search
 from .spec import EvolveSpec
 
 Callback = Callable[[dict[str, Any]], None]
