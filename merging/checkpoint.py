@@ -1,8 +1,8 @@
 """Hugging Face model folders as streams of tensors.
 
 `CheckpointReader` opens a folder holding `model.safetensors` or shards listed in
-`model.safetensors.index.json` and reads one tensor at a time through safetensors'
-memory-mapped `safe_open`; nothing is loaded until asked for.
+`model.safetensors.index.json`, parses and checks each file's header, and reads one
+tensor at a time when asked for it (see `_SafetensorsFile` for why not through a map).
 
 `CheckpointWriter` writes a sharded safetensors checkpoint without ever holding more
 than one tensor: the names, shapes and dtype of every output tensor are known before
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,22 +113,18 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)"
             )
-        self._handles = {}
+        self._files: dict[str, _SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._info: dict[str, TensorInfo] = {}
         for f in files:
             fp = self.path / f
             if not fp.is_file():
                 raise CheckpointError(f"{self.path}: shard {f} named in the index is missing")
-            try:
-                h = safe_open(str(fp), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
-            self._handles[f] = h
-            for name in h.keys():
-                sl = h.get_slice(name)
+            sf = _SafetensorsFile(fp)
+            self._files[f] = sf
+            for name, info in sf.infos.items():
                 self._where[name] = f
-                self._info[name] = TensorInfo(tuple(sl.get_shape()), _FROM_ST[sl.get_dtype()])
+                self._info[name] = info
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
             if missing:
@@ -145,11 +140,64 @@ class CheckpointReader:
         return self._info[name]
 
     def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = self._handles[self._where[name]].get_tensor(name)
+        t = self._files[self._where[name]].read(name)
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def files(self) -> list[Path]:
-        return [self.path / f for f in self._handles]
+        return [self.path / f for f in self._files]
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header parsed and checked, tensors read on demand.
+
+    Tensors are read with positioned reads (`os.pread`) into fresh buffers instead of
+    through a memory map: a mapped checkpoint keeps every page it has touched resident in
+    the process (in our 0.5 B benchmark the file-backed RSS grew to the size of all the
+    inputs), while a read tensor's buffer is freed as soon as the tensor is merged.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        self.data_start = 8 + n
+        self.infos: dict[str, TensorInfo] = {}
+        self.spans: dict[str, tuple[int, int]] = {}
+        header.pop("__metadata__", None)
+        end = 0
+        for name, h in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+            try:
+                dtype, shape, (a, b) = _FROM_ST[h["dtype"]], tuple(int(x) for x in h["shape"]), h["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry") from None
+            info = TensorInfo(shape, dtype)
+            if a != end or b - a != info.numel * dtype_size(dtype) or self.data_start + b > size:
+                raise CheckpointError(f"{path}: tensor {name} has inconsistent data offsets")
+            end = b
+            self.infos[name], self.spans[name] = info, (a, b)
+        self.infos = {k: self.infos[k] for k in sorted(self.infos)}
+
+    def read(self, name: str) -> torch.Tensor:
+        info, (a, b) = self.infos[name], self.spans[name]
+        if b == a:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(b - a)
+        with open(self.path, "rb", buffering=0) as f:
+            view, pos = memoryview(buf), 0
+            while pos < len(buf):
+                got = os.preadv(f.fileno(), [view[pos:]], self.data_start + a + pos)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: file ended inside tensor {name}")
+                pos += got
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
 
 def cache_dir() -> Path:

@@ -92,6 +92,15 @@ def test_reader_errors(tmp_path):
     next(out.glob("model-00002-*")).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         CheckpointReader(out)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        CheckpointReader(tmp_path / "junk")
+    out = write_checkpoint(tmp_path / "cut", random_state())
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="inconsistent data offsets"):
+        CheckpointReader(out)
 
 
 @pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5KB", 1500), (64, 64)])

@@ -63,15 +63,20 @@ def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
 
 
 def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Sign election and disjoint weighted mean over (already sparsified) task vectors."""
-    weighted = torch.stack([w * t for w, t in zip(weights, tvs)])
-    gamma = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = weighted.sign() == gamma
-    w = torch.tensor(weights, dtype=weighted.dtype, device=weighted.device).view(-1, *([1] * tvs[0].dim()))
-    num = (weighted * agree).sum(0)
-    den = (w * agree).sum(0)
+    """Sign election and disjoint weighted mean over (already sparsified) task vectors.
+
+    Computed model by model (no stacked copy): memory is the inputs plus three tensors."""
+    elected = torch.zeros_like(tvs[0])
+    for w, t in zip(weights, tvs):
+        elected.add_(t, alpha=w)
+    gamma = torch.where(elected >= 0, 1.0, -1.0).to(elected.dtype)
+    num, den = elected.zero_(), torch.zeros_like(elected)
+    for w, t in zip(weights, tvs):
+        agree = (t * w).sign_() == gamma
+        num.add_(torch.where(agree, t, 0.0), alpha=w)
+        den.add_(agree.to(den.dtype), alpha=w)
     den = torch.where(den.abs() < 1e-8, torch.ones_like(den), den)
-    return num / den
+    return num.div_(den)
 
 
 @register("ties", TiesParams, prepare=rank_magnitudes)
