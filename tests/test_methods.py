@@ -58,7 +58,7 @@ def ties_reference(base, taus, densities, weights, lam):
     trimmed = []
     for vec, d in zip(flat, densities):
         k = int(d * len(vec))
-        order = sorted(range(len(vec)), key=lambda j: -abs(vec[j]))[:k]
+        order = sorted(range(len(vec)), key=lambda j: (-abs(vec[j]), j))[:k]
         keep = set(order)
         trimmed.append([v if j in keep else 0.0 for j, v in enumerate(vec)])
     out = []
@@ -187,6 +187,17 @@ def test_prepared_path_equals_raw_path(method, params, shape):
     assert torch.allclose(m.fn(base, prepared, p, "layers.0.w"), m.fn(base, taus, p, "layers.0.w"), atol=1e-6)
 
 
-def test_ties_keeps_a_whole_tie_at_the_boundary():
-    tau = torch.tensor([3.0, -2.0, 2.0, 1.0])
-    assert run("ties", torch.zeros(4), [tau], density=0.5).tolist() == [3.0, -2.0, 2.0, 0.0]
+def test_ties_breaks_magnitude_ties_in_index_order():
+    tau = torch.tensor([1.0, -2.0, 3.0, 2.0, -2.0, 0.5])
+    assert run("ties", torch.zeros(6), [tau], density=0.5).tolist() == [0.0, -2.0, 3.0, 2.0, 0.0, 0.0]
+    prepared = get_method("ties").prepare([tau], "x")
+    p = method_params("ties", {"density": 0.5}, 1)
+    assert get_method("ties").fn(torch.zeros(6), prepared, p, "x").tolist() == [0.0, -2.0, 3.0, 2.0, 0.0, 0.0]
+
+
+def test_ties_with_many_equal_magnitudes_against_loop_reference():
+    g = torch.Generator().manual_seed(9)
+    base = torch.zeros(8, 6)
+    taus = [torch.randint(-3, 4, (8, 6), generator=g).float() for _ in range(3)]
+    got = run("ties", base, taus, density=[0.3, 0.5, 0.7], weights=[1.0, 0.5, 2.0])
+    assert torch.allclose(got, ties_reference(base, taus, [0.3, 0.5, 0.7], [1.0, 0.5, 2.0], 1.0), atol=1e-6)

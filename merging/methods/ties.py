@@ -1,7 +1,8 @@
 """TIES-merging (Yadav et al., NeurIPS 2023, "TIES-Merging: Resolving Interference When Merging Models").
 
 Three steps per parameter (paper, Algorithm 1):
-1. Trim: keep the top-k entries of each tau_i by magnitude, k = int(density_i * numel).
+1. Trim: keep the top-k entries of each tau_i by magnitude, k = int(density_i * numel)
+   (ties at the k-th magnitude taken in index order).
 2. Elect sign: gamma = sign(sum_i w_i * trimmed_i); a sum of exactly 0 counts as +.
 3. Disjoint merge: average only the entries that agree with gamma,
        tau_m = sum_i w_i t_i [sign(t_i) = gamma] / sum_i w_i [sign(t_i) = gamma]
@@ -46,8 +47,11 @@ def rank_magnitudes(deltas: Sequence[torch.Tensor], name: str = "") -> list[Rank
 
 
 def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
-    """Keeps the entries whose magnitude is at least the k-th largest, k = int(density * numel)
-    (all of a tie at the boundary, so the result does not depend on sort stability), zeroes the rest."""
+    """Keeps exactly k = int(density * numel) entries of largest magnitude, zeroes the rest.
+
+    Entries tied at the k-th largest magnitude are taken in index order, so the result is
+    deterministic on every device (a sort's order among equal keys is not; bfloat16 task
+    vectors have many such ties)."""
     tau, ranked = (tau, None) if isinstance(tau, torch.Tensor) else tau
     if density >= 1.0:
         return tau
@@ -59,7 +63,11 @@ def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
         threshold = ranked[k - 1]
     else:
         threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
-    return torch.where(mag >= threshold, tau, torch.zeros_like(tau))
+    keep = mag > threshold
+    room = k - int(keep.sum())
+    tied = (mag == threshold).reshape(-1)
+    keep.view(-1).logical_or_(tied & (tied.cumsum(0) <= room))
+    return torch.where(keep, tau, torch.zeros_like(tau))
 
 
 def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""evolve.run end to end on the tiny zoo: real models, real benchmarks, IRT fitness."""
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from evolve import EvolveSpec, export, run
+from evolve.genome import SearchSpace
+from fitness.benchmarks import load_benchmark
+from fitness.evaluate import EvalSettings, evaluate_folder
+from factories import state_dict
+
+
+def spec_for(zoo, manifest, **search):
+    tasks = ["rev", "cip"]
+    return {
+        "kind": "evolve",
+        "base": str(zoo / manifest["models"]["base"]["path"]),
+        "models": [{"name": t, "path": str(zoo / manifest["models"][t]["path"])} for t in tasks],
+        "method": "ties",
+        "search": {"population": 6, "generations": 3, "seed": 1, **search},
+        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "gmp_irt",
+                        "subset": {"size": 20, "strategy": "entropy"}} for t in tasks],
+        "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"], "irt": {"probes": 5, "epochs": 200}},
+        "device": "cpu",
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_zoo, tiny_zoo_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evolve") / "run"
+    events = []
+    result = run(spec_for(tiny_zoo, tiny_zoo_manifest), out, callback=events.append)
+    return out, result, events
+
+
+def test_front_is_non_dominated_and_reported(finished):
+    out, result, events = finished
+    doc = json.loads((out / "front.json").read_text())
+    cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    names = [o["name"] for o in doc["objectives"]]
+    F = np.array([[c["objectives"][n] for n in names] for c in cands])  # both maximized
+    front = {c["id"] for c in doc["front"]}
+    for i in range(len(F)):
+        dominated = any((F[j] >= F[i]).all() and (F[j] > F[i]).any() for j in range(len(F)))
+        assert dominated == (i not in front)
+    assert [e["generation"] for e in events if e["type"] == "progress"] == [1, 2, 3]
+    assert {e["stage"] for e in events if e["type"] == "stage"} >= {"endpoints", "probes", "irt", "search", "final_check"}
+    assert all(c["true_objectives"] is not None for c in doc["front"])
+    assert doc["cost"]["items_per_candidate"] <= 40 < doc["cost"]["full_items_per_candidate"]
+    assert (out / "front.png").stat().st_size > 1000
+
+
+def test_exported_knee_loads_and_scores_its_true_objectives(finished, tiny_zoo, tiny_zoo_manifest, tmp_path):
+    out, result, _ = finished
+    folder = export(out, result.knee, tmp_path / "knee")
+    knee = next(c for c in result.front if c["id"] == result.knee)
+    settings = EvalSettings(max_new_tokens=tiny_zoo_manifest["eval_settings"]["max_new_tokens"])
+    for t in ("rev", "cip"):
+        bench = load_benchmark(tiny_zoo / tiny_zoo_manifest["benchmarks"][t]["path"])
+        acc = evaluate_folder(folder, bench, settings, device="cpu", use_cache=False).accuracy
+        assert abs(acc - knee["true_objectives"][f"{t}:accuracy"]) < 1e-9
+
+
+def test_in_memory_candidate_equals_export(finished, tmp_path):
+    out, result, _ = finished
+    from evolve.materialize import ResidentMerge
+
+    spec = EvolveSpec.model_validate_json((out / "spec.json").read_text())
+    c = result.front[0]
+    resident = ResidentMerge(spec.base, [m.path for m in spec.models], spec.method, device="cpu")
+    space = SearchSpace(spec.method, 2)
+    resident.materialize(space.params_for_tensor(np.array(c["genome"])))
+    exported = state_dict(export(out, c["id"], tmp_path / "c"))
+    for k, v in resident.state_dict().items():
+        assert torch.equal(v, exported[k]), k
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from evolve import run
+from test_evolve import spec_for
+import json, pathlib
+zoo = pathlib.Path({zoo!r})
+manifest = json.loads((zoo / "zoo.json").read_text())
+def cb(e):
+    if e.get("type") == "progress" and e["generation"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(spec_for(zoo, manifest), {out!r}, callback=cb)
+"""
+
+
+def test_killed_run_resumes_to_the_same_front(finished, tiny_zoo, tiny_zoo_manifest, tmp_path):
+    out, result, _ = finished
+    killed = tmp_path / "killed"
+    code = KILL.format(tests=str(__import__("pathlib").Path(__file__).parent), zoo=str(tiny_zoo), out=str(killed))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (killed / "front.json").exists()
+    done_before = len((killed / "candidates.jsonl").read_text().splitlines())
+    resumed = run(spec_for(tiny_zoo, tiny_zoo_manifest), killed, resume=True)
+    assert resumed.cost["evaluated_this_run"] == resumed.cost["candidates"] - done_before
+    assert sorted(c["genome"] for c in resumed.front) == sorted(c["genome"] for c in result.front)
+    assert resumed.knee == result.knee
