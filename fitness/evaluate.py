@@ -1,0 +1,318 @@
+"""Runs a causal LM on benchmark items and records, per item, right/wrong and output length.
+
+Two kinds of items (see `fitness.benchmarks`):
+
+- multiple choice: each choice is scored by the sum of the log-probabilities of its
+  tokens given the prompt (`mc_norm="sum"`), or that sum divided by the choice's token
+  count (`mc_norm="mean"`, which does not favour short choices); the prediction is the
+  argmax (first on ties);
+- generation: greedy decoding for at most `max_new_tokens`, stopping at eos or at the
+  first stop string (the output is cut before it), then the item's match rule.
+
+Many items share one forward pass: sequences are left-padded, with position ids counted
+from each row's first real token, so a row's result does not depend on its batch mates
+(up to float rounding). Left padding also puts every choice at the end of its row, so
+only the last few positions' logits are computed (`logits_to_keep`): the vocabulary-sized
+logits of long prompts are never built.
+
+`evaluate_folder` adds a response cache on disk keyed by the model folder's content
+hash, the benchmark's content hash and the evaluation settings: the endpoint models
+of a search are evaluated on the full benchmarks once per machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from merging.checkpoint import cache_dir as evomerge_cache_dir, content_hash
+from merging.engine import resolve_device
+
+from .benchmarks import Benchmark, Item, is_correct
+
+CACHE_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What decides an evaluation's results (and so its cache key), apart from model and items."""
+
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ("\n",)
+    mc_norm: str = "sum"  # "sum" or "mean" (length-normalized)
+    dtype: str = "float32"  # used when evaluate_folder loads a model
+
+    def __post_init__(self):
+        if self.mc_norm not in ("sum", "mean"):
+            raise ValueError(f"mc_norm must be 'sum' or 'mean', got {self.mc_norm!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class Responses:
+    """One model's responses to one benchmark, in the benchmark's item order.
+
+    `correct` is 0/1 per item; `output_tokens` is the number of tokens generated before
+    eos or a stop string (for multiple choice: the chosen choice's token count);
+    `outputs` holds the generated text, or the chosen index as a string.
+    """
+
+    item_ids: list[str]
+    correct: np.ndarray
+    output_tokens: np.ndarray
+    outputs: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else float("nan")
+
+    @property
+    def mean_output_tokens(self) -> float:
+        return float(self.output_tokens.mean()) if len(self.output_tokens) else float("nan")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic write of an .npz file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        os.close(fd)
+        np.savez(tmp, item_ids=np.array(self.item_ids, dtype=str), correct=self.correct,
+                 output_tokens=self.output_tokens, outputs=np.array(self.outputs, dtype=str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Responses":
+        with np.load(path, allow_pickle=False) as z:
+            return cls([str(s) for s in z["item_ids"]], z["correct"], z["output_tokens"], [str(s) for s in z["outputs"]])
+
+
+def response_matrix(responses: Sequence[Responses]) -> np.ndarray:
+    """Stacks several models' responses to the same items into a models x items 0/1 matrix."""
+    ids = responses[0].item_ids
+    if any(r.item_ids != ids for r in responses):
+        raise ValueError("responses are to different items")
+    return np.stack([r.correct for r in responses]).astype(np.uint8)
+
+
+# --- batching primitives -------------------------------------------------------------
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[i:i + size]) for i in range(0, len(order), size)]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return pad
+
+
+def _forward(model, keep: int, **inputs):
+    """`model(**inputs)` computing logits for the last `keep` positions only, where the model supports it."""
+    try:
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError:  # transformers < 4.50 or a model without the argument: full logits, same values
+        out = model(**inputs)
+        out.logits = out.logits[:, -keep:]
+        return out
+
+
+def _encode(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+    if special and any(len(x) == 0 for x in ids):  # nothing to condition on (no bos, empty prompt)
+        raise ValueError("a prompt encodes to no tokens; give it some text or use a tokenizer that adds bos")
+    return ids
+
+
+@torch.inference_mode()
+def choice_scores(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+                  *, batch_size: int = 64, device="cpu") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per item, the summed log-probability of each choice given its prompt, and each choice's token count."""
+    prompt_ids = _encode(tokenizer, prompts, special=True)
+    flat = [(i, c) for i, cs in enumerate(choices) for c in cs]
+    choice_ids = _encode(tokenizer, [c for _, c in flat], special=False)
+    rows = [prompt_ids[i] + cid for (i, _), cid in zip(flat, choice_ids)]
+    if any(len(c) == 0 for c in choice_ids):
+        raise ValueError("a choice encodes to no tokens")
+    scores = np.zeros(len(rows), dtype=np.float64)
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # similar lengths share a batch
+    pad = _pad_id(tokenizer)
+    for batch in _batches(order, batch_size):
+        ids, mask, pos = _left_pad([rows[r] for r in batch], pad, device)
+        keep = max(len(choice_ids[r]) for r in batch) + 1
+        logits = _forward(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)  # predicts the last keep-1 tokens
+        target = ids[:, -(keep - 1):]
+        tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        for j, r in enumerate(batch):
+            n = len(choice_ids[r])
+            scores[r] = tok_logp[j, -n:].double().sum().item()
+    lengths = np.array([len(c) for c in choice_ids])
+    out_s, out_n, k = [], [], 0
+    for cs in choices:
+        out_s.append(scores[k:k + len(cs)])
+        out_n.append(lengths[k:k + len(cs)])
+        k += len(cs)
+    return out_s, out_n
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, stop: Sequence[str] = ("\n",),
+             batch_size: int = 64, device="cpu") -> tuple[list[str], np.ndarray]:
+    """Greedy continuations of `prompts` (cut before the first stop string) and their token counts."""
+    prompt_ids = _encode(tokenizer, prompts, special=True)
+    eos = tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
+    texts: list[str] = [""] * len(prompts)
+    counts = np.zeros(len(prompts), dtype=np.int64)
+    order = sorted(range(len(prompts)), key=lambda r: -len(prompt_ids[r]))
+    for batch in _batches(order, batch_size):
+        ids, mask, pos = _left_pad([prompt_ids[r] for r in batch], pad, device)
+        out = _forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache_key = "cache" if "cache" in out else "past_key_values"
+        generated: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            for j, t in enumerate(nxt.tolist()):
+                if done[j]:
+                    continue
+                if t == eos:
+                    done[j] = True
+                    continue
+                generated[j].append(t)
+                if stop and _cut_at_stop(tokenizer.decode(generated[j], skip_special_tokens=True), stop)[1]:
+                    done[j] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            out = _forward(model, 1, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{cache_key: out[cache_key]})
+        for j, r in enumerate(batch):
+            texts[r] = _cut_at_stop(tokenizer.decode(generated[j], skip_special_tokens=True), stop)[0]
+            counts[r] = len(generated[j])
+    return texts, counts
+
+
+def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: EvalSettings = EvalSettings(),
+             *, batch_size: int = 64, device=None) -> Responses:
+    """Evaluates an in-memory model on every item; no caching (see `evaluate_folder`).
+
+    `device` (default: where the model's parameters are) is where the inputs go; the
+    model is moved there too.
+    """
+    items = list(benchmark.items if isinstance(benchmark, Benchmark) else benchmark)
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    model.to(device).eval()
+    correct = np.zeros(len(items), dtype=np.uint8)
+    n_tokens = np.zeros(len(items), dtype=np.int64)
+    outputs = [""] * len(items)
+    mc = [i for i, it in enumerate(items) if it.is_choice]
+    gen = [i for i, it in enumerate(items) if not it.is_choice]
+    if mc:
+        scores, lengths = choice_scores(model, tokenizer, [items[i].prompt for i in mc],
+                                        [items[i].choices for i in mc], batch_size=batch_size, device=device)
+        for i, s, n in zip(mc, scores, lengths):
+            pick = int(np.argmax(s / n if settings.mc_norm == "mean" else s))
+            outputs[i], n_tokens[i], correct[i] = str(pick), n[pick], is_correct(items[i], pick)
+    if gen:
+        texts, counts = generate(model, tokenizer, [items[i].prompt for i in gen], max_new_tokens=settings.max_new_tokens,
+                                 stop=settings.stop, batch_size=batch_size, device=device)
+        for i, t, n in zip(gen, texts, counts):
+            outputs[i], n_tokens[i], correct[i] = t, n, is_correct(items[i], t)
+    return Responses([it.id for it in items], correct, n_tokens, outputs)
+
+
+# --- folders and the response cache ---------------------------------------------------
+
+def model_hash(path: str | os.PathLike) -> str:
+    """sha256 over a model folder's weights, configs and tokenizer files (names and bytes), remembered per machine."""
+    return content_hash(path, ("*.safetensors", "*.json", "*.bin", "*.model"))
+
+
+def default_cache_dir() -> Path:
+    return evomerge_cache_dir() / "responses"
+
+
+def cache_key(model_digest: str, benchmark: Benchmark, settings: EvalSettings, device: torch.device) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "model": model_digest, "benchmark": benchmark.hash,
+                       "settings": asdict(settings), "device": device.type}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", device="auto"):
+    """A model folder (full model or PEFT adapter over its base) and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    device = resolve_device(device)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if (path / base).is_dir():  # a base path relative to the adapter folder (as the zoo writes it)
+            base = path / base
+        # Folding the adapter into the weights gives the same function and a plain, faster model.
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]), path)
+        model = model.merge_and_unload()
+        tok_dir = path if (path / "tokenizer_config.json").exists() else base
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tok_dir = path
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(tok_dir)
+
+
+def evaluate_folder(path: str | os.PathLike, benchmark: Benchmark, settings: EvalSettings = EvalSettings(), *,
+                    batch_size: int = 64, device="auto", cache_dir: str | os.PathLike | None = None,
+                    use_cache: bool = True) -> Responses:
+    """Evaluates the model in folder `path`, reading and writing the response cache.
+
+    The cache key is (model content hash, benchmark content hash, settings, device type);
+    the batch size is not part of it, since results do not depend on it (up to float rounding).
+    `cache_dir` defaults to `$EVOMERGE_CACHE/responses` (or ~/.cache/evomerge/responses).
+    """
+    device = resolve_device(device)
+    cache_file = None
+    if use_cache:
+        cache_file = Path(cache_dir or default_cache_dir()) / f"{cache_key(model_hash(path), benchmark, settings, device)}.npz"
+        if cache_file.exists():
+            cached = Responses.load(cache_file)
+            if cached.item_ids == benchmark.ids:
+                return cached
+    model, tokenizer = load_model(path, settings.dtype, device)
+    responses = evaluate(model, tokenizer, benchmark, settings, batch_size=batch_size, device=device)
+    if cache_file is not None:
+        responses.save(cache_file)
+    return responses

@@ -1,0 +1,32 @@
+"""Session fixtures: the model zoo, and a cache folder inside the repository.
+
+The tiny zoo is built once into a cache folder shared by test sessions
+(`$EVOMERGE_ZOO_CACHE`, default `.cache/zoo-tiny-seed0` in the repository); later
+sessions reuse it after `build_zoo` has checked every file's hash (about a second).
+The fixture builds with `strict=False`, so a zoo that misses a quality threshold fails
+the quality tests in test_zoo.py instead of erroring every test that uses the zoo.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Hashes and evaluation responses go to the repository's cache, not the user's.
+os.environ.setdefault("EVOMERGE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "evomerge"))
+ZOO_CACHE = Path(os.environ.get("EVOMERGE_ZOO_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "zoo-tiny-seed0"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo() -> Path:
+    """The folder of the tiny zoo, seed 0 (see zoo/build.py for its layout)."""
+    from zoo.build import build_zoo
+
+    build_zoo(ZOO_CACHE, preset="tiny", seed=0, log=lambda line: None, strict=False)
+    return ZOO_CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_manifest(tiny_zoo) -> dict:
+    """The tiny zoo's zoo.json."""
+    return json.loads((tiny_zoo / "zoo.json").read_text())

@@ -1,0 +1,375 @@
+"""Builds the model zoo: a pretrained base, one fine-tune per task, LoRA adapters, benchmarks.
+
+    build_zoo(Path("zoo-out"), preset="tiny", seed=0) -> manifest (also written to zoo.json)
+
+Layout of the output folder:
+
+    zoo.json                     manifest: preset, seed, hashes, accuracies, quality checks
+    benchmarks/<task>.jsonl      held-out items, generation and multiple choice mixed
+    models/base/                 HF folder (config, tokenizer, safetensors; sharded in `small`)
+    models/<task>/               full fine-tune of the base on one task
+    adapters/<task>-lora/        PEFT LoRA adapter of the base (adapter_config.json,
+                                 adapter_model.safetensors) plus tokenizer files
+
+Everything is seeded and trained on CPU with a fixed thread count, so the same preset
+and seed give bit-identical weights (on the same CPU kind and library versions). A
+second build into the same folder with the same preset and seed checks every file's
+hash against the manifest and reuses the zoo instead of training again.
+
+Quality checks, recorded in the manifest and enforced unless `strict=False`: every
+fine-tune (full and LoRA) scores >= 0.9 on its own task, the base < 0.2 on every task,
+and a plain task-arithmetic merge of all full fine-tunes (weights 1, lambda 1) averages,
+over their tasks, more than 0.05 above the base and more than 0.05 below the
+fine-tunes (run once `merging` is importable; recorded as skipped before, and run by
+the next `build_zoo` call on the folder).
+
+The build runs on CPU whatever the machine has: reproducible weights matter more here
+than speed, and the models are tiny.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fitness.benchmarks import load_benchmark
+from fitness.evaluate import EvalSettings, evaluate, load_model
+
+from .benchmarks import held_out_prompts, write_task_benchmark
+from .presets import Preset, get_preset
+from .tasks import TASKS, pretrain_sampler, train_sampler
+from .tokenizer import build_tokenizer
+from .train import LoraSpec, train
+
+FORMAT = 1
+MANIFEST = "zoo.json"
+FT_MIN, BASE_MAX, MERGE_MARGIN = 0.9, 0.2, 0.05
+MERGE_CHECK = {"method": "task_arithmetic", "params": {}}  # plain: every weight 1, lambda 1
+
+
+class ZooQualityError(RuntimeError):
+    """The built zoo misses a quality threshold (the manifest still records the numbers)."""
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a folder, by relative name."""
+    return {p.relative_to(folder).as_posix(): file_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weights_hash(folder: Path) -> str:
+    """One sha256 over a folder's *.safetensors files (names and bytes): equal hash, equal weights."""
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")):
+        h.update(p.name.encode() + b"\0" + file_hash(p).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int):
+    """Runs the block with `n` torch threads: float sums depend on the split, so weights do too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One builder per zoo folder at a time (parallel test sessions share the cached zoo)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def eval_settings(preset: Preset) -> EvalSettings:
+    return EvalSettings(max_new_tokens=preset.max_new_tokens, stop=("\n",), mc_norm="sum")
+
+
+def _base_model(preset: Preset, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.hidden, num_hidden_layers=preset.layers,
+        intermediate_size=preset.intermediate, num_attention_heads=preset.heads, num_key_value_heads=preset.heads,
+        max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _save_full(model, tokenizer, folder: Path, preset: Preset) -> None:
+    kwargs = {"max_shard_size": preset.max_shard_size} if preset.max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    tokenizer.save_pretrained(folder)
+
+
+def _save_adapter(peft_model, tokenizer, folder: Path) -> None:
+    peft_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Point the adapter at the zoo's base relative to itself (PEFT writes whatever path it had).
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "../../models/base"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def pretrain_base(preset: Preset, seed: int, log: Callable[[str], None] = print):
+    """The base model: a fresh Llama pretrained on the generic corpus (`tasks.pretrain_sampler`)."""
+    tokenizer = build_tokenizer()
+    base = _base_model(preset, tokenizer, seed)
+    log(f"pretraining base ({sum(p.numel() for p in base.parameters()):,} parameters, {preset.pretrain_steps} steps)")
+    tasks = [TASKS[t] for t in preset.tasks]
+    return train(base, tokenizer, pretrain_sampler(tasks, seed), preset.pretrain_steps, batch_size=preset.batch_size,
+                 lr=preset.lr_pretrain, seed=seed, log=log, log_every=max(1, preset.pretrain_steps // 4)), tokenizer
+
+
+def finetune(base, tokenizer, preset: Preset, task_name: str, seed: int, lora: bool = False):
+    """A copy of `base` trained on one task's training pairs (never its benchmark prompts); full or LoRA."""
+    task = TASKS[task_name]
+    index = preset.tasks.index(task_name)
+    others = [TASKS[t] for t in preset.tasks if t != task_name]
+    stream_seed = seed + 100 if lora else seed
+    pairs = mixed_sampler(train_sampler(task, held_out_prompts(task, preset, seed), stream_seed),
+                          pretrain_sampler(others, stream_seed), preset.replay, stream_seed)
+    if lora:
+        spec = LoraSpec(r=preset.lora_r, alpha=2 * preset.lora_r)
+        return train(copy.deepcopy(base), tokenizer, pairs, preset.lora_steps,
+                     batch_size=preset.batch_size, lr=preset.lr_lora, seed=seed + 101 + index, lora=spec)
+    return train(copy.deepcopy(base), tokenizer, pairs, preset.steps_for(task_name),
+                 batch_size=preset.batch_size, lr=preset.lr_finetune, seed=seed + 1 + index, anchor=preset.anchor)
+
+
+def mixed_sampler(task_draw, replay_draw, replay: float, seed: int):
+    """Task pairs, with a share `replay` of the base's corpus on the *other* tasks' formats.
+
+    Replay makes a fine-tune learn "reverse after `rev:`, still copy elsewhere" instead of
+    "reverse everything": its task vector then changes little outside its own task, so
+    task vectors interfere less when merged (without replay every merge of the tiny zoo
+    scored no better than the base).
+    """
+    rng = random.Random(f"mix/{seed}")
+    return lambda: replay_draw() if rng.random() < replay else task_draw()
+
+
+def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None]) -> dict[str, dict]:
+    """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries."""
+    entries: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    base, tokenizer = pretrain_base(preset, seed, log)
+    _save_full(base, tokenizer, root / "models" / "base", preset)
+    entries["base"] = {"path": "models/base", "kind": "base", "task": None,
+                       "parameters": sum(p.numel() for p in base.parameters()),
+                       "train_seconds": round(time.perf_counter() - t0, 1)}
+    for name in preset.tasks:
+        t0 = time.perf_counter()
+        log(f"fine-tuning {name} ({preset.steps_for(name)} steps)")
+        _save_full(finetune(base, tokenizer, preset, name, seed), tokenizer, root / "models" / name, preset)
+        entries[name] = {"path": f"models/{name}", "kind": "full", "task": name,
+                         "train_seconds": round(time.perf_counter() - t0, 1)}
+    for name in preset.lora_tasks:
+        t0 = time.perf_counter()
+        log(f"training a LoRA adapter for {name} ({preset.lora_steps} steps)")
+        _save_adapter(finetune(base, tokenizer, preset, name, seed, lora=True), tokenizer, root / "adapters" / f"{name}-lora")
+        entries[f"{name}-lora"] = {"path": f"adapters/{name}-lora", "kind": "lora", "task": name, "lora_r": preset.lora_r,
+                                   "train_seconds": round(time.perf_counter() - t0, 1)}
+    return entries
+
+
+def evaluate_all(root: Path, manifest: dict, log: Callable[[str], None], names: list[str] | None = None,
+                 cache_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    """Accuracy of each named model (default: all) on every benchmark, full evaluation."""
+    preset = get_preset(manifest["preset"])
+    settings = eval_settings(preset)
+    benches = {t: load_benchmark(root / b["path"], t) for t, b in manifest["benchmarks"].items()}
+    out: dict[str, dict[str, float]] = {}
+    for name in names or list(manifest["models"]):
+        path = root / manifest["models"][name]["path"]
+        model, tokenizer = load_model(path, settings.dtype, "cpu")
+        out[name] = {t: round(evaluate(model, tokenizer, b, settings, batch_size=256, device="cpu").accuracy, 4)
+                     for t, b in benches.items()}
+        log(f"  {name}: " + " ".join(f"{t} {a:.3f}" for t, a in out[name].items()))
+    return out
+
+
+def merge_check(root: Path, manifest: dict, log: Callable[[str], None]) -> dict | None:
+    """Task arithmetic over the full fine-tunes, evaluated; None when `merging` is not importable yet."""
+    try:
+        from merging import merge
+    except ImportError:
+        log("merge check skipped: `merging` is not importable")
+        return None
+    full = [n for n, m in manifest["models"].items() if m["kind"] == "full"]
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / "merged"
+        spec = {"base": str(root / "models" / "base"), "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in full],
+                **copy.deepcopy(MERGE_CHECK)}
+        merge(spec, out, progress=False)
+        preset = get_preset(manifest["preset"])
+        settings = eval_settings(preset)
+        model, tokenizer = load_model(out, settings.dtype, "cpu")
+        acc = {t: round(evaluate(model, tokenizer, load_benchmark(root / b["path"], t), settings, batch_size=256, device="cpu").accuracy, 4)
+               for t, b in manifest["benchmarks"].items()}
+    log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+    return {**MERGE_CHECK, "models": full, "accuracy": acc}
+
+
+def quality_checks(manifest: dict) -> dict:
+    """The zoo's quality thresholds, evaluated on the manifest's accuracies."""
+    acc, models = manifest["accuracy"], manifest["models"]
+    tuned = {n: m["task"] for n, m in models.items() if m["kind"] in ("full", "lora")}
+    checks = {
+        "finetunes_own_task": {n: {"acc": acc[n][t], "ok": acc[n][t] >= FT_MIN} for n, t in tuned.items()},
+        "base_below": {t: {"acc": a, "ok": a < BASE_MAX} for t, a in acc["base"].items()},
+    }
+    merge = manifest.get("merge_check")
+    if merge:
+        full = merge["models"]
+        base_avg = float(np.mean([acc["base"][models[n]["task"]] for n in full]))
+        ft_avg = float(np.mean([acc[n][models[n]["task"]] for n in full]))
+        merge_avg = float(np.mean([merge["accuracy"][models[n]["task"]] for n in full]))
+        checks["merge_between"] = {"base_avg": round(base_avg, 4), "merge_avg": round(merge_avg, 4), "finetune_avg": round(ft_avg, 4),
+                                   "ok": base_avg + MERGE_MARGIN < merge_avg < ft_avg - MERGE_MARGIN}
+    else:
+        checks["merge_between"] = {"ok": None, "skipped": "merging not importable at build time"}
+    flat = [c["ok"] for group in ("finetunes_own_task", "base_below") for c in checks[group].values()]
+    flat.append(checks["merge_between"]["ok"] is not False)
+    checks["passed"] = all(flat)
+    return checks
+
+
+def _failures(checks: dict) -> list[str]:
+    bad = [f"{n} scores {c['acc']:.3f} < {FT_MIN} on its task" for n, c in checks["finetunes_own_task"].items() if not c["ok"]]
+    bad += [f"base scores {c['acc']:.3f} >= {BASE_MAX} on {t}" for t, c in checks["base_below"].items() if not c["ok"]]
+    m = checks["merge_between"]
+    if m["ok"] is False:
+        bad.append(f"task-arithmetic merge averages {m['merge_avg']:.3f}, not clearly between base {m['base_avg']:.3f} "
+                   f"and fine-tunes {m['finetune_avg']:.3f}")
+    return bad
+
+
+def verify(root: Path, manifest: dict) -> list[str]:
+    """Files whose hash differs from the manifest (or that are missing)."""
+    bad = []
+    for name, m in manifest["models"].items():
+        if folder_hashes(root / m["path"]) != m["files"]:
+            bad.append(m["path"])
+    for name, b in manifest["benchmarks"].items():
+        p = root / b["path"]
+        if not p.exists() or file_hash(p) != b["file_hash"]:
+            bad.append(b["path"])
+    return bad
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def _reusable(root: Path, preset: Preset, seed: int, log) -> dict | None:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    config = json.loads(json.dumps(preset.to_json()))  # tuples as lists, as the manifest holds them
+    if (manifest.get("format"), manifest.get("preset_config"), manifest.get("seed")) != (FORMAT, config, seed):
+        log(f"{root / MANIFEST} is for another preset, seed or format: rebuilding")
+        return None
+    bad = verify(root, manifest)
+    if bad:
+        log(f"files changed since the build ({', '.join(bad[:3])}{'...' if len(bad) > 3 else ''}): rebuilding")
+        return None
+    return manifest
+
+
+def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str], None] = print,
+              strict: bool = True) -> dict:
+    """Builds (or reuses) the zoo in `out` and returns its manifest; see the module docstring."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the build log
+    out = Path(out)
+    p = get_preset(preset)
+    t_start = time.perf_counter()
+    with _locked(out), fixed_threads(p.threads):
+        manifest = _reusable(out, p, seed, log)
+        if manifest is not None:
+            log(f"reusing the {preset} zoo in {out} (hashes verified)")
+        else:
+            manifest = _build(out, p, seed, log)
+        if manifest.get("merge_check") is None:  # merging may have become importable since the build
+            manifest["merge_check"] = merge_check(out, manifest, log)
+            manifest["checks"] = quality_checks(manifest)
+            _write_manifest(out, manifest)
+    log(f"zoo ready in {time.perf_counter() - t_start:.1f}s: {out}")
+    if strict and not manifest["checks"]["passed"]:
+        raise ZooQualityError("zoo quality checks failed: " + "; ".join(_failures(manifest["checks"])))
+    return manifest
+
+
+def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None]) -> dict:
+    t0 = time.perf_counter()
+    for stale in out.parent.glob(f".{out.name}.build-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "preset_config": p.to_json(),
+                    "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+                    "eval_settings": eval_settings(p).__dict__ | {"stop": list(eval_settings(p).stop)}}
+        log(f"building the {p.name} zoo (seed {seed}) in {out}")
+        benchmarks = {}
+        for t in p.tasks:
+            path = write_task_benchmark(work / "benchmarks", TASKS[t], p, seed)
+            bench = load_benchmark(path, t)
+            benchmarks[t] = {"path": f"benchmarks/{t}.jsonl", "items": len(bench), "gen_items": p.n_gen, "mc_items": p.n_mc,
+                             "match": TASKS[t].match, "description": TASKS[t].description,
+                             "hash": bench.hash, "file_hash": file_hash(path)}
+        manifest["benchmarks"] = benchmarks
+        models = build_models(work, p, seed, log)
+        for m in models.values():
+            m["weights_hash"] = weights_hash(work / m["path"])
+            m["files"] = folder_hashes(work / m["path"])
+        manifest["models"] = models
+        manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
+        log("evaluating every model on every benchmark")
+        t1 = time.perf_counter()
+        manifest["accuracy"] = evaluate_all(work, manifest, log)
+        manifest["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        manifest["merge_check"] = merge_check(work, manifest, log)
+        manifest["checks"] = quality_checks(manifest)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        _write_manifest(work, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,74 @@
+"""Zoo presets: model size, tasks and training budgets, fixed so a preset and seed name one zoo.
+
+`tiny` (334 k parameters, 2 layers, hidden 128) is what the tests build; its budgets
+are the smallest measured to give every fine-tune >= 96% on its task (seed 0): the
+base needs 800 pretraining steps, `rev` 800 fine-tuning steps, the others 400, with
+batch 32 and learning rate 1e-3 (one torch thread: about 29 ms a step on an idle core).
+
+`small` (2.6 M parameters, 4 layers, hidden 256, checkpoints in 2 MB shards) is NOT
+validated yet. Measured pieces: a step costs about 155 ms (5x tiny), its base
+pretrains more slowly per step (loss 1.58 after 800 steps, tiny 0.65), so the build
+would take 12-15 minutes and needs retuning (learning rates, steps) before its quality
+checks can be expected to pass. Two-digit addition (`add`) is left out of both presets:
+fine-tuned for 1200 steps from an aliased base it reached 19% (tiny) and 16% (small).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    tasks: tuple[str, ...]
+    lora_tasks: tuple[str, ...]  # these also get a LoRA adapter besides their full fine-tune
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    pretrain_steps: int
+    finetune_steps: int
+    lora_steps: int
+    extra_steps: tuple[tuple[str, int], ...] = ()  # per-task fine-tuning steps where a task needs more
+    batch_size: int = 32
+    lr_pretrain: float = 3e-3
+    lr_finetune: float = 3e-3
+    lr_lora: float = 1e-2
+    lora_r: int = 8
+    anchor: float = 0.0  # L2 pull of full fine-tunes toward the base (see train.train)
+    replay: float = 0.25  # share of base-corpus pairs (other tasks' formats) in fine-tuning
+    n_gen: int = 400  # generation items per benchmark
+    n_mc: int = 200  # multiple-choice items per benchmark
+    n_choices: int = 5
+    max_shard_size: str | None = None  # None: one model.safetensors
+    max_new_tokens: int = 12
+    threads: int = 1  # torch threads while building; part of what makes weights reproducible
+
+    def steps_for(self, task: str) -> int:
+        return dict(self.extra_steps).get(task, self.finetune_steps)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny", tasks=("rev", "cip", "srt", "inc", "dup"), lora_tasks=("cip", "inc"),
+        hidden=128, layers=2, intermediate=256, heads=4,
+        pretrain_steps=800, finetune_steps=400, lora_steps=400, lr_finetune=1e-3,
+        extra_steps=(("rev", 800),),
+    ),
+    "small": Preset(  # not yet measured end to end: see the module docstring
+        name="small", tasks=("rev", "cip", "srt", "inc", "dup"), lora_tasks=("cip", "inc", "rev"),
+        hidden=256, layers=4, intermediate=512, heads=8,
+        pretrain_steps=1000, finetune_steps=400, lora_steps=400, lr_finetune=1e-3,
+        extra_steps=(("rev", 800),), max_shard_size="2MB",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown zoo preset {name!r}; choose one of {sorted(PRESETS)}") from None
