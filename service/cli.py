@@ -85,6 +85,16 @@ def cmd_demo(args) -> None:
              log=lambda m: print(m, flush=True))
 
 
+def cmd_compress(args) -> None:
+    from merging.compress import compress
+
+    report = compress(args.base, args.model, args.out, args.fraction, device=args.device or "auto",
+                      overwrite=args.overwrite)
+    worst = min(report["per_matrix"].items(), key=lambda kv: kv[1], default=("-", 1.0))
+    print(f"{report['out']}: kept {100 * report['kept_energy']:.2f}% of the task vector's energy at rank "
+          f"fraction {args.fraction} (lowest: {worst[0]} {100 * worst[1]:.2f}%)")
+
+
 def cmd_methods(args) -> None:
     from merging.methods import METHODS
 
@@ -134,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compress", help="TSV-C: keep a fraction of each task-vector matrix's singular triplets")
+    p.add_argument("--base", required=True)
+    p.add_argument("--model", required=True, help="fine-tuned folder or LoRA adapter of the base")
+    p.add_argument("--fraction", type=float, default=0.1, help="kept fraction of each matrix's rank")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)

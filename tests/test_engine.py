@@ -127,3 +127,26 @@ def test_console_script_merges(tmp_path, family):
     got, fts = state_dict(tmp_path / "m"), [state_dict(m) for m in models]
     for k in got:
         assert torch.allclose(got[k], sum(ft[k] for ft in fts) / 3, atol=1e-6)
+
+
+def test_tsv_c_compress_keeps_low_rank_fine_tunes_and_reports_energy(tmp_path):
+    from merging.checkpoint import write_checkpoint
+    from merging.compress import compress
+
+    base = save(tiny_llama(), tmp_path / "base")
+    b = state_dict(base)
+    g = torch.Generator().manual_seed(0)
+    ft = {k: (v + torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g) * 0.01
+              if v.dim() == 2 else v + 0.01) for k, v in b.items()}
+    write_checkpoint(tmp_path / "ft", ft, side_files_from=base)
+    report = compress(base, tmp_path / "ft", tmp_path / "c", fraction=0.25, device="cpu")  # rank 8 >= 2
+    assert report["kept_energy"] > 1 - 1e-6
+    got = state_dict(tmp_path / "c")
+    for k in b:
+        assert torch.allclose(got[k], ft[k], atol=1e-5), k
+    report = compress(base, tmp_path / "ft", tmp_path / "c1", fraction=1 / 32, device="cpu")  # rank 1 < 2
+    k = "model.layers.0.mlp.up_proj.weight"
+    tau = ft[k] - b[k]
+    sv = torch.linalg.svdvals(tau)
+    assert abs(report["per_matrix"][k] - float(sv[0] ** 2 / (sv**2).sum())) < 1e-5
+    assert report["kept_energy"] < 1.0
