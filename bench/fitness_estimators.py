@@ -49,7 +49,7 @@ HELD_OUT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv"]
 def held_out_params(method: str, n: int, rng: np.random.Generator) -> dict:
     p = {"weights": rng.uniform(0.2, 1.0, n).round(3).tolist()}
     if method in ("ties", "dare_ties"):
-        p["density"] = float(rng.uniform(0.2, 0.9).round(3))
+        p["density"] = round(float(rng.uniform(0.2, 0.9)), 3)
     return p
 
 

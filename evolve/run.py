@@ -143,7 +143,7 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
             c = cands[cid]
             if c.true_objectives is None:
                 c.true_objectives = evaluator.true_objectives(c)
-            cost["final_items"] += sum(len(b) for b in benches.values())
+                cost["final_items"] += sum(len(b) for b in benches.values())
         from .pareto import hypervolume
 
         F = np.array([[o.to_min(cands[i].true_objectives[o.name]) for o in fitness.objectives] for i in result.front])

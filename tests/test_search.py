@@ -141,3 +141,39 @@ def test_every_algorithm_stops_and_resumes_exactly(tmp_path, algorithm):
     resumed = go(tmp_path / "part", resume=True)
     assert [c.genome for c in resumed.candidates] == [c.genome for c in full.candidates]
     assert resumed.front == full.front
+
+
+class OneDistance(DistanceScorer):
+    """One objective: the summed squared distance to both fine-tunes (minimized at their midpoint)."""
+
+    def __init__(self, models):
+        super().__init__(models)
+        self.objectives = [Objective("dist", "min", worst=self.objectives[0].worst * 2)]
+
+    def score(self, model):
+        sd = model.state_dict()
+        return Score({"dist": float(sum(((sd[k] - t[k]) ** 2).sum() for t in self.targets for k in t))})
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+def test_single_objective_algorithms_improve_and_resume(tmp_path, algorithm):
+    base, models = family(tmp_path)
+    space = SearchSpace("task_arithmetic", 2)
+    scorer = OneDistance(models)
+    resident = ResidentMerge(base, models, "task_arithmetic", device="cpu")
+
+    def go(out, resume=False, stop_at=None):
+        ev = CandidateEvaluator(space, resident, scorer)
+        stop = (lambda: len({c.generation for c in ev.candidates}) >= stop_at) if stop_at else None
+        return run_search(MergeProblem(space, scorer.objectives), ev, out, algorithm=algorithm, population=6,
+                          generations=5, seed=0, resume=resume, should_stop=stop)
+
+    full = go(tmp_path / "full")
+    first = [c.objectives["dist"] for c in full.candidates if c.generation == 0]
+    best = full.candidates[full.knee].objectives["dist"]
+    assert best <= min(first) and len(full.front) >= 1
+    # the optimum of |theta - ft0|^2 + |theta - ft1|^2 over task arithmetic is weights (0.5, 0.5)
+    assert np.allclose(full.candidates[full.knee].genome, [0.5, 0.5], atol=0.25)
+    go(tmp_path / "part", stop_at=2)
+    resumed = go(tmp_path / "part", resume=True)
+    assert [c.genome for c in resumed.candidates] == [c.genome for c in full.candidates]

@@ -1,0 +1,142 @@
+"""Shared helpers of the evolve benchmarks (bench/evolve_*.py, bench/materialize_speed.py).
+
+Not a benchmark itself: the zoo, evolve specs on the zoo's tasks, a Fitness built exactly as
+`evolve.run` builds it (endpoints, probes, IRT, subsets), timing and table printing.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT))
+# share the per-machine response cache (endpoint evaluations) between runs and scripts
+os.environ.setdefault("EVOMERGE_CACHE", str(ROOT / ".cache" / "evomerge"))
+
+
+def load_zoo(preset: str = "tiny", zoo: Path | None = None) -> tuple[Path, dict]:
+    from zoo.build import build_zoo
+
+    zoo = Path(zoo) if zoo else ROOT / ".cache" / f"zoo-{preset}-seed0"
+    manifest = build_zoo(zoo, preset, 0, log=lambda m: print(m, file=sys.stderr))
+    return zoo, manifest
+
+
+def evolve_spec(zoo: Path, manifest: dict, tasks: Sequence[str], *, method: str = "ties",
+                space: dict | None = None, estimator: str = "gmp_irt", strategy: str = "entropy",
+                size: int = 20, population: int = 8, generations: int = 4, seed: int = 0,
+                probes: int = 11, epochs: int = 600, subset_seed: int = 0, final_check: bool = True) -> dict:
+    """An evolve job over `tasks`: merge their fine-tunes, one accuracy objective per task."""
+    search: dict[str, Any] = {"algorithm": "nsga2", "population": population, "generations": generations,
+                              "seed": seed}
+    if space is not None:
+        search["space"] = space
+    return {
+        "kind": "evolve",
+        "base": str(zoo / manifest["models"]["base"]["path"]),
+        "models": [{"name": t, "path": str(zoo / manifest["models"][t]["path"])} for t in tasks],
+        "method": method,
+        "search": search,
+        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "name": t,
+                        "estimator": estimator, "subset": {"size": size, "strategy": strategy, "seed": subset_seed}}
+                       for t in tasks],
+        "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"],
+                       "irt": {"probes": probes, "epochs": epochs}},
+        "device": "cpu",
+        "final_check": final_check,
+    }
+
+
+class StageClock:
+    """An evolve.run callback that timestamps each stage (endpoints, probes, irt, search, final_check)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.marks: list[tuple[str, float]] = []
+        self.progress: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        now = time.perf_counter() - self.t0
+        if event.get("type") == "stage":
+            self.marks.append((event["stage"], now))
+        elif event.get("type") == "progress":
+            self.progress.append({**event, "t": now})
+        elif event.get("type") == "done":
+            self.marks.append(("done", now))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent in each stage."""
+        out = {}
+        for (name, t), (_, t_next) in zip(self.marks, self.marks[1:]):
+            out[name] = t_next - t
+        return out
+
+
+def build_fitness(spec: dict):
+    """What evolve.run builds before the search, as objects: (fitness, resident, space, cost).
+
+    The same code path as evolve/run.py stages 1-3, so a search driven here scores with the
+    same Fitness an evolve job would use."""
+    from transformers import AutoTokenizer
+
+    from evolve.genome import SearchSpace
+    from evolve.materialize import ResidentMerge
+    from evolve.run import endpoint_folder, probe_weights
+    from evolve.spec import EvolveSpec
+    from fitness.benchmarks import load_benchmark
+    from fitness.evaluate import evaluate, evaluate_folder
+    from fitness.fitness import Fitness, benchmark_paths, eval_settings
+    from merging.spec import method_params
+
+    spec = EvolveSpec.model_validate(spec)
+    settings, ev = eval_settings(spec.evaluation), spec.evaluation
+    paths = [m.path for m in spec.models]
+    cost = {"endpoint_items": 0, "probe_items": 0}
+    benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
+    endpoints = {k: [] for k in benches}
+    for folder in [spec.base, *(endpoint_folder(spec.base, p) for p in paths)]:
+        for k, b in benches.items():
+            endpoints[k].append(evaluate_folder(folder, b, settings, batch_size=ev.batch_size, device=spec.device))
+            cost["endpoint_items"] += len(b)
+    tokenizer = AutoTokenizer.from_pretrained(spec.base)
+    probes = {k: [] for k in benches}
+    if ev.irt.probes:
+        ta = ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
+        for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed):
+            model = ta.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
+            for k, b in benches.items():
+                probes[k].append(evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device))
+                cost["probe_items"] += len(b)
+        del ta
+    fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
+    resident = ResidentMerge(spec.base, paths, spec.method, device=spec.device)
+    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
+    space = SearchSpace(spec.method, len(paths), spec.search.space, spec.params, blocks, resident.n_layers)
+    return fitness, resident, space, cost
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table (floats to 3 significant decimals)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def set_threads() -> None:
+    """One torch intra-op thread by default (EVOMERGE_BENCH_THREADS overrides): on our 2-core
+    machine shared with other jobs, 2 threads made one full evaluation of the tiny zoo's rev
+    benchmark take 25 s instead of 0.26 s (OpenMP threads spinning against each other)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("EVOMERGE_BENCH_THREADS", "1")))
