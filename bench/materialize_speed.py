@@ -31,24 +31,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _evolve_common import OUT, load_zoo, set_threads, table  # noqa: E402
+from factories import perturbed  # noqa: E402
 
 import torch  # noqa: E402
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv"]
-
-
-def perturbed(base_dir: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    """The base plus seeded Gaussian noise on every floating tensor (tests/factories.py `perturbed`)."""
-    from merging.checkpoint import CheckpointReader, write_checkpoint
-
-    r = CheckpointReader(base_dir)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for n in r.names():
-        t = r.get(n)
-        tensors[n] = t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point() else t
-    return write_checkpoint(out, tensors, max_shard_size="2GB", side_files_from=base_dir)
 
 
 def llama_family(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, list[Path]]:

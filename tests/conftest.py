@@ -30,3 +30,15 @@ def tiny_zoo() -> Path:
 def tiny_zoo_manifest(tiny_zoo) -> dict:
     """The tiny zoo's zoo.json."""
     return json.loads((tiny_zoo / "zoo.json").read_text())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread in the test process: on 2 shared cores, two threads stall on each
+    other (measured 5-100x slower); test.sh also sets OMP_NUM_THREADS=1 for the subprocesses."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

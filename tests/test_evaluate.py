@@ -9,15 +9,6 @@ from fitness.evaluate import EvalSettings, Responses, choice_scores, evaluate, e
 from zoo.tokenizer import build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on 2 shared cores, two threads stall on each other (runs 5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()

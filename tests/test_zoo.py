@@ -22,15 +22,6 @@ from zoo.tasks import TASKS, train_sampler
 from zoo.train import LoraSpec, encode_pair, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on 2 shared cores, two threads stall on each other (runs 5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = get_preset("tiny")
 
 
