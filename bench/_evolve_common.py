@@ -81,42 +81,11 @@ def build_fitness(spec: dict):
 
     The same code path as evolve/run.py stages 1-3, so a search driven here scores with the
     same Fitness an evolve job would use."""
-    from transformers import AutoTokenizer
-
-    from evolve.genome import SearchSpace
-    from evolve.materialize import ResidentMerge
-    from evolve.run import endpoint_folder, probe_weights
+    from evolve.run import setup
     from evolve.spec import EvolveSpec
-    from fitness.benchmarks import load_benchmark
-    from fitness.evaluate import evaluate, evaluate_folder
-    from fitness.fitness import Fitness, benchmark_paths, eval_settings
-    from merging.spec import method_params
 
-    spec = EvolveSpec.model_validate(spec)
-    settings, ev = eval_settings(spec.evaluation), spec.evaluation
-    paths = [m.path for m in spec.models]
-    cost = {"endpoint_items": 0, "probe_items": 0}
-    benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
-    endpoints = {k: [] for k in benches}
-    for folder in [spec.base, *(endpoint_folder(spec.base, p) for p in paths)]:
-        for k, b in benches.items():
-            endpoints[k].append(evaluate_folder(folder, b, settings, batch_size=ev.batch_size, device=spec.device))
-            cost["endpoint_items"] += len(b)
-    tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    probes = {k: [] for k in benches}
-    if ev.irt.probes:
-        ta = ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
-        for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed):
-            model = ta.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
-            for k, b in benches.items():
-                probes[k].append(evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device))
-                cost["probe_items"] += len(b)
-        del ta
-    fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
-    resident = ResidentMerge(spec.base, paths, spec.method, device=spec.device)
-    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
-    space = SearchSpace(spec.method, len(paths), spec.search.space, spec.params, blocks, resident.n_layers)
-    return fitness, resident, space, cost
+    job = setup(EvolveSpec.model_validate(spec))
+    return job.fitness, job.resident, job.space, {k: job.cost[k] for k in ("endpoint_items", "probe_items")}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

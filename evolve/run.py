@@ -79,14 +79,24 @@ def _fingerprint(spec: EvolveSpec) -> str:
     return hashlib.sha256(spec.model_dump_json(exclude={"device", "output"}).encode()).hexdigest()
 
 
-def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
-        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> EvolveResult:
+@dataclass
+class Setup:
+    """What a search needs, built once per job by `setup`."""
+
+    fitness: Fitness
+    resident: ResidentMerge
+    space: SearchSpace
+    benches: dict[str, Any]
+    cost: dict[str, Any]
+
+
+def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
+    """Stages 1-3 (endpoints, probes, irt) and the resident model and search space of stage 4."""
     from transformers import AutoTokenizer
 
-    spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.json", spec.model_dump_json(indent=2))
+    from fitness.evaluate import evaluate
+    from merging.spec import method_params
+
     settings, ev = eval_settings(spec.evaluation), spec.evaluation
     paths = [m.path for m in spec.models]
     cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
@@ -104,9 +114,6 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     resident = None
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
     if ev.irt.probes:
-        from fitness.evaluate import evaluate
-        from merging.spec import method_params
-
         resident = ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
         for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed):
             model = resident.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
@@ -120,10 +127,22 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
     _emit(callback, {"type": "irt", "benchmarks": fitness.describe()})
 
-    _emit(callback, {"type": "stage", "stage": "search"})
     resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
     blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
     space = SearchSpace(spec.method, len(paths), spec.search.space, spec.params, blocks, resident.n_layers)
+    return Setup(fitness, resident, space, benches, cost)
+
+
+def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
+        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> EvolveResult:
+    spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.json", spec.model_dump_json(indent=2))
+    job = setup(spec, callback)
+    fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
+
+    _emit(callback, {"type": "stage", "stage": "search"})
     problem = MergeProblem(space, fitness.objectives)
     evaluator = CandidateEvaluator(space, resident, fitness)
     s = spec.search
