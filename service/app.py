@@ -218,8 +218,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             raise ApiError(422, f"status: must be one of {', '.join(STATES)}", "status")
         if not 1 <= limit <= 500:
             raise ApiError(422, "limit: must be between 1 and 500", "limit")
-        if offset < 0:
-            raise ApiError(422, "offset: must not be negative", "offset")
+        if not 0 <= offset <= 2**62:
+            raise ApiError(422, "offset: must be between 0 and 2^62", "offset")
         jobs, total = store.list_jobs(None if sees_all(user) else user.name, status, limit, offset)
         return {"jobs": [_summary(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def events(job_id: str, request: Request):
         visible_job(job_id, user_of(request))
         last = request.headers.get("last-event-id", "0")
-        after = int(last) if last.isdigit() else 0
+        after = min(int(last), 2**62) if last.isdigit() else 0
         poll = min(settings.poll_seconds, 0.5)
 
         async def stream():
@@ -287,7 +287,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
              summary="A candidate as a tar of a HF model folder (202 + Retry-After while it is built)")
     def checkpoint(job_id: str, cid: int, request: Request):
         job = visible_job(job_id, user_of(request))
-        if store.candidate(job_id, cid) is None:
+        if not 0 <= cid <= 2**62 or store.candidate(job_id, cid) is None:
             hint = "" if job.status == "succeeded" else f" (the job is {job.status})"
             raise ApiError(404, f"job {job_id} has no candidate {cid}{hint}")
         tar = settings.job_dir(job_id) / "exports" / f"{cid}.tar"

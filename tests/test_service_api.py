@@ -209,7 +209,8 @@ def test_listing_filters_and_pages(server):
     assert page["total"] == 2 and [j["id"] for j in page["jobs"]] == [ids[2]] and "spec" not in page["jobs"][0]
     assert c.get("/v1/jobs", params={"status": "queued", "limit": 1, "offset": 1}).json()["jobs"][0]["id"] == ids[1]
     assert c.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"][0]["id"] == ids[0]
-    for params, field in [({"status": "sleeping"}, "status"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit")]:
+    for params, field in [({"status": "sleeping"}, "status"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
+                          ({"offset": -1}, "offset"), ({"offset": 10**22}, "offset")]:
         r = c.get("/v1/jobs", params=params)
         assert r.status_code == 422 and r.json()["field"] == field
     metrics = c.get("/metrics").text
