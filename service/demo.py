@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,7 +86,10 @@ def run_demo(out: Path, population: int = 8, generations: int = 4, log=print) ->
             cells = "  ".join(f"{n}: {c['objectives'][n]:.3f} -> {(c['true_objectives'] or {}).get(n, float('nan')):.3f}"
                               for n in names)
             log(f"   #{c['id']:<3} {cells}{'   <- knee' if c['id'] == knee else ''}")
-        dest = client.download(job["id"], knee, out / "knee-model")
+        dest = out / "knee-model"
+        if dest.exists():  # the previous demo's download
+            shutil.rmtree(dest)
+        dest = client.download(job["id"], knee, dest)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(dest)
