@@ -29,7 +29,7 @@ from fitness.benchmarks import load_benchmark
 from fitness.evaluate import Responses, evaluate_folder
 from fitness.fitness import Fitness, benchmark_paths, eval_settings
 from merging.adapters import is_adapter
-from merging.checkpoint import atomic_write_text, cache_dir, content_hash
+from merging.checkpoint import atomic_write, cache_dir, content_hash
 from merging.engine import merge
 from merging.spec import MergeSpec
 
@@ -138,7 +138,7 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.json", spec.model_dump_json(indent=2))
+    atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
     job = setup(spec, callback)
     fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
 
@@ -178,7 +178,7 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     doc = {"objectives": [o.__dict__ for o in fitness.objectives], "front": front, "knee": result.knee,
            "hypervolume": result.hypervolume, "true_hypervolume": true_hv, "reference_point": result.reference_point,
            "cost": cost, "fitness": fitness.describe(), "complete": not (should_stop and should_stop())}
-    atomic_write_text(out / "front.json", json.dumps(doc, indent=2))
+    atomic_write(out / "front.json", json.dumps(doc, indent=2))
     plot_front(out / "front.png", cands, result.front, fitness.objectives)
     _emit(callback, {"type": "done", "knee": result.knee, "front": len(front)})
     return res
@@ -190,7 +190,7 @@ def _front_entry(c: Candidate, knee: bool) -> dict[str, Any]:
 
 
 def _rewrite_candidates(path: Path, cands: list[Candidate]) -> None:
-    atomic_write_text(path, "".join(json.dumps(c.to_json()) + "\n" for c in cands))
+    atomic_write(path, "".join(json.dumps(c.to_json()) + "\n" for c in cands))
 
 
 def plot_front(path: Path, cands: list[Candidate], front: list[int], objectives) -> None:

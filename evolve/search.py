@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 import cloudpickle
 from pymoo.core.evaluator import Evaluator
 from pymoo.core.termination import NoTermination
+
+from merging.checkpoint import atomic_write
 
 from .pareto import hypervolume, knee_point, non_dominated
 from .problem import Candidate, CandidateEvaluator, MergeProblem
@@ -59,19 +60,6 @@ def make_algorithm(name: str, population: int, n_obj: int):
         return MOEAD(ref_dirs=get_reference_directions("energy", n_obj, population, seed=1), n_neighbors=min(15, population))
     from pymoo.algorithms.soo.nonconvex.ga import GA
     return GA(pop_size=population)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_candidates(path: Path) -> list[Candidate]:
@@ -129,7 +117,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
     else:
         for p in (state_path, cand_path):
             p.unlink(missing_ok=True)
-        atomic_write_bytes(run_path, json.dumps({"fingerprint": fingerprint}).encode())
+        atomic_write(run_path, json.dumps({"fingerprint": fingerprint}).encode())
     known = read_candidates(cand_path)
     evaluator.by_key = {c.key: c for c in known}
     evaluator.candidates = list(known)
@@ -157,7 +145,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
             done += 1
             gens_this_run += 1
             if checkpointable:
-                atomic_write_bytes(state_path, cloudpickle.dumps(
+                atomic_write(state_path, cloudpickle.dumps(
                     {"algorithm": algo, "generation": done}))
             if callback:
                 F = _matrix(evaluator.candidates, objectives)

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
+
+from merging.checkpoint import atomic_write
 
 LOGIT_CLIP = 30.0  # as tinyBenchmarks' item_curve: keeps exp() finite, flattens the gradient beyond
 THETA_BOUND = 8.0  # MLE of an all-correct / all-wrong record is at infinity; stop at this |theta_d|
@@ -112,21 +113,7 @@ class ItemParams:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically: a temporary file beside ``path``, fsync, then rename over it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the result is an ordinary file
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], convention: str = "py_irt") -> "ItemParams":

@@ -224,21 +224,27 @@ def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetens
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     digest = h.hexdigest()
-    atomic_write_text(memo, digest)
+    atomic_write(memo, digest)
     return digest
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a file through a temporary file in the same folder and a rename."""
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Writes a file through a temporary file in the same folder, fsync, then a rename:
+    readers see the old file or the whole new one, never a part."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the result is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 @dataclass
