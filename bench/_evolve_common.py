@@ -18,6 +18,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EVOMERGE_CACHE", str(ROOT / ".cache" / "evomerge"))
 
 
+def search_args(doc: str, generations: int = 6):
+    """An argument parser with the options every evolve benchmark shares."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--tasks", default="rev,cip,srt")
+    ap.add_argument("--method", default="ties")
+    ap.add_argument("--population", type=int, default=12)
+    ap.add_argument("--generations", type=int, default=generations)
+    return ap
+
+
 def load_zoo(preset: str = "tiny", zoo: Path | None = None) -> tuple[Path, dict]:
     from zoo.build import build_zoo
 

@@ -31,7 +31,6 @@ Run folders: bench/out/evolve_ablation/<run>/.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -41,16 +40,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evolve_common import OUT, StageClock, evolve_spec, load_zoo, set_threads, table  # noqa: E402
+from _evolve_common import OUT, StageClock, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--tasks", default="rev,cip,srt")
-    ap.add_argument("--method", default="ties")
-    ap.add_argument("--population", type=int, default=12)
-    ap.add_argument("--generations", type=int, default=6)
+    ap = search_args(__doc__, generations=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=20, help="subset items per benchmark")
     ap.add_argument("--probes", type=int, default=11)

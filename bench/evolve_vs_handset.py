@@ -23,7 +23,6 @@ Run folder: bench/out/evolve_vs_handset/.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evolve_common import OUT, StageClock, evolve_spec, load_zoo, set_threads, table  # noqa: E402
+from _evolve_common import OUT, StageClock, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
 
 HANDSET = ([("task_arithmetic", {"lambda": lam}, f"task_arithmetic lambda={lam:.1f}")
             for lam in (0.2, 0.4, 0.6, 0.8, 1.0)]
@@ -40,12 +39,7 @@ HANDSET = ([("task_arithmetic", {"lambda": lam}, f"task_arithmetic lambda={lam:.
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--tasks", default="rev,cip,srt")
-    ap.add_argument("--method", default="ties")
-    ap.add_argument("--population", type=int, default=12)
-    ap.add_argument("--generations", type=int, default=6)
+    ap = search_args(__doc__, generations=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--estimator", default="gmp_irt")
     ap.add_argument("--strategy", default="entropy")

@@ -28,7 +28,6 @@ Default: about 2-4 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BE
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evolve_common import OUT, build_fitness, evolve_spec, load_zoo, set_threads, table  # noqa: E402
+from _evolve_common import OUT, build_fitness, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
 
 
 def hv_curve(cands, objectives) -> list[float]:
@@ -67,12 +66,7 @@ def true_front_hv(cands, objectives, evaluator) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--tasks", default="rev,cip,srt")
-    ap.add_argument("--method", default="ties")
-    ap.add_argument("--population", type=int, default=12)
-    ap.add_argument("--generations", type=int, default=8)
+    ap = search_args(__doc__, generations=8)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
     ap.add_argument("--estimator", default="gmp_irt")
     ap.add_argument("--strategy", default="entropy")

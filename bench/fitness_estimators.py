@@ -36,7 +36,7 @@ from evolve.materialize import ResidentMerge  # noqa: E402
 from evolve.run import probe_weights  # noqa: E402
 from fitness.benchmarks import load_benchmark  # noqa: E402
 from fitness.estimators import estimate  # noqa: E402
-from fitness.evaluate import EvalSettings, evaluate, evaluate_folder, response_matrix  # noqa: E402
+from fitness.evaluate import EvalSettings, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.subsets import anchor_subset, entropy_subset, random_subset  # noqa: E402
 from merging.spec import method_params  # noqa: E402
