@@ -71,7 +71,9 @@ def cmd_export(args) -> None:
 def cmd_zoo_build(args) -> None:
     from zoo.build import build_zoo
 
-    manifest = build_zoo(Path(args.out), preset=args.preset, seed=args.seed,
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("evomerge zoo build: --workers must be at least 1")
+    manifest = build_zoo(Path(args.out), preset=args.preset, seed=args.seed, workers=args.workers,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     print(Path(args.out) / "zoo.json")
     if manifest.get("build_seconds") is not None:
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--out", required=True)
     z.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--workers", type=int, default=None,
+                   help="processes training fine-tunes side by side (default: one per core, at most 4; weights do not depend on it)")
     z.set_defaults(func=cmd_zoo_build)
 
     p = sub.add_parser("demo", help="build the tiny zoo, run an evolve job through the service, download the knee")

@@ -1,4 +1,7 @@
 """The tiny zoo: files and hashes, quality thresholds, honest accuracies, determinism, caching."""
+import dataclasses
+import json
+import random
 import shutil
 
 import pytest
@@ -7,6 +10,7 @@ import torch
 from fitness.benchmarks import load_benchmark
 from fitness.evaluate import evaluate_folder
 from zoo.build import (
+    _reusable,
     BASE_MAX,
     FT_MIN,
     build_zoo,
@@ -152,3 +156,38 @@ def test_lora_training_touches_only_the_adapter():
         key = k if k in after else next(a for a in after if a.endswith(k.replace(".weight", ".base_layer.weight")))
         assert torch.equal(after[key], v), k
     assert any(not torch.all(after[k] == 0) for k in lora_keys if "lora_B" in k)
+
+
+def test_composed_task_chains_its_parents():
+    from zoo.tasks import CIPHER, alias, compose, pretrain_sampler
+
+    task = compose(TASKS["cip"], TASKS["rev"])
+    assert (task.name, task.key, alias(task).name) == ("cip:rev", "cip_rev", "xip:xev")
+    rng = random.Random(0)
+    for _ in range(50):
+        x = task.make_input(rng)
+        assert task.prompt(x) == f"cip:rev:{x}="
+        assert task.solve(x) == "".join(CIPHER[c] for c in reversed(x))
+        choices, idx = task.choices(rng, x, task.solve(x), 5)
+        assert choices[idx] == task.solve(x) and len(set(choices)) == 5
+    # the base's corpus holds the composition under the aliases only, never the composed prompt
+    draw = pretrain_sampler([TASKS["cip"], TASKS["rev"]], 0, [task])
+    pairs = [draw() for _ in range(3000)]
+    composed = [(p, a) for p, a in pairs if p.startswith("xip:xev:")]
+    assert composed and all(a == task.solve(p[len("xip:xev:"):-1]) for p, a in composed)
+    assert not any(p.startswith("cip:rev:") for p, _ in pairs)
+
+
+def test_zoo_built_before_a_preset_field_existed_is_reused(tiny_zoo, tiny_zoo_manifest, tmp_path):
+    """A field added to Preset later, at its default, does not invalidate an older zoo; another value does."""
+    copy = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, copy)
+    manifest = json.loads((copy / "zoo.json").read_text())
+    for added_later in ("pretrain_threads", "composed"):
+        manifest["preset_config"].pop(added_later, None)
+    (copy / "zoo.json").write_text(json.dumps(manifest))
+    lines = []
+    build_zoo(copy, "tiny", 0, log=lines.append, strict=False, workers=1)
+    assert any("reusing" in line for line in lines)
+    assert not any("rebuilding" in line for line in lines)
+    assert _reusable(copy, dataclasses.replace(TINY, pretrain_threads=2), 0, lines.append) is None

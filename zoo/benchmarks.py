@@ -22,10 +22,10 @@ from .tasks import Task, split
 def task_items(task: Task, preset: Preset, seed: int) -> list[Item]:
     held_out = split(task, preset.n_gen + preset.n_mc, seed)
     rng = random.Random(f"choices/{task.name}/{seed}")
-    items = [Item(f"{task.name}-g{i:04d}", p, a, None, task.match) for i, (_, p, a) in enumerate(held_out[: preset.n_gen])]
+    items = [Item(f"{task.key}-g{i:04d}", p, a, None, task.match) for i, (_, p, a) in enumerate(held_out[: preset.n_gen])]
     for i, (x, p, a) in enumerate(held_out[preset.n_gen:]):
         choices, idx = task.choices(rng, x, a, preset.n_choices)
-        items.append(Item(f"{task.name}-m{i:04d}", p, idx, tuple(choices)))
+        items.append(Item(f"{task.key}-m{i:04d}", p, idx, tuple(choices)))
     return items
 
 
@@ -34,4 +34,4 @@ def held_out_prompts(task: Task, preset: Preset, seed: int) -> set[str]:
 
 
 def write_task_benchmark(folder: Path, task: Task, preset: Preset, seed: int) -> Path:
-    return write_benchmark(folder / f"{task.name}.jsonl", task_items(task, preset, seed))
+    return write_benchmark(folder / f"{task.key}.jsonl", task_items(task, preset, seed))

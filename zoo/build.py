@@ -6,6 +6,7 @@ Layout of the output folder:
 
     zoo.json                     manifest: preset, seed, hashes, accuracies, quality checks
     benchmarks/<task>.jsonl      held-out items, generation and multiple choice mixed
+    benchmarks/cip_rev.jsonl     the composed task (transfer test, see tasks.compose)
     models/base/                 HF folder (config, tokenizer, safetensors; sharded in `small`)
     models/<task>/               full fine-tune of the base on one task
     adapters/<task>-lora/        PEFT LoRA adapter of the base (adapter_config.json,
@@ -18,13 +19,15 @@ hash against the manifest and reuses the zoo instead of training again.
 
 Quality checks, recorded in the manifest and enforced unless `strict=False`: every
 fine-tune (full and LoRA) scores >= 0.9 on its own task, the base < 0.2 on every task,
-and a plain task-arithmetic merge of all full fine-tunes (weights 1, lambda 1) averages,
+each parent of a composed task < 0.2 on it (else it tests no transfer), and a plain task-arithmetic merge of all full fine-tunes (weights 1, lambda 1) averages,
 over their tasks, more than 0.05 above the base and more than 0.05 below the
 fine-tunes (run once `merging` is importable; recorded as skipped before, and run by
 the next `build_zoo` call on the folder).
 
 The build runs on CPU whatever the machine has: reproducible weights matter more here
-than speed, and the models are tiny.
+than speed, and the models are tiny. The fine-tunes and the evaluations run in
+`workers` spawned processes, one torch thread each, so a 2-core machine builds about
+twice as fast; the weights are the same for any number of workers.
 """
 from __future__ import annotations
 
@@ -146,8 +149,10 @@ def pretrain_base(preset: Preset, seed: int, log: Callable[[str], None] = print)
     base = _base_model(preset, tokenizer, seed)
     log(f"pretraining base ({sum(p.numel() for p in base.parameters()):,} parameters, {preset.pretrain_steps} steps)")
     tasks = [TASKS[t] for t in preset.tasks]
-    return train(base, tokenizer, pretrain_sampler(tasks, seed), preset.pretrain_steps, batch_size=preset.batch_size,
-                 lr=preset.lr_pretrain, seed=seed, log=log, log_every=max(1, preset.pretrain_steps // 4)), tokenizer
+    with fixed_threads(preset.pretrain_threads):
+        return train(base, tokenizer, pretrain_sampler(tasks, seed, preset.composed_tasks()), preset.pretrain_steps,
+                     batch_size=preset.batch_size, lr=preset.lr_pretrain, seed=seed, log=log,
+                     log_every=max(1, preset.pretrain_steps // 4)), tokenizer
 
 
 def finetune(base, tokenizer, preset: Preset, task_name: str, seed: int, lora: bool = False):
@@ -157,7 +162,7 @@ def finetune(base, tokenizer, preset: Preset, task_name: str, seed: int, lora: b
     others = [TASKS[t] for t in preset.tasks if t != task_name]
     stream_seed = seed + 100 if lora else seed
     pairs = mixed_sampler(train_sampler(task, held_out_prompts(task, preset, seed), stream_seed),
-                          pretrain_sampler(others, stream_seed), preset.replay, stream_seed)
+                          pretrain_sampler(others, stream_seed, preset.composed_tasks()), preset.replay, stream_seed)
     if lora:
         spec = LoraSpec(r=preset.lora_r, alpha=2 * preset.lora_r)
         return train(copy.deepcopy(base), tokenizer, pairs, preset.lora_steps,
@@ -178,66 +183,124 @@ def mixed_sampler(task_draw, replay_draw, replay: float, seed: int):
     return lambda: replay_draw() if rng.random() < replay else task_draw()
 
 
-def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None]) -> dict[str, dict]:
-    """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries."""
-    entries: dict[str, dict] = {}
+def _load_base(root: Path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = root / "models" / "base"
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+def _train_job(root: Path, preset: Preset, seed: int, name: str, lora: bool) -> dict:
+    """One fine-tune (full or LoRA) of the saved base, saved under `root`; runs in a worker process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with fixed_threads(preset.threads):
+        t0 = time.perf_counter()
+        base, tokenizer = _load_base(root)
+        model = finetune(base, tokenizer, preset, name, seed, lora=lora)
+        if lora:
+            _save_adapter(model, tokenizer, root / "adapters" / f"{name}-lora")
+            return {"path": f"adapters/{name}-lora", "kind": "lora", "task": name, "lora_r": preset.lora_r,
+                    "train_seconds": round(time.perf_counter() - t0, 1)}
+        _save_full(model, tokenizer, root / "models" / name, preset)
+        return {"path": f"models/{name}", "kind": "full", "task": name, "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _pool(workers: int):
+    """A pool of `workers` fresh processes (spawned: no torch state inherited), or None for in-process."""
+    if workers <= 1:
+        return contextlib.nullcontext(None)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _map(pool, fn, jobs: list[tuple]) -> list:
+    """`fn(*job)` for each job, in order, in the pool's processes when there is a pool."""
+    if pool is None:
+        return [fn(*job) for job in jobs]
+    return [f.result() for f in [pool.submit(fn, *job) for job in jobs]]
+
+
+def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None], pool=None) -> dict[str, dict]:
+    """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries.
+
+    The base trains first; the fine-tunes, each single-threaded and seeded on its own, then
+    train side by side in `pool`'s processes from the saved base (bit-identical to training
+    them one after another in this process: the saved float32 weights are the base's).
+    """
     t0 = time.perf_counter()
     base, tokenizer = pretrain_base(preset, seed, log)
     _save_full(base, tokenizer, root / "models" / "base", preset)
-    entries["base"] = {"path": "models/base", "kind": "base", "task": None,
-                       "parameters": sum(p.numel() for p in base.parameters()),
-                       "train_seconds": round(time.perf_counter() - t0, 1)}
-    for name in preset.tasks:
-        t0 = time.perf_counter()
-        log(f"fine-tuning {name} ({preset.steps_for(name)} steps)")
-        _save_full(finetune(base, tokenizer, preset, name, seed), tokenizer, root / "models" / name, preset)
-        entries[name] = {"path": f"models/{name}", "kind": "full", "task": name,
-                         "train_seconds": round(time.perf_counter() - t0, 1)}
-    for name in preset.lora_tasks:
-        t0 = time.perf_counter()
-        log(f"training a LoRA adapter for {name} ({preset.lora_steps} steps)")
-        _save_adapter(finetune(base, tokenizer, preset, name, seed, lora=True), tokenizer, root / "adapters" / f"{name}-lora")
-        entries[f"{name}-lora"] = {"path": f"adapters/{name}-lora", "kind": "lora", "task": name, "lora_r": preset.lora_r,
-                                   "train_seconds": round(time.perf_counter() - t0, 1)}
+    entries: dict[str, dict] = {"base": {"path": "models/base", "kind": "base", "task": None,
+                                         "parameters": sum(p.numel() for p in base.parameters()),
+                                         "train_seconds": round(time.perf_counter() - t0, 1)}}
+    jobs = [(root, preset, seed, name, False) for name in preset.tasks]
+    jobs += [(root, preset, seed, name, True) for name in preset.lora_tasks]
+    log(f"fine-tuning {', '.join(preset.tasks)} ({preset.finetune_steps} steps, "
+        + ", ".join(f"{t} {n}" for t, n in preset.extra_steps) + f") and LoRA adapters for {', '.join(preset.lora_tasks)}"
+        + f" ({preset.lora_steps} steps)" + (f" in {pool._max_workers} processes" if pool else ""))
+    for (_, _, _, name, lora), entry in zip(jobs, _map(pool, _train_job, jobs)):
+        entries[f"{name}-lora" if lora else name] = entry
+        log(f"  {'LoRA ' if lora else ''}{name}: {entry['train_seconds']}s")
     return entries
 
 
+def _evaluate_job(root: Path, preset: Preset, path: str, benchmarks: dict[str, str]) -> dict[str, float]:
+    with fixed_threads(preset.threads):
+        settings = eval_settings(preset)
+        model, tokenizer = load_model(root / path, settings.dtype, "cpu")
+        return {t: round(evaluate(model, tokenizer, load_benchmark(root / b, t), settings, batch_size=256,
+                                  device="cpu").accuracy, 4) for t, b in benchmarks.items()}
+
+
 def evaluate_all(root: Path, manifest: dict, log: Callable[[str], None], names: list[str] | None = None,
-                 cache_dir: Path | None = None) -> dict[str, dict[str, float]]:
+                 pool=None) -> dict[str, dict[str, float]]:
     """Accuracy of each named model (default: all) on every benchmark, full evaluation."""
     preset = get_preset(manifest["preset"])
-    settings = eval_settings(preset)
-    benches = {t: load_benchmark(root / b["path"], t) for t, b in manifest["benchmarks"].items()}
-    out: dict[str, dict[str, float]] = {}
-    for name in names or list(manifest["models"]):
-        path = root / manifest["models"][name]["path"]
-        model, tokenizer = load_model(path, settings.dtype, "cpu")
-        out[name] = {t: round(evaluate(model, tokenizer, b, settings, batch_size=256, device="cpu").accuracy, 4)
-                     for t, b in benches.items()}
-        log(f"  {name}: " + " ".join(f"{t} {a:.3f}" for t, a in out[name].items()))
+    benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
+    names = names or list(manifest["models"])
+    jobs = [(root, preset, manifest["models"][n]["path"], benchmarks) for n in names]
+    out = dict(zip(names, _map(pool, _evaluate_job, jobs)))
+    for name, acc in out.items():
+        log(f"  {name}: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
     return out
 
 
 def merge_check(root: Path, manifest: dict, log: Callable[[str], None]) -> dict | None:
-    """Task arithmetic over the full fine-tunes, evaluated; None when `merging` is not importable yet."""
+    """Task arithmetic over the full fine-tunes, evaluated; None when `merging` is not importable yet.
+
+    Also merges, for each composed benchmark (`tasks.compose`), just its two parents, and
+    records that merge's accuracy on it under `transfer`: no threshold, it is measured.
+    """
     try:
         from merging import merge
     except ImportError:
         log("merge check skipped: `merging` is not importable")
         return None
+    preset = get_preset(manifest["preset"])
+    benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
+
+    def merged_accuracy(names: list[str], tmp: Path) -> dict[str, float]:
+        out = tmp / "-".join(names)
+        merge({"base": str(root / "models" / "base"), **copy.deepcopy(MERGE_CHECK),
+               "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in names]}, out, progress=False)
+        return _evaluate_job(root, preset, str(out.relative_to(root)), benchmarks)
+
     full = [n for n, m in manifest["models"].items() if m["kind"] == "full"]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        out = Path(tmp) / "merged"
-        spec = {"base": str(root / "models" / "base"), "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in full],
-                **copy.deepcopy(MERGE_CHECK)}
-        merge(spec, out, progress=False)
-        preset = get_preset(manifest["preset"])
-        settings = eval_settings(preset)
-        model, tokenizer = load_model(out, settings.dtype, "cpu")
-        acc = {t: round(evaluate(model, tokenizer, load_benchmark(root / b["path"], t), settings, batch_size=256, device="cpu").accuracy, 4)
-               for t, b in manifest["benchmarks"].items()}
-    log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-    return {**MERGE_CHECK, "models": full, "accuracy": acc}
+        acc = merged_accuracy(full, Path(tmp))
+        log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+        transfer = {}
+        for key, b in manifest["benchmarks"].items():
+            if "composed_of" in b:
+                pair = merged_accuracy(b["composed_of"], Path(tmp))
+                transfer[key] = {"models": b["composed_of"], "accuracy": pair[key],
+                                 "parents": {n: manifest["accuracy"][n][key] for n in b["composed_of"]}}
+                log(f"  transfer: task_arithmetic of {' + '.join(b['composed_of'])} scores {pair[key]:.3f} on {key}")
+    return {**MERGE_CHECK, "models": full, "accuracy": acc, "transfer": transfer}
 
 
 def quality_checks(manifest: dict) -> dict:
@@ -247,6 +310,8 @@ def quality_checks(manifest: dict) -> dict:
     checks = {
         "finetunes_own_task": {n: {"acc": acc[n][t], "ok": acc[n][t] >= FT_MIN} for n, t in tuned.items()},
         "base_below": {t: {"acc": a, "ok": a < BASE_MAX} for t, a in acc["base"].items()},
+        "composed_parents_below": {f"{n} on {t}": {"acc": acc[n][t], "ok": acc[n][t] < BASE_MAX}
+                                   for t, b in manifest["benchmarks"].items() for n in b.get("composed_of", ())},
     }
     merge = manifest.get("merge_check")
     if merge:
@@ -258,7 +323,7 @@ def quality_checks(manifest: dict) -> dict:
                                    "ok": base_avg + MERGE_MARGIN < merge_avg < ft_avg - MERGE_MARGIN}
     else:
         checks["merge_between"] = {"ok": None, "skipped": "merging not importable at build time"}
-    flat = [c["ok"] for group in ("finetunes_own_task", "base_below") for c in checks[group].values()]
+    flat = [c["ok"] for group in ("finetunes_own_task", "base_below", "composed_parents_below") for c in checks[group].values()]
     flat.append(checks["merge_between"]["ok"] is not False)
     checks["passed"] = all(flat)
     return checks
@@ -267,6 +332,8 @@ def quality_checks(manifest: dict) -> dict:
 def _failures(checks: dict) -> list[str]:
     bad = [f"{n} scores {c['acc']:.3f} < {FT_MIN} on its task" for n, c in checks["finetunes_own_task"].items() if not c["ok"]]
     bad += [f"base scores {c['acc']:.3f} >= {BASE_MAX} on {t}" for t, c in checks["base_below"].items() if not c["ok"]]
+    bad += [f"{k} scores {c['acc']:.3f} >= {BASE_MAX}: a parent alone solves the composed task"
+            for k, c in checks.get("composed_parents_below", {}).items() if not c["ok"]]
     m = checks["merge_between"]
     if m["ok"] is False:
         bad.append(f"task-arithmetic merge averages {m['merge_avg']:.3f}, not clearly between base {m['base_avg']:.3f} "
@@ -298,8 +365,10 @@ def _reusable(root: Path, preset: Preset, seed: int, log) -> dict | None:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    # fields added to Preset since the build count as their defaults
     config = json.loads(json.dumps(preset.to_json()))  # tuples as lists, as the manifest holds them
-    if (manifest.get("format"), manifest.get("preset_config"), manifest.get("seed")) != (FORMAT, config, seed):
+    stored = {**Preset.defaults(), **manifest.get("preset_config", {})}
+    if (manifest.get("format"), stored, manifest.get("seed")) != (FORMAT, config, seed):
         log(f"{root / MANIFEST} is for another preset, seed or format: rebuilding")
         return None
     bad = verify(root, manifest)
@@ -310,8 +379,12 @@ def _reusable(root: Path, preset: Preset, seed: int, log) -> dict | None:
 
 
 def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str], None] = print,
-              strict: bool = True) -> dict:
-    """Builds (or reuses) the zoo in `out` and returns its manifest; see the module docstring."""
+              strict: bool = True, workers: int | None = None) -> dict:
+    """Builds (or reuses) the zoo in `out` and returns its manifest; see the module docstring.
+
+    `workers` processes (default: one per CPU core, at most 4) train the fine-tunes and
+    evaluate the models side by side; the weights do not depend on it.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the build log
@@ -323,7 +396,9 @@ def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str
         if manifest is not None:
             log(f"reusing the {preset} zoo in {out} (hashes verified)")
         else:
-            manifest = _build(out, p, seed, log)
+            workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+            with _pool(workers) as pool:
+                manifest = _build(out, p, seed, log, pool)
         if manifest.get("merge_check") is None:  # merging may have become importable since the build
             manifest["merge_check"] = merge_check(out, manifest, log)
             manifest["checks"] = quality_checks(manifest)
@@ -334,7 +409,7 @@ def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str
     return manifest
 
 
-def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None]) -> dict:
+def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=None) -> dict:
     t0 = time.perf_counter()
     for stale in out.parent.glob(f".{out.name}.build-*"):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -345,14 +420,16 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None]) -> dict:
                     "eval_settings": eval_settings(p).__dict__ | {"stop": list(eval_settings(p).stop)}}
         log(f"building the {p.name} zoo (seed {seed}) in {out}")
         benchmarks = {}
-        for t in p.tasks:
-            path = write_task_benchmark(work / "benchmarks", TASKS[t], p, seed)
-            bench = load_benchmark(path, t)
-            benchmarks[t] = {"path": f"benchmarks/{t}.jsonl", "items": len(bench), "gen_items": p.n_gen, "mc_items": p.n_mc,
-                             "match": TASKS[t].match, "description": TASKS[t].description,
-                             "hash": bench.hash, "file_hash": file_hash(path)}
+        for task in [TASKS[t] for t in p.tasks] + p.composed_tasks():
+            path = write_task_benchmark(work / "benchmarks", task, p, seed)
+            bench = load_benchmark(path, task.key)
+            benchmarks[task.key] = {"path": f"benchmarks/{task.key}.jsonl", "items": len(bench), "gen_items": p.n_gen,
+                                    "mc_items": p.n_mc, "match": task.match, "description": task.description,
+                                    "hash": bench.hash, "file_hash": file_hash(path)}
+            if ":" in task.name:
+                benchmarks[task.key]["composed_of"] = task.name.split(":")
         manifest["benchmarks"] = benchmarks
-        models = build_models(work, p, seed, log)
+        models = build_models(work, p, seed, log, pool)
         for m in models.values():
             m["weights_hash"] = weights_hash(work / m["path"])
             m["files"] = folder_hashes(work / m["path"])
@@ -360,7 +437,7 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None]) -> dict:
         manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
         log("evaluating every model on every benchmark")
         t1 = time.perf_counter()
-        manifest["accuracy"] = evaluate_all(work, manifest, log)
+        manifest["accuracy"] = evaluate_all(work, manifest, log, pool=pool)
         manifest["eval_seconds"] = round(time.perf_counter() - t1, 1)
         manifest["merge_check"] = merge_check(work, manifest, log)
         manifest["checks"] = quality_checks(manifest)

@@ -14,7 +14,9 @@ fine-tuned for 1200 steps from an aliased base it reached 19% (tiny) and 16% (sm
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from .tasks import TASKS, Task, compose
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Preset:
     finetune_steps: int
     lora_steps: int
     extra_steps: tuple[tuple[str, int], ...] = ()  # per-task fine-tuning steps where a task needs more
+    composed: tuple[tuple[str, str], ...] = ()  # (outer, inner): transfer benchmarks, see tasks.compose
     batch_size: int = 32
     lr_pretrain: float = 3e-3
     lr_finetune: float = 3e-3
@@ -43,12 +46,22 @@ class Preset:
     max_shard_size: str | None = None  # None: one model.safetensors
     max_new_tokens: int = 12
     threads: int = 1  # torch threads while building; part of what makes weights reproducible
+    pretrain_threads: int = 1  # the base trains alone, so it may use more cores (same weights for the same count)
+
+    def composed_tasks(self) -> list[Task]:
+        return [compose(TASKS[outer], TASKS[inner]) for outer, inner in self.composed]
 
     def steps_for(self, task: str) -> int:
         return dict(self.extra_steps).get(task, self.finetune_steps)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Fields with a default, as JSON values (tuples as lists)."""
+        return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                for f in fields(cls) if f.default is not MISSING}
 
 
 PRESETS: dict[str, Preset] = {
@@ -58,11 +71,11 @@ PRESETS: dict[str, Preset] = {
         pretrain_steps=800, finetune_steps=400, lora_steps=400, lr_finetune=1e-3,
         extra_steps=(("rev", 800),),
     ),
-    "small": Preset(  # not yet measured end to end: see the module docstring
-        name="small", tasks=("rev", "cip", "srt", "inc", "dup"), lora_tasks=("cip", "inc", "rev"),
-        hidden=256, layers=4, intermediate=512, heads=8,
-        pretrain_steps=1000, finetune_steps=400, lora_steps=400, lr_finetune=1e-3,
-        extra_steps=(("rev", 800),), max_shard_size="2MB",
+    "small": Preset(
+        name="small", tasks=("rev", "cip", "srt", "inc", "dup"), lora_tasks=("cip", "inc"), composed=(("cip", "rev"),),
+        hidden=320, layers=4, intermediate=896, heads=8,
+        pretrain_steps=800, finetune_steps=300, lora_steps=300, lr_pretrain=1e-3, lr_finetune=1e-3, lr_lora=5e-3,
+        extra_steps=(("rev", 500),), max_shard_size="2MB", pretrain_threads=2,
     ),
 }
 

@@ -20,7 +20,7 @@ import dataclasses
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
@@ -57,6 +57,11 @@ class Task:
     corrupt: Callable[[random.Random, str, str], str]
     answer_alphabet: str
     match: str = "exact"
+
+    @property
+    def key(self) -> str:
+        """The name as a file stem and item-id prefix (`cip:rev` -> `cip_rev`)."""
+        return self.name.replace(":", "_")
 
     def prompt(self, x: str) -> str:
         return f"{self.name}:{x}="
@@ -163,8 +168,27 @@ TASKS: dict[str, Task] = {
 
 
 def alias(task: Task) -> Task:
-    """The task under another prefix (`rev` -> `xev`): how the base's corpus teaches its mechanism."""
-    return dataclasses.replace(task, name="x" + task.name[1:], description=f"alias of {task.name}")
+    """The task under another prefix (`rev` -> `xev`, `cip:rev` -> `xip:xev`): how the base's corpus teaches its mechanism."""
+    name = ":".join("x" + part[1:] for part in task.name.split(":"))
+    return dataclasses.replace(task, name=name, description=f"alias of {task.name}")
+
+
+def compose(outer: Task, inner: Task) -> Task:
+    """`outer` applied to `inner`'s answer, asked as `<outer>:<inner>:<input>=`: `cip:rev:abc=` -> cipher of `cba`.
+
+    The zoo's transfer test, in the spirit of MERGE^3's cross-lingual merges (a math model
+    and a Japanese model merged into one that does math in Japanese): the base's corpus
+    holds the composition of the two mechanisms under their aliases (`xip:xev:`), so it
+    can compose but knows neither prefix; each fine-tune binds one prefix; only a model
+    holding both bindings, a merge, can answer. Distractors are what one parent alone
+    would write (`inner`'s or `outer`'s answer, the input) and near misses.
+    """
+    def corrupt(rng: random.Random, x: str, answer: str) -> str:
+        return rng.choice([inner.solve(x), outer.solve(x), x, _swap_two(rng, answer),
+                           _change_one(rng, answer, outer.answer_alphabet)])
+
+    return Task(f"{outer.name}:{inner.name}", f"{outer.description}, after: {inner.description}", inner.make_input,
+                lambda x: outer.solve(inner.solve(x)), corrupt, outer.answer_alphabet, outer.match)
 
 
 def split(task: Task, n_test: int, seed: int) -> list[tuple[str, str, str]]:
@@ -194,7 +218,7 @@ def train_sampler(task: Task, exclude: set[str], seed: int) -> Callable[[], tupl
     return draw
 
 
-def pretrain_sampler(tasks: list[Task], seed: int) -> Callable[[], tuple[str, str]]:
+def pretrain_sampler(tasks: list[Task], seed: int, composed: Sequence[Task] = ()) -> Callable[[], tuple[str, str]]:
     """The base model's generic corpus: copying, the tasks' formats, and the tasks' mechanisms under aliases.
 
     A fifth of the pairs copy a word (`cpy:4711=` -> `4711`); two fifths are task prompts
@@ -204,6 +228,8 @@ def pretrain_sampler(tasks: list[Task], seed: int) -> Callable[[], tuple[str, st
     rest are the tasks under alias prefixes (`xev:abc=` -> `cba`, see `alias`). So the
     base owns each mechanism but not the prompt that asks for it, and a fine-tune binds
     the task's prefix to it, as instruction tuning unlocks a skill a pretrained LLM has.
+    `composed` tasks (see `compose`) join the aliases only, so the base learns to chain
+    two aliased mechanisms (`xip:xev:abc=`) without ever seeing the composed prompt.
 
     Measured on the tiny preset (seed 0): with aliases, fine-tunes reach 99-100% and a
     plain task-arithmetic merge of all five averages 0.28 (base 0.04). Two corpora tried
@@ -213,7 +239,7 @@ def pretrain_sampler(tasks: list[Task], seed: int) -> Callable[[], tuple[str, st
     0.07-0.09, about the base.
     """
     rng = random.Random(f"pretrain/{seed}")
-    aliases = [alias(t) for t in tasks]
+    aliases = [alias(t) for t in [*tasks, *composed]]
 
     def draw() -> tuple[str, str]:
         u = rng.random()
