@@ -65,7 +65,8 @@ def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, A
         "method": spec.method,
         "params": spec.params,
         "base": {"path": str(spec.base), "sha256": hashes[str(spec.base)]},
-        "models": [{"name": m.name, "path": str(m.path), "sha256": hashes[str(m.path)]} for m in spec.models],
+        "models": [{"name": m.name, "path": str(m.path), "sha256": hashes[str(m.path)]} if m.path is not None
+                   else {"name": m.name, "train": str(m.train)} for m in spec.models],
         "output": spec.output.model_dump(),
         "evomerge_version": __version__,
         **(extra or {}),
@@ -80,14 +81,26 @@ def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, A
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True, params: Callable[[str], MethodParams] | None = None,
-          card_extra: Mapping[str, Any] | None = None) -> Path:
+          card_extra: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Path:
     """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
     genomes); otherwise the spec's parameters apply to every tensor. `card_extra` adds
-    entries to the recipe in the model card.
+    entries to the recipe in the model card. `method: atm` trains and merges in rounds
+    (`merging.atm.run_atm`): `callback` gets its progress events, `should_stop` interrupts
+    it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir` resumes.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
+    if spec.method == "atm":
+        from .atm import run_atm
+
+        return run_atm(spec, out_dir, overwrite=overwrite, progress=progress, callback=callback,
+                       should_stop=should_stop, card_extra=dict(card_extra or {}))
+    if not get_method(spec.method).needs_base:  # c2m3, weight_matching: whole models, aligned first
+        from .permutation.merge import merge_permutation
+
+        return merge_permutation(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=card_extra)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite)")

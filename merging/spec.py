@@ -20,7 +20,8 @@ class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: Path
+    path: Path | None = Field(None, description="fine-tuned folder or LoRA adapter; optional for method atm")
+    train: Path | None = Field(None, description="method atm: training JSONL (benchmark format) for this model's task")
 
 
 class OutputSpec(BaseModel):
@@ -49,7 +50,7 @@ class JobBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: Path
+    base: Path | None = Field(None, description="required except for methods that align whole models (c2m3, ...)")
     models: list[ModelRef] = Field(..., min_length=1)
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -64,7 +65,8 @@ class JobBase(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        get_method(v)
+        if v != "atm":  # ATM trains, so it is not a per-tensor method (merging/atm.py)
+            get_method(v)
         return v
 
     @model_validator(mode="after")
@@ -72,7 +74,23 @@ class JobBase(BaseModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("models: names must be unique")
-        method_params(self.method, self.params, len(self.models))
+        if self.base is None and (self.method == "atm" or get_method(self.method).needs_base):
+            raise ValueError(f"base: required for method {self.method}")
+        if self.method != "atm" and not get_method(self.method).needs_base and getattr(self, "kind", "merge") != "merge":
+            raise ValueError(f"method: {self.method} aligns whole models and runs as kind: merge only")
+        p = method_params(self.method, self.params, len(self.models))
+        if self.method == "atm":
+            from .atm import check_models
+
+            if getattr(self, "kind", "merge") != "merge":
+                raise ValueError("method: atm runs as kind: merge (its output can then be a model of an evolve job)")
+            check_models(p, self.models)
+        else:
+            for i, m in enumerate(self.models):
+                if m.path is None:
+                    raise ValueError(f"models[{i}].path: required for method {self.method} (only atm trains from data)")
+                if m.train is not None:
+                    raise ValueError(f"models[{i}].train: only method atm trains; {self.method} merges the models' paths")
         return self
 
     def method_params(self) -> MethodParams:
@@ -85,13 +103,14 @@ class MergeSpec(JobBase):
     kind: Literal["merge"] = "merge"
 
 
-def method_params(self) -> MethodParams:
-        return method_params(self.method, self.params, len(self.models))
-
-
 def method_params(method: str, params: dict[str, Any], n_models: int) -> MethodParams:
     """Validates `params` for `method`; errors name the field as params.<key>."""
-    cls = get_method(method).params
+    if method == "atm":
+        from .atm import AtmParams
+
+        cls = AtmParams
+    else:
+        cls = get_method(method).params
     try:
         p = cls.model_validate(params)
     except ValidationError as e:

@@ -99,10 +99,14 @@ def cmd_compress(args) -> None:
 
 def cmd_methods(args) -> None:
     from merging.methods import METHODS
+    from merging.methods.registry import WHOLE_MODEL_METHODS
 
-    for name, m in sorted(METHODS.items()):
-        fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
-        print(f"{name:16} {m.summary}  params: {fields}")
+    for title, methods in (("per-tensor methods (merge, evolve)", METHODS),
+                           ("whole-model methods (merge only; align, then average; base optional)", WHOLE_MODEL_METHODS)):
+        print(f"{title}:")
+        for name, m in sorted(methods.items()):
+            fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
+            print(f"  {name:16} {m.summary}  params: {fields}")
 
 
 def build_parser() -> argparse.ArgumentParser:

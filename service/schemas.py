@@ -122,24 +122,31 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     roots = list(model_roots)
     if not device_accepted(spec.device, devices):
         raise SpecError("device", f"no worker serves {spec.device} (served: {', '.join(devices)})")
+    if spec.base is None:  # c2m3, weight_matching: no base; the models share names and shapes
+        return _check_baseless(spec, roots)
     base = resolve_path(spec.base, "base", roots)
-    paths = [resolve_path(m.path, f"models[{i}].path", roots) for i, m in enumerate(spec.models)]
+    paths = [None if m.path is None else resolve_path(m.path, f"models[{i}].path", roots)
+             for i, m in enumerate(spec.models)]  # method atm may train from data alone
+    present = [i for i, p in enumerate(paths) if p is not None]
+    trains = [None if m.train is None else _check_train(m.train, f"models[{i}].train", roots)
+              for i, m in enumerate(spec.models)]
     try:
         CheckpointReader(base)
     except CheckpointError as e:
         raise SpecError("base", str(e).replace(str(base), str(spec.base))) from None
     try:
-        open_inputs(base, paths)
+        open_inputs(base, [paths[i] for i in present])
     except CheckpointError as e:
         msg = str(e)
         m = re.match(r"models\[(\d+)\]", msg)
-        i = int(m.group(1)) if m else next((i for i, p in enumerate(paths) if _fails(open_source, p)), 0)
+        i = present[int(m.group(1))] if m else next((i for i in present if _fails(open_source, paths[i])), present[0])
         marker = f"does not match the base {base}: "
         if marker in msg:
             msg = f"{spec.models[i].path} does not match the base {spec.base}: {msg.split(marker, 1)[1]}"
         raise SpecError(f"models[{i}].path", msg.replace(str(paths[i]), str(spec.models[i].path))) from None
     update: dict[str, Any] = {"base": base,
-                              "models": [m.model_copy(update={"path": p}) for m, p in zip(spec.models, paths)]}
+                              "models": [m.model_copy(update={"path": p, "train": t})
+                                         for m, p, t in zip(spec.models, paths, trains)]}
     if getattr(spec, "objectives", None) is not None:
         update["objectives"] = [_check_objective(o, f"objectives[{i}]", roots, uploaded_benchmark)
                                 for i, o in enumerate(spec.objectives)]
@@ -149,6 +156,24 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
         evaluation = spec.evaluation.model_copy(update={"irt": irt.model_copy(update={"params_file": real})})
         update["evaluation"] = evaluation
     return spec.model_copy(update=update)
+
+
+def _check_baseless(spec: Any, roots: list[Path]) -> Any:
+    """Whole-model methods: models inside the roots and alike; params.data / params.spec files too."""
+    from merging.permutation.merge import open_models
+
+    paths = [resolve_path(m.path, f"models[{i}].path", roots) for i, m in enumerate(spec.models)]
+    try:
+        open_models(paths)
+    except CheckpointError as e:
+        m = re.match(r"models\[(\d+)\]", str(e))
+        raise SpecError(f"models[{int(m.group(1)) if m else 0}].path", str(e)) from None
+    params = dict(spec.params)
+    for key in ("data", "spec"):
+        if params.get(key):
+            params[key] = str(resolve_path(params[key], f"params.{key}", roots, "file"))
+    return spec.model_copy(update={"params": params,
+                                   "models": [m.model_copy(update={"path": p}) for m, p in zip(spec.models, paths)]})
 
 
 def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable[[str], Path | None]) -> Any:
@@ -173,6 +198,18 @@ def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable
     if obj.name is None and re.fullmatch(r"[A-Za-z0-9_.:-]+", obj.label):
         update["name"] = obj.label  # keep the label the user's spec implies, whatever the real file name
     return obj.model_copy(update=update)
+
+
+def _check_train(given: Path, field: str, roots: list[Path]) -> Path:
+    """An ATM training file: a JSONL in the benchmark format under the model roots."""
+    from fitness.benchmarks import BenchmarkError, load_benchmark
+
+    path = resolve_path(given, field, roots, "file")
+    try:
+        load_benchmark(path)
+    except BenchmarkError as e:
+        raise SpecError(field, str(e).replace(str(path), str(given))) from None
+    return path
 
 
 def _fails(open_source, path: Path) -> bool:

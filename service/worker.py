@@ -8,7 +8,8 @@ lost; merges check it between tensors, searches between evaluations.
 
 A worker that dies (SIGKILL, OOM, power) stops heartbeating; any idle worker, and every
 worker on start, puts such stale jobs back in the queue. A resumed evolve job continues
-from its last generation checkpoint (`resume=True`), a merge simply runs again. A job that
+from its last generation checkpoint (`resume=True`), a merge simply runs again (an ATM
+merge resumes from its last finished iteration, kept beside job_dir/model). A job that
 raises ends `failed` with a one-line message and the worker carries on with the next one.
 
 Run it with `evomerge worker --device cuda:0` or `python -m service.worker --device cpu`.
@@ -98,6 +99,16 @@ def run_merge(spec, job_dir: Path, emit: Callable[[dict], None], should_stop: Ca
     from merging import merge
     from merging.checkpoint import CheckpointReader
 
+    if spec.method == "atm":  # trains in rounds: progress per step, resumes from its state beside job_dir/model
+        from merging.atm import Interrupted
+
+        emit({"type": "stage", "stage": "atm"})
+        try:
+            merge(spec, job_dir / "model", overwrite=True, progress=False, callback=emit, should_stop=should_stop)
+        except Interrupted:
+            raise Stopped() from None
+        return [{"id": 0, "params": spec.params, "objectives": {}, "true_objectives": None, "on_front": True}], \
+            {"knee": 0, "objectives": []}
     reader = CheckpointReader(spec.base)
     total = sum(1 for n in reader.names() if reader.info(n).dtype.is_floating_point)
     fixed = spec.method_params()

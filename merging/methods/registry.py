@@ -49,6 +49,7 @@ class Method:
     fn: MethodFn
     params: type[MethodParams]
     prepare: Callable[[Sequence[torch.Tensor], str], Any] | None = None
+    needs_base: bool = True  # False: whole-model methods (c2m3, weight_matching), `base` optional
 
     @property
     def summary(self) -> str:
@@ -56,11 +57,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+WHOLE_MODEL_METHODS: dict[str, Method] = {}  # c2m3, weight_matching: merging.permutation
 
 
-def register(name: str, params: type[MethodParams], prepare=None):
+def register(name: str, params: type[MethodParams], prepare=None, needs_base: bool = True):
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, params, prepare)
+        # whole-model methods (no per-tensor form) live apart, so per-tensor users of METHODS skip them
+        (METHODS if needs_base else WHOLE_MODEL_METHODS)[name] = Method(name, fn, params, prepare, needs_base)
         return fn
 
     return deco
@@ -72,9 +75,10 @@ class UnknownMethod(ValueError):
 
 def get_method(name: str) -> Method:
     try:
-        return METHODS[name]
+        return METHODS[name] if name in METHODS else WHOLE_MODEL_METHODS[name]
     except KeyError:
-        raise UnknownMethod(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        known = ", ".join(sorted([*METHODS, *WHOLE_MODEL_METHODS]))
+        raise UnknownMethod(f"unknown method {name!r}; known: {known}") from None
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -63,10 +63,12 @@ def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
         threshold = ranked[k - 1]
     else:
         threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
-    keep = mag > threshold
-    room = k - int(keep.sum())
-    tied = (mag == threshold).reshape(-1)
-    keep.view(-1).logical_or_(tied & (tied.cumsum(0) <= room))
+    keep = mag >= threshold
+    if int(keep.sum()) > k:  # ties at the threshold: keep only the first of them, in index order
+        keep = mag > threshold
+        room = k - int(keep.sum())
+        tied = (mag == threshold).reshape(-1)
+        keep.view(-1).logical_or_(tied & (tied.cumsum(0) <= room))
     return torch.where(keep, tau, torch.zeros_like(tau))
 
 

@@ -1,0 +1,1 @@
+"""Merging models trained from different initializations: permutation specs, weight matching, C2M3, REPAIR."""
