@@ -32,8 +32,13 @@ def search_args(doc: str, generations: int = 6):
 
 
 def load_zoo(preset: str = "tiny", zoo: Path | None = None) -> tuple[Path, dict]:
+    """The zoo of `preset` (built or verified), or, given a folder holding a zoo.json, that zoo as is."""
+    import json
+
     from zoo.build import build_zoo
 
+    if zoo and (Path(zoo) / "zoo.json").is_file():
+        return Path(zoo), json.loads((Path(zoo) / "zoo.json").read_text())
     zoo = Path(zoo) if zoo else ROOT / ".cache" / f"zoo-{preset}-seed0"
     manifest = build_zoo(zoo, preset, 0, log=lambda m: print(m, file=sys.stderr))
     return zoo, manifest
@@ -42,8 +47,10 @@ def load_zoo(preset: str = "tiny", zoo: Path | None = None) -> tuple[Path, dict]
 def evolve_spec(zoo: Path, manifest: dict, tasks: Sequence[str], *, method: str = "ties",
                 space: dict | None = None, estimator: str = "gmp_irt", strategy: str = "entropy",
                 size: int = 20, population: int = 8, generations: int = 4, seed: int = 0,
-                probes: int = 11, epochs: int = 600, subset_seed: int = 0, final_check: bool = True) -> dict:
-    """An evolve job over `tasks`: merge their fine-tunes, one accuracy objective per task."""
+                probes: int = 11, epochs: int = 600, subset_seed: int = 0, final_check: bool = True,
+                subset_extra: dict | None = None) -> dict:
+    """An evolve job over `tasks`: merge their fine-tunes, one accuracy objective per task.
+    `subset_extra`: more subset keys (adaptive: round, prior, stop_sd, min_sd)."""
     search: dict[str, Any] = {"algorithm": "nsga2", "population": population, "generations": generations,
                               "seed": seed}
     if space is not None:
@@ -55,7 +62,7 @@ def evolve_spec(zoo: Path, manifest: dict, tasks: Sequence[str], *, method: str 
         "method": method,
         "search": search,
         "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "name": t,
-                        "estimator": estimator, "subset": {"size": size, "strategy": strategy, "seed": subset_seed}}
+                        "estimator": estimator, "subset": {"size": size, "strategy": strategy, "seed": subset_seed, **(subset_extra or {})}}
                        for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"],
                        "irt": {"probes": probes, "epochs": epochs}},

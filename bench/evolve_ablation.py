@@ -8,7 +8,11 @@ candidate is scored:
   no probes: nothing to fit);
 - `random`, `anchor`, `entropy`: estimator `gmp_irt` on a k-item subset per benchmark
   (default k = 20) chosen by that strategy; IRT is fitted on the endpoints and P probe merges
-  (default P = 11), evaluated in full once per run.
+  (default P = 11), evaluated in full once per run;
+- `adaptive`, `adaptive_pop`: the same item budget, k items per benchmark, chosen per candidate
+  by computerized adaptive testing (`fitness.adaptive`, rounds of `--round` items, early stop
+  at `--stop-sd`), estimator `p_irt` (the CAT's MAP prediction), with the endpoint prior or the
+  population prior (the abilities of the candidates already scored in the job).
 Every run ends with evolve's final check: the members of its final front are evaluated in
 full and the TRUE hypervolume of the front (reference point: accuracy 0 on every task) is
 `result.true_hypervolume`.
@@ -24,7 +28,8 @@ and the true-HV fraction. The issue's targets: >= 50x fewer items per candidate,
 wall time, >= 95% of the full run's true hypervolume.
 
     .venv/bin/python bench/evolve_ablation.py [--tasks rev,cip,srt] [--population 12] [--generations 6]
-        [--size 20] [--probes 11] [--runs full,random,anchor,entropy] [--json out.json]
+        [--size 20] [--probes 11] [--runs full,random,anchor,entropy,adaptive,adaptive_pop] [--json out.json]
+        [--zoo FOLDER]
 
 Default: about 3-5 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BENCH_THREADS).
 Run folders: bench/out/evolve_ablation/<run>/.
@@ -49,22 +54,29 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=20, help="subset items per benchmark")
     ap.add_argument("--probes", type=int, default=11)
     ap.add_argument("--epochs", type=int, default=600, help="py-irt epochs")
-    ap.add_argument("--runs", default="full,random,anchor,entropy")
+    ap.add_argument("--runs", default="full,random,anchor,entropy,adaptive,adaptive_pop")
+    ap.add_argument("--round", type=int, default=5, help="adaptive: items per round per benchmark")
+    ap.add_argument("--stop-sd", type=float, default=0.0, help="adaptive: early stop (0: never)")
+    ap.add_argument("--zoo", type=Path, help="a zoo folder to use as is (default: build or verify the preset's)")
     ap.add_argument("--out", type=Path, default=OUT / "evolve_ablation")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     set_threads()
     from evolve.run import run
 
-    zoo, manifest = load_zoo(args.preset)
+    zoo, manifest = load_zoo(args.preset, args.zoo)
     tasks = args.tasks.split(",")
     rows = []
     for name in args.runs.split(","):
         full = name == "full"
-        spec = evolve_spec(zoo, manifest, tasks, method=args.method, estimator="full" if full else "gmp_irt",
-                           strategy="entropy" if full else name, size=args.size, population=args.population,
-                           generations=args.generations, seed=args.seed, probes=0 if full else args.probes,
-                           epochs=args.epochs)
+        adaptive = name.startswith("adaptive")
+        extra = {"round": args.round, "stop_sd": args.stop_sd,
+                 "prior": "population" if name == "adaptive_pop" else "endpoints"} if adaptive else None
+        spec = evolve_spec(zoo, manifest, tasks, method=args.method,
+                           estimator="full" if full else "p_irt" if adaptive else "gmp_irt",
+                           strategy="entropy" if full else "adaptive" if adaptive else name, size=args.size,
+                           population=args.population, generations=args.generations, seed=args.seed,
+                           probes=0 if full else args.probes, epochs=args.epochs, subset_extra=extra)
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)
         clock = StageClock()
@@ -109,7 +121,9 @@ def main() -> None:
             hvf = r["true_hv"] / ref["true_hv"] if ref["true_hv"] else None
         else:
             ix = ixs = sx = jx = hvf = None
-        body.append([r["run"] if r["run"] == "full" else f"gmp_irt/{r['run']}", r["candidates"], r["items_per_cand"],
+        label = r["run"] if r["run"] == "full" else f"p_irt/{r['run']}" if r["run"].startswith("adaptive") \
+            else f"gmp_irt/{r['run']}"
+        body.append([label, r["candidates"], r["items_per_cand"],
                      r["passes_per_cand"], r["setup_items"], r["search_s"], r["job_s"], r["final_s"], r["hv"],
                      r["true_hv"], ix, ixs, sx, jx, hvf])
     print(table(headers, body))

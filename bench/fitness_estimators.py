@@ -10,13 +10,30 @@ On a zoo (default `tiny`; `--preset small` for the issue's setting):
    every held-out merge's accuracy from its answers on the k subset items only (batched
    evaluation does not depend on batch mates, so a subset's answers are a slice of the full
    answers). Random subsets are redrawn per seed and averaged.
+4. adaptive item selection (`fitness.adaptive`, computerized adaptive testing) with a budget of
+   k items per benchmark, rounds of `--round` items, the endpoint prior (`adaptive`) or the
+   population prior (`adaptive_pop`: the held-out merges scored in order, each one's prior from
+   the abilities of those before it), stopping early at `--stop-sd`; its answers too are slices
+   of the full answers, chosen round by round.
+
+Estimator columns mean the same function of the items seen in every row: `p_irt` etc. as in
+fitness.estimators (MLE theta), and `map` = p-IRT with the MAP theta under the strategy's prior
+(the endpoint prior for fixed subsets): for the adaptive rows that is the CAT's own prediction
+and what an evolve job with `estimator: p_irt, subset: {strategy: adaptive}` reports.
 
 Printed: mean absolute error in accuracy points against full evaluation, Spearman rank
-correlation across the held-out merges, and the cost ratio: full-benchmark items per
-candidate divided by items per candidate, with and without the one-off cost of the
-endpoint and probe evaluations amortized over the held-out merges.
+correlation across the held-out merges (averaged over benchmarks), items and forward passes
+per candidate (all benchmarks; fixed subsets as `Fitness.score` runs them, one evaluation per
+benchmark; adaptive rounds with every benchmark's next items in one evaluation), the wall time
+per candidate of really running those evaluations (and the CAT's arithmetic) on the first
+`--timed` held-out merges, and the cost ratio: full-benchmark items per candidate divided by
+items per candidate, with and without the one-off cost of the endpoint and probe evaluations
+amortized over the held-out merges.
 
     .venv/bin/python bench/fitness_estimators.py [--preset tiny] [--merges 30] [--ks 10,20,50,100]
+        [--round 5] [--stop-sd 0] [--timed 6]
+
+An existing zoo folder (zoo.json present) is used as it is, without rebuilding it.
 """
 from __future__ import annotations
 
@@ -35,14 +52,17 @@ sys.path.insert(0, str(ROOT))
 from evolve.materialize import ResidentMerge  # noqa: E402
 from evolve.run import probe_weights  # noqa: E402
 from fitness.benchmarks import load_benchmark  # noqa: E402
+from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior,  # noqa: E402
+                              fixed_map_accuracy)
 from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.subsets import anchor_subset, entropy_subset, random_subset  # noqa: E402
 from merging.spec import method_params  # noqa: E402
 
-ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt"]
-STRATEGIES = ["random", "anchor", "entropy"]
+ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
+STRATEGIES = ["random", "anchor", "entropy", "adaptive", "adaptive_pop"]
+FIXED = ["random", "anchor", "entropy"]
 HELD_OUT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv"]
 
 
@@ -62,14 +82,22 @@ def main() -> None:
     ap.add_argument("--ks", default="10,20,50,100")
     ap.add_argument("--seeds", type=int, default=5, help="random-subset redraws")
     ap.add_argument("--epochs", type=int, default=600, help="py-irt epochs")
+    ap.add_argument("--round", type=int, default=5, help="adaptive: items per round per benchmark")
+    ap.add_argument("--stop-sd", type=float, default=0.0, help="adaptive: early stop threshold (0: never)")
+    ap.add_argument("--min-sd", type=float, default=DEFAULT_MIN_SD, help="adaptive: prior sd floor")
+    ap.add_argument("--batch", type=int, default=64, help="evaluation batch size (forward-pass count)")
+    ap.add_argument("--timed", type=int, default=6, help="held-out merges whose subset evaluations are timed")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from zoo.build import build_zoo
 
     zoo = args.zoo or ROOT / ".cache" / f"zoo-{args.preset}-seed0"
-    manifest = build_zoo(zoo, preset=args.preset, seed=0, log=lambda m: print(m, file=sys.stderr))
-    tasks = list(manifest["benchmarks"])
+    if (zoo / "zoo.json").is_file():
+        manifest = json.loads((zoo / "zoo.json").read_text())
+    else:
+        manifest = build_zoo(zoo, preset=args.preset, seed=0, log=lambda m: print(m, file=sys.stderr))
+    tasks = [t for t in manifest["benchmarks"] if t in manifest["models"]]  # tasks with a fine-tune
     base = zoo / manifest["models"]["base"]["path"]
     fts = [zoo / manifest["models"][t]["path"] for t in tasks]
     benches = {t: load_benchmark(zoo / manifest["benchmarks"][t]["path"]) for t in tasks}
@@ -92,20 +120,30 @@ def main() -> None:
     t_setup = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     truth = {t: [] for t in tasks}
+    held_out = []
     for h in range(args.merges):
         method = HELD_OUT_METHODS[h % len(HELD_OUT_METHODS)]
-        r = resident if method == "task_arithmetic" else ResidentMerge(base, fts, method, device="cpu")
-        for t, y in full(r.materialize(method_params(method, held_out_params(method, len(fts), rng), len(fts)))).items():
+        held_out.append((method, method_params(method, held_out_params(method, len(fts), rng), len(fts))))
+    residents = {"task_arithmetic": resident}
+    for method, params in held_out:
+        if method not in residents:
+            residents[method] = ResidentMerge(base, fts, method, device="cpu")
+        for t, y in full(residents[method].materialize(params)).items():
             truth[t].append(y)
     t_truth = time.perf_counter() - t0 - t_setup
     per_candidate_full = t_truth / args.merges
 
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
+    fits = {}
+    subsets = {}  # (task, strategy, k, seed) -> fixed Subset
+    cats = {}  # (task, strategy, k) -> per merge (items, answers, map accuracy, rounds by size)
     for t in tasks:
         Y = np.array(endpoints[t] + probes[t], dtype=float)
         params = fit_item_params(Y, "2pl", epochs=args.epochs, seed=42)
         thetas = estimate_theta(Y[: len(endpoints[t])], params)
+        prior = endpoint_prior(estimate_theta(Y[: len(endpoints[t])], params, method="map", prior_sd=1.0), args.min_sd)
+        fits[t] = (params, thetas, prior)
         T = np.array(truth[t], dtype=float)
         exact = T.mean(1)
         for strategy in STRATEGIES:
@@ -113,27 +151,114 @@ def main() -> None:
                 if k >= T.shape[1]:
                     continue
                 draws = range(args.seeds) if strategy == "random" else [0]
-                for est in ESTIMATORS:
-                    maes, rhos = [], []
-                    for seed in draws:
+                preds = {est: [] for est in ESTIMATORS}
+                for seed in draws:
+                    if strategy in FIXED:
                         if strategy == "random":
                             sub = random_subset(T.shape[1], k, seed=seed)
                         elif strategy == "anchor":
                             sub = anchor_subset(k, item_params=params, responses=Y, seed=42)
                         else:
                             sub = entropy_subset(Y, k, seed=seed)
-                        pred = np.asarray(estimate(est, T[:, sub.indices], sub.indices, sub.weights, params, thetas))
-                        maes.append(np.abs(pred - exact).mean() * 100)
-                        rhos.append(spearmanr(pred, exact).statistic if exact.std() > 0 else np.nan)
+                        subsets[t, strategy, k, seed] = sub
+                        seen = [sub.indices] * T.shape[0]
+                        weights = sub.weights
+                        maps = [fixed_map_accuracy(params, sub.indices, T[i, sub.indices], prior)
+                                for i in range(T.shape[0])]
+                    else:
+                        pop = PopulationPrior(prior, args.min_sd) if strategy == "adaptive_pop" else None
+                        runs = []
+                        for i in range(T.shape[0]):
+                            s = CatSession(params, pop.prior() if pop else prior, k, args.round, args.stop_sd)
+                            sizes = []
+                            while not s.done:
+                                idx = s.next_items()
+                                sizes.append(idx.size)
+                                s.observe(idx, T[i, idx])
+                            if pop:
+                                pop.add(s.theta)
+                            runs.append((np.array(s.items), s.accuracy, sizes, s.theta))
+                        cats[t, strategy, k] = runs
+                        seen = [r[0] for r in runs]
+                        weights = None
+                        maps = [r[1] for r in runs]
+                    for est in ESTIMATORS:
+                        if est == "map":
+                            pred = np.array(maps)
+                        else:
+                            pred = np.array([estimate(est, T[i, seen[i]], seen[i], weights, params, thetas)
+                                             for i in range(T.shape[0])])
+                        preds[est].append(pred)
+                for est in ESTIMATORS:
+                    maes = [np.abs(p - exact).mean() * 100 for p in preds[est]]
+                    rhos = [spearmanr(p, exact).statistic if exact.std() > 0 else np.nan for p in preds[est]]
                     rows.append({"task": t, "strategy": strategy, "k": k, "estimator": est,
                                  "mae": float(np.mean(maes)), "spearman": float(np.nanmean(rhos)),
                                  "items_full": T.shape[1]})
+
+    # items, forward passes and wall time per candidate, all benchmarks together
+    cost = {}
+    batch = args.batch
+    for strategy in STRATEGIES:
+        for k in ks:
+            if any(k >= len(b) for b in benches.values()):
+                continue
+            if strategy in FIXED:
+                items = sum(len(subsets[t, strategy, k, 0]) for t in tasks)
+                passes = sum(-(-len(subsets[t, strategy, k, 0]) // batch) for t in tasks)
+            else:
+                it, ps = [], []
+                for h in range(args.merges):
+                    per_round = [cats[t, strategy, k][h][2] for t in tasks]
+                    rounds = max(len(r) for r in per_round)
+                    sizes = [sum(r[j] for r in per_round if j < len(r)) for j in range(rounds)]
+                    it.append(sum(sizes))
+                    ps.append(sum(-(-n // batch) for n in sizes))
+                items, passes = float(np.mean(it)), float(np.mean(ps))
+            cost[strategy, k] = {"items": items, "passes": passes, "seconds": []}
+    # wall time: rerun the evaluations a candidate would need on the first few held-out merges
+    mismatches = 0
+    for h, (method, params_h) in enumerate(held_out[: args.timed]):
+        model = residents[method].materialize(params_h)
+        for (strategy, k), c in cost.items():
+            t1 = time.perf_counter()
+            if strategy in FIXED:
+                for t in tasks:
+                    sub = subsets[t, strategy, k, 0]
+                    r = evaluate(model, tok, [benches[t].items[i] for i in sub.indices], settings, device="cpu",
+                                 batch_size=batch)
+                    estimate("gmp_irt", r.correct.astype(float), sub.indices, sub.weights, fits[t][0], fits[t][1])
+                    mismatches += int((r.correct != truth[t][h][sub.indices]).sum())
+            else:
+                sessions = {}
+                for t in tasks:
+                    params, _, prior = fits[t]
+                    if strategy == "adaptive_pop":  # the prior this merge had in the run above
+                        pop = PopulationPrior(prior, args.min_sd)
+                        pop.restore([cats[t, strategy, k][j][3] for j in range(h)])
+                        prior = pop.prior()
+                    sessions[t] = CatSession(params, prior, k, args.round, args.stop_sd)
+                while True:
+                    asked = [(t, s.next_items()) for t, s in sessions.items() if not s.done]
+                    if not asked:
+                        break
+                    r = evaluate(model, tok, [benches[t].items[i] for t, idx in asked for i in idx], settings,
+                                 device="cpu", batch_size=batch)
+                    at = 0
+                    for t, idx in asked:
+                        sessions[t].observe(idx, r.correct[at:at + idx.size])
+                        mismatches += int((r.correct[at:at + idx.size] != truth[t][h][idx]).sum())
+                        at += idx.size
+                for s in sessions.values():
+                    s.accuracy  # noqa: B018  (the prediction is part of the cost)
+            c["seconds"].append(time.perf_counter() - t1)
     # table: averaged over tasks
     print(f"\nzoo {args.preset}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT on "
           f"{len(fts) + 1} endpoints + {args.probes} probes; full evaluation {per_candidate_full:.2f}s per merge\n")
     n_full = np.mean([len(b) for b in benches.values()])
     setup_items = (len(fts) + 1 + args.probes) * n_full
-    print(f"{'strategy':9} {'k':>4} {'estimator':12} {'MAE (pts)':>9} {'Spearman':>8} {'items x':>8} {'x w/ setup':>10}")
+    print(f"{'strategy':12} {'k':>4} {'estimator':12} {'MAE (pts)':>9} {'Spearman':>8} {'items/cand':>10} "
+          f"{'passes/cand':>11} {'s/cand':>7} {'items x':>8} {'x w/ setup':>10}")
     for strategy in STRATEGIES:
         for k in ks:
             for est in ESTIMATORS:
@@ -142,9 +267,17 @@ def main() -> None:
                     continue
                 mae = np.mean([r["mae"] for r in sel])
                 rho = np.nanmean([r["spearman"] for r in sel])
-                ratio = n_full / k
-                amortized = (n_full * args.merges) / (k * args.merges + setup_items)
-                print(f"{strategy:9} {k:>4} {est:12} {mae:9.2f} {rho:8.3f} {ratio:8.1f} {amortized:10.1f}")
+                c = cost[strategy, k]
+                per_bench = c["items"] / len(tasks)
+                ratio = n_full / per_bench
+                amortized = (n_full * args.merges) / (per_bench * args.merges + setup_items)
+                secs = float(np.mean(c["seconds"])) if c["seconds"] else float("nan")
+                print(f"{strategy:12} {k:>4} {est:12} {mae:9.2f} {rho:8.3f} {c['items']:10.1f} {c['passes']:11.1f} "
+                      f"{secs:7.3f} {ratio:8.1f} {amortized:10.1f}")
+                for r in sel:
+                    r.update(items_per_cand=c["items"], passes_per_cand=c["passes"], seconds_per_cand=secs)
+    print(f"\nadaptive: rounds of {args.round} items per benchmark, stop_sd {args.stop_sd}, prior sd floor {args.min_sd}; "
+          f"batch {batch}; timed on {args.timed} merges (answers differing from the full run: {mismatches})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -47,6 +47,7 @@ class Candidate:
     objectives: dict[str, float]
     cost: dict[str, float] = field(default_factory=dict)
     true_objectives: dict[str, float] | None = None
+    trace: dict[str, Any] | None = None  # adaptive subsets: items asked, answers, ability (Score.trace)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,6 +92,14 @@ class CandidateEvaluator:
         self.on_new: Callable[[Candidate], None] | None = None
         self.evaluated = 0  # genomes scored in this process (cache misses)
 
+    def restore(self, known: Sequence[Candidate]) -> None:
+        """Start from the recorded candidates (a resume): the cache, and the scorer's history
+        where it keeps one (adaptive subsets with a population prior), rebuilt in recorded order."""
+        self.by_key = {c.key: c for c in known}
+        self.candidates = list(known)
+        if hasattr(self.scorer, "restore"):
+            self.scorer.restore([c.trace for c in known])
+
     def key(self, x) -> str:
         return genome_key(x, self.space.method, self.space.fixed, self.settings)
 
@@ -108,7 +117,7 @@ class CandidateEvaluator:
         cost = {"items": score.items, "forward_passes": score.forward_passes,
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1}
         c = Candidate(len(self.candidates), key, self.generation, [float(v) for v in x],
-                      self.space.decode(x), dict(score.values), cost)
+                      self.space.decode(x), dict(score.values), cost, trace=getattr(score, "trace", None) or None)
         self.by_key[key] = c
         self.candidates.append(c)
         self.evaluated += 1

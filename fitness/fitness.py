@@ -6,25 +6,38 @@ and the models being merged) and of a few probe merges:
    no objective needs them, or the spec imports a fitted parameter file;
 2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
 3. the subset of items each candidate will answer is extracted (random, IRT anchors, or
-   the highest-entropy items across endpoints and probes, Evo-L2S).
+   the highest-entropy items across endpoints and probes, Evo-L2S), or, with
+   `subset: {strategy: adaptive}`, the prior on ability for computerized adaptive testing
+   (`fitness.adaptive`) is taken from the endpoints' abilities.
 Then `score(model)` runs the model only on the subset items (all benchmarks' items in
 batched passes) and turns its answers into each objective with the chosen estimator
 (`fitness.estimators`); `score_full` is the exact evaluation used for the final check.
+
+Adaptive benchmarks are scored in rounds: each round every unfinished benchmark's CAT session
+picks its next items, all of them go through the model in one batched evaluation, and each
+session updates its MAP ability. The estimators then read the items the candidate actually saw:
+`p_irt` is the CAT's own prediction (MAP theta under the prior, then p-IRT), `mp_irt`/`gmp_irt`
+fit MERGE^3's lambdas on those items, `subset_mean`/`gp_irt` use their plain mean (biased: the
+items were chosen for this candidate, see `fitness.adaptive`). With `prior: population` the
+abilities of the candidates scored so far in this `Fitness` are the next prior; `restore`
+rebuilds that history from recorded candidates (`Score.trace`), so a resumed job picks the same
+items as an uninterrupted one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .benchmarks import Benchmark, load_benchmark
 from .estimators import NEEDS_ITEM_PARAMS, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
+from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .irt import ItemParams, estimate_theta, fit_item_params
 from .spec import EvaluationSpec, ObjectiveSpec
 from .subsets import Subset, anchor_subset, entropy_subset, random_subset
@@ -46,6 +59,8 @@ class Score:
     items: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    # adaptive benchmarks: {benchmark key: CatSession.trace()} (items, answers, theta, sd, rounds)
+    trace: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +70,11 @@ class BenchmarkFit:
     item_params: ItemParams | None
     endpoint_thetas: np.ndarray | None
     irt_rows: int  # response rows the IRT fit used (endpoints + probes)
+    prior: Prior | None = None  # adaptive strategy: the endpoint prior on ability
+
+    @property
+    def adaptive(self) -> bool:
+        return self.subset.strategy == "adaptive"
 
 
 def eval_settings(ev: EvaluationSpec) -> EvalSettings:
@@ -70,6 +90,28 @@ class Fitness:
                  evaluation: EvaluationSpec, device="auto"):
         self.specs, self.fits, self.tokenizer = list(specs), fits, tokenizer
         self.evaluation, self.settings, self.device = evaluation, eval_settings(evaluation), device
+        self.populations: dict[str, PopulationPrior] = {}
+        for key, fit in fits.items():
+            sub = self._subset_spec(key)
+            if fit.adaptive and sub is not None and sub.adaptive_settings()["prior"] == "population":
+                self.populations[key] = PopulationPrior(fit.prior, sub.adaptive_settings()["min_sd"])
+
+    def _subset_spec(self, key: str):
+        return next((s.subset for s in self.specs if str(s.benchmark) == key), None)
+
+    def _is_adaptive(self, key: str) -> bool:
+        """Scored by CAT: an adaptive subset and no objective on the benchmark that needs every item."""
+        return self.fits[key].adaptive and not any(s.estimator == "full" for s in self.specs if str(s.benchmark) == key)
+
+    def prior_for(self, key: str) -> Prior:
+        """The prior the next candidate's CAT on benchmark ``key`` starts from."""
+        pop = self.populations.get(key)
+        return pop.prior() if pop is not None else self.fits[key].prior
+
+    def restore(self, traces: Sequence[dict | None]) -> None:
+        """Rebuild the population priors from recorded candidates' traces, in the order scored."""
+        for key, pop in self.populations.items():
+            pop.restore([t[key]["theta"] for t in traces if t and key in t])
 
     @property
     def objectives(self) -> list[Objective]:
@@ -101,9 +143,11 @@ class Fitness:
                         device=self.device)
 
     def score(self, model) -> Score:
-        """Estimated objectives from the subset items only."""
+        """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds)."""
         t0, values, items, passes = time.perf_counter(), {}, 0, 0
         for key, fit in self.fits.items():
+            if self._is_adaptive(key):
+                continue
             idx = self._items(key)
             resp = self._run(model, key, idx)
             items += len(idx)
@@ -111,7 +155,57 @@ class Fitness:
             pos = np.searchsorted(idx, fit.subset.indices)
             for s in (s for s in self.specs if str(s.benchmark) == key):
                 values[s.label] = self._estimate(s, fit, resp, pos)
-        return Score(values, items, passes, time.perf_counter() - t0)
+        trace: dict[str, Any] = {}
+        adaptive = [k for k in self.fits if self._is_adaptive(k)]
+        if adaptive:
+            a_values, a_items, a_passes, trace = self._score_adaptive(model, adaptive)
+            values.update(a_values)
+            items += a_items
+            passes += a_passes
+        return Score(values, items, passes, time.perf_counter() - t0, trace)
+
+    def _score_adaptive(self, model, keys: list[str]) -> tuple[dict[str, float], int, int, dict[str, Any]]:
+        """CAT on every benchmark in ``keys`` at once: one batched evaluation per round carries
+        every unfinished benchmark's next items."""
+        sessions = {}
+        for key in keys:
+            st = self._subset_spec(key).adaptive_settings()
+            fit = self.fits[key]
+            sessions[key] = CatSession(fit.item_params, self.prior_for(key), min(self._subset_spec(key).size,
+                                       len(fit.benchmark)), st["round"], st["stop_sd"])
+        tokens: dict[str, list[int]] = {k: [] for k in keys}
+        items = passes = 0
+        while True:
+            asked = [(k, s.next_items()) for k, s in sessions.items() if not s.done]
+            if not asked:
+                break
+            batch = [self.fits[k].benchmark.items[i] for k, idx in asked for i in idx]
+            resp = evaluate(model, self.tokenizer, batch, self.settings, batch_size=self.evaluation.batch_size,
+                            device=self.device)
+            items += len(batch)
+            passes += _batches(len(batch), self.evaluation.batch_size)
+            at = 0
+            for k, idx in asked:
+                sessions[k].observe(idx, resp.correct[at:at + len(idx)])
+                tokens[k] += resp.output_tokens[at:at + len(idx)].tolist()
+                at += len(idx)
+        values, trace = {}, {}
+        for key, sess in sessions.items():
+            fit = self.fits[key]
+            seen, y = np.array(sess.items), np.array(sess.correct, dtype=float)
+            for s in (s for s in self.specs if str(s.benchmark) == key):
+                if s.metric == "mean_output_tokens":
+                    values[s.label] = float(np.mean(tokens[key]))
+                elif s.estimator == "p_irt":
+                    values[s.label] = sess.accuracy
+                elif s.estimator == "gp_irt":
+                    values[s.label] = 0.5 * float(y.mean()) + 0.5 * sess.accuracy
+                else:
+                    values[s.label] = float(estimate(s.estimator, y, seen, None, fit.item_params, fit.endpoint_thetas))
+            trace[key] = sess.trace()
+            if key in self.populations:
+                self.populations[key].add(sess.theta)
+        return values, items, passes, trace
 
     @staticmethod
     def _estimate(s: ObjectiveSpec, fit: BenchmarkFit, resp: Responses, pos: np.ndarray) -> float:
@@ -146,7 +240,8 @@ class Fitness:
         return cls(specs, fits, tokenizer, evaluation, device)
 
     def describe(self) -> dict:
-        return {k: {"items": len(f.benchmark), "subset": len(f.subset), "strategy": f.subset.strategy,
+        return {k: {"items": len(f.benchmark), "strategy": f.subset.strategy,
+                    "subset": min(self._subset_spec(k).size, len(f.benchmark)) if f.adaptive else len(f.subset),
                     "irt_rows": f.irt_rows, "irt": f.item_params is not None} for k, f in self.fits.items()}
 
 
@@ -158,7 +253,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     Y = response_matrix(list(endpoints) + list(probes)).astype(float)
     irt = evaluation.irt
     params = None
-    if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy == "anchor":
+    if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy in ("anchor", "adaptive"):
         if irt.params_file is not None:
             params = ItemParams.load(irt.params_file)
             if params.n_items != len(bench):
@@ -171,8 +266,16 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = random_subset(len(bench), k, seed=sub.seed)
     elif sub.strategy == "anchor":
         subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed)
-    else:
+    elif sub.strategy == "entropy":
         subset = entropy_subset(Y, k, seed=sub.seed)
+    else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
+        subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
+        # MAP under N(0, 1) (py-irt's ability scale), not the MLEs above: a fine-tune that gets
+        # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
+        # mean and spread meaningless
+        prior_thetas = estimate_theta(Y[: len(endpoints)], params, method="map", prior_sd=1.0)
+        prior = endpoint_prior(prior_thetas, sub.adaptive_settings()["min_sd"])
+        return BenchmarkFit(bench, subset, params, thetas, len(Y), prior)
     return BenchmarkFit(bench, subset, params, thetas, len(Y))
 
 

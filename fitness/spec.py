@@ -4,18 +4,61 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "full")
 
 
+ADAPTIVE_FIELDS = ("round", "prior", "stop_sd", "min_sd")
+
+
 class SubsetSpec(BaseModel):
+    """Which items a candidate answers. ``random``, ``anchor`` and ``entropy`` fix one subset of
+    ``size`` items per benchmark before the search (``fitness.subsets``); ``adaptive`` chooses each
+    candidate's items in rounds from its own answers (computerized adaptive testing,
+    ``fitness.adaptive``), ``size`` being the item budget. ``round``, ``prior``, ``stop_sd`` and
+    ``min_sd`` belong to ``adaptive`` only; left out they take ``fitness.adaptive``'s defaults and
+    stay out of the spec's serialized form (so fingerprints of fixed-subset jobs do not change)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    size: int = Field(20, ge=1, le=100_000, description="items per benchmark evaluated per candidate")
-    strategy: Literal["random", "anchor", "entropy"] = Field(
-        "random", description="random (the default: the least biased in bench/evolve_ablation.py), anchor or entropy")
+    size: int = Field(20, ge=1, le=100_000, description="items per benchmark evaluated per candidate (adaptive: the budget)")
+    strategy: Literal["random", "anchor", "entropy", "adaptive"] = Field(
+        "random", description="random (the default: the least biased fixed subset in bench/evolve_ablation.py), "
+                              "anchor, entropy, or adaptive (CAT: items chosen per candidate)")
     seed: int = 0
+    round: int | None = Field(None, ge=1, le=100_000, description="adaptive: items per round per benchmark (default 5)")
+    prior: Literal["endpoints", "population"] | None = Field(
+        None, description="adaptive: prior on ability from the endpoint models (default) or from the "
+                          "candidates already scored in this job")
+    stop_sd: float | None = Field(None, ge=0.0, le=1.0, description="adaptive: stop once the predicted accuracy's "
+                                                                     "posterior sd is below this (default 0: never)")
+    min_sd: float | None = Field(None, gt=0.0, le=100.0, description="adaptive: floor on the prior's sd in ability "
+                                                                    "units (default 0.5)")
+
+    @model_validator(mode="after")
+    def _adaptive_only(self) -> "SubsetSpec":
+        if self.strategy != "adaptive":
+            for name in ADAPTIVE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"subset.{name} applies to strategy adaptive only, not {self.strategy}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_adaptive(self, handler):
+        data = handler(self)
+        for name in ADAPTIVE_FIELDS:
+            if isinstance(data, dict) and data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    def adaptive_settings(self) -> dict:
+        """round, prior, stop_sd, min_sd with the defaults filled in."""
+        from .adaptive import DEFAULT_MIN_SD, DEFAULT_ROUND, DEFAULT_STOP_SD
+
+        return {"round": self.round or DEFAULT_ROUND, "prior": self.prior or "endpoints",
+                "stop_sd": DEFAULT_STOP_SD if self.stop_sd is None else self.stop_sd,
+                "min_sd": self.min_sd or DEFAULT_MIN_SD}
 
 
 class ObjectiveSpec(BaseModel):
