@@ -6,8 +6,9 @@ a resumed run asks for the same populations as an uninterrupted one, and the gen
 already scored are read back from `candidates.jsonl` instead of being evaluated again.
 A crash loses at most the candidate being scored.
 
-Algorithms: NSGA-II (default), NSGA-III, SMS-EMOA, MOEA/D for several objectives; GA (or
-NSGA-II) for one. (pymoo 0.6.2's CMA-ES fails in `ask` on our bounded problem; not offered.) The state is written with cloudpickle, which also serializes the local
+Algorithms: NSGA-II (default), NSGA-III, SMS-EMOA, MOEA/D for several objectives; GA,
+CMA-ES (`cmaes.py`, the `cma` package behind the same ask/tell) or NSGA-II for one.
+The state is written with cloudpickle, which also serializes the local
 functions some of pymoo's operators keep (plain pickle refuses NSGA-III's). MOEA/D holds a
 Python generator mid-run that nothing can pickle: it is not checkpointed, and a resume
 replays it from its seed, which asks for the same genomes, all answered from the record.
@@ -33,7 +34,7 @@ from .pareto import hypervolume, knee_point, non_dominated
 from .problem import Candidate, CandidateEvaluator, MergeProblem
 
 ALGORITHMS_MULTI = ("nsga2", "nsga3", "smsemoa", "moead")
-ALGORITHMS_SINGLE = ("ga",)
+ALGORITHMS_SINGLE = ("ga", "cmaes")
 STATE_FILE = "state.pkl"
 CANDIDATES_FILE = "candidates.jsonl"
 RUN_FILE = "run.json"
@@ -58,6 +59,9 @@ def make_algorithm(name: str, population: int, n_obj: int):
     if name == "moead":
         from pymoo.algorithms.moo.moead import MOEAD
         return MOEAD(ref_dirs=get_reference_directions("energy", n_obj, population, seed=1), n_neighbors=min(15, population))
+    if name == "cmaes":
+        from .cmaes import CMAES
+        return CMAES(pop_size=population)
     from pymoo.algorithms.soo.nonconvex.ga import GA
     return GA(pop_size=population)
 
@@ -119,8 +123,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
             p.unlink(missing_ok=True)
         atomic_write(run_path, json.dumps({"fingerprint": fingerprint}).encode())
     known = read_candidates(cand_path)
-    evaluator.by_key = {c.key: c for c in known}
-    evaluator.candidates = list(known)
+    evaluator.restore(known)
     if algo is None:
         algo = make_algorithm(algorithm, population, len(objectives))
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)

@@ -155,7 +155,7 @@ class OneDistance(DistanceScorer):
         return Score({"dist": float(sum(((sd[k] - t[k]) ** 2).sum() for t in self.targets for k in t))})
 
 
-@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+@pytest.mark.parametrize("algorithm", ["ga", "cmaes", "nsga2"])
 def test_single_objective_algorithms_improve_and_resume(tmp_path, algorithm):
     base, models = family(tmp_path)
     space = SearchSpace("task_arithmetic", 2)
