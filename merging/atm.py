@@ -217,14 +217,6 @@ def load_pairs(path: str | os.PathLike, field: str = "train") -> list[tuple[str,
     return [(it.prompt, it.choices[it.answer] if it.is_choice else str(it.answer)) for it in bench.items]
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- the run ---------------------------------------------------------------------------
 
 def state_dir_for(out: str | os.PathLike) -> Path:
@@ -288,7 +280,7 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, content_hash
+    from .checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, content_hash, file_sha256
     from .engine import model_card, resolve_device
     from .methods import get_method
     from .task_vectors import open_source
@@ -320,7 +312,7 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
 
     hashes = {str(spec.base): content_hash(spec.base)}
     hashes.update({str(m.path): content_hash(m.path) for m in spec.models if m.path is not None})
-    train_hashes = {m.name: _file_hash(Path(m.train)) for m in spec.models}
+    train_hashes = {m.name: file_sha256(Path(m.train)) for m in spec.models}
     fingerprint = hashlib.sha256(json.dumps({
         "v": STATE_VERSION, "base": hashes[str(spec.base)], "device": device.type,
         "models": [[m.name, hashes.get(str(m.path)), train_hashes[m.name]] for m in spec.models],

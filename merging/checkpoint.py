@@ -205,6 +205,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of one file's bytes, as hex, read in 4 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetensors", "*.json")) -> str:
     """sha256 over the weight and config files of a folder (names and contents), as hex.
 

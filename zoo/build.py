@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from fitness.benchmarks import load_benchmark
+from merging.checkpoint import file_sha256 as file_hash
 from fitness.evaluate import EvalSettings, evaluate, load_model
 
 from .benchmarks import held_out_prompts, write_task_benchmark
@@ -64,14 +65,6 @@ MERGE_CHECK = {"method": "task_arithmetic", "params": {}}  # plain: every weight
 
 class ZooQualityError(RuntimeError):
     """The built zoo misses a quality threshold (the manifest still records the numbers)."""
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
@@ -269,7 +262,7 @@ def evaluate_all(root: Path, manifest: dict, log: Callable[[str], None], names: 
     return out
 
 
-def merge_check(root: Path, manifest: dict, log: Callable[[str], None]) -> dict | None:
+def merge_check(root: Path, manifest: dict, log: Callable[[str], None], pool=None) -> dict | None:
     """Task arithmetic over the full fine-tunes, evaluated; None when `merging` is not importable yet.
 
     Also merges, for each composed benchmark (`tasks.compose`), just its two parents, and
@@ -282,24 +275,23 @@ def merge_check(root: Path, manifest: dict, log: Callable[[str], None]) -> dict 
         return None
     preset = get_preset(manifest["preset"])
     benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
-
-    def merged_accuracy(names: list[str], tmp: Path) -> dict[str, float]:
-        out = tmp / "-".join(names)
-        merge({"base": str(root / "models" / "base"), **copy.deepcopy(MERGE_CHECK),
-               "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in names]}, out, progress=False)
-        return _evaluate_job(root, preset, str(out.relative_to(root)), benchmarks)
-
     full = [n for n, m in manifest["models"].items() if m["kind"] == "full"]
+    groups = [full] + [b["composed_of"] for b in manifest["benchmarks"].values() if "composed_of" in b]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        acc = merged_accuracy(full, Path(tmp))
-        log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-        transfer = {}
-        for key, b in manifest["benchmarks"].items():
-            if "composed_of" in b:
-                pair = merged_accuracy(b["composed_of"], Path(tmp))
-                transfer[key] = {"models": b["composed_of"], "accuracy": pair[key],
-                                 "parents": {n: manifest["accuracy"][n][key] for n in b["composed_of"]}}
-                log(f"  transfer: task_arithmetic of {' + '.join(b['composed_of'])} scores {pair[key]:.3f} on {key}")
+        jobs = []
+        for names in groups:
+            out = Path(tmp) / "-".join(names)
+            merge({"base": str(root / "models" / "base"), **copy.deepcopy(MERGE_CHECK),
+                   "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in names]},
+                  out, progress=False)
+            jobs.append((root, preset, str(out.relative_to(root)), benchmarks))
+        acc, *pairs = _map(pool, _evaluate_job, jobs)
+    log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+    transfer = {}
+    for names, pair in zip(groups[1:], pairs):
+        key = next(t for t, b in manifest["benchmarks"].items() if b.get("composed_of") == names)
+        transfer[key] = {"models": names, "accuracy": pair[key], "parents": {n: manifest["accuracy"][n][key] for n in names}}
+        log(f"  transfer: task_arithmetic of {' + '.join(names)} scores {pair[key]:.3f} on {key}")
     return {**MERGE_CHECK, "models": full, "accuracy": acc, "transfer": transfer}
 
 
@@ -439,7 +431,7 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
         t1 = time.perf_counter()
         manifest["accuracy"] = evaluate_all(work, manifest, log, pool=pool)
         manifest["eval_seconds"] = round(time.perf_counter() - t1, 1)
-        manifest["merge_check"] = merge_check(work, manifest, log)
+        manifest["merge_check"] = merge_check(work, manifest, log, pool)
         manifest["checks"] = quality_checks(manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         _write_manifest(work, manifest)
