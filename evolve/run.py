@@ -5,8 +5,10 @@ Stages (each reported to `callback` as {"type": "stage", "stage": ...}):
    machine (response cache; an adapter is first merged into a cached full folder);
 2. probes: a few task-arithmetic merges (weights lambda * c with lambda on an even grid
    over [0, 1] and c a seeded Dirichlet draw scaled to sum N) are evaluated in full; they
-   enrich the IRT fit and give the entropy subset its disagreement signal. Their cost is
-   counted in the job's cost report;
+   enrich the IRT fit and give the entropy subset its disagreement signal. Their answers
+   are cached per machine like the endpoints' (keyed by the probe's weights and the
+   inputs' content hashes), so a repeated or resumed job does not evaluate them again;
+   the cost report counts them as a first run pays them;
 3. irt: item parameters, endpoint abilities and subsets (`fitness.Fitness.fit`);
 4. search: pymoo over the search space, candidates materialized in memory and scored on
    the subsets; progress events after every generation; checkpointed for `resume`;
@@ -94,7 +96,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     """Stages 1-3 (endpoints, probes, irt) and the resident model and search space of stage 4."""
     from transformers import AutoTokenizer
 
-    from fitness.evaluate import evaluate
+    from fitness.evaluate import cached_responses, evaluate
     from merging.spec import method_params
 
     settings, ev = eval_settings(spec.evaluation), spec.evaluation
@@ -113,15 +115,23 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     probes: dict[str, list[Responses]] = {k: [] for k in benches}
     resident = None
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    if ev.irt.probes:
-        resident = ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
-        for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed):
-            model = resident.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
-            for k, b in benches.items():
-                probes[k].append(evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device))
-                cost["probe_items"] += len(b)
-        if spec.method != "task_arithmetic":
-            resident = None
+    inputs = [content_hash(spec.base), *(content_hash(p) for p in paths)]
+    for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed) if ev.irt.probes else []:
+        digest = hashlib.sha256(json.dumps({"probe": "task_arithmetic", "weights": w, "inputs": inputs}).encode()).hexdigest()
+        model = None
+
+        def compute(b) -> Responses:
+            nonlocal model, resident
+            if model is None:  # the resident merge is built only when some probe answer is not cached
+                resident = resident or ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
+                model = resident.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
+            return evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device)
+
+        for k, b in benches.items():
+            probes[k].append(cached_responses(digest, b, settings, spec.device, lambda b=b: compute(b)))
+            cost["probe_items"] += len(b)  # counted as a first run pays it, cached or not
+    if spec.method != "task_arithmetic":
+        resident = None
 
     _emit(callback, {"type": "stage", "stage": "irt"})
     fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)

@@ -27,7 +27,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -294,6 +294,23 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device="auto"):
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tok_dir)
 
 
+def cached_responses(model_digest: str, benchmark: Benchmark, settings: EvalSettings, device,
+                     compute: Callable[[], Responses], cache_dir: str | os.PathLike | None = None) -> Responses:
+    """The responses of the model named by `model_digest`, from the response cache or `compute()` (then cached).
+
+    `model_digest` names the weights: a folder's content hash, or for a model that exists
+    only in memory (an evolve job's probe merges) a hash of its recipe and inputs' hashes.
+    """
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{cache_key(model_digest, benchmark, settings, resolve_device(device))}.npz"
+    if cache_file.exists():
+        cached = Responses.load(cache_file)
+        if cached.item_ids == benchmark.ids:
+            return cached
+    responses = compute()
+    responses.save(cache_file)
+    return responses
+
+
 def evaluate_folder(path: str | os.PathLike, benchmark: Benchmark, settings: EvalSettings = EvalSettings(), *,
                     batch_size: int = 64, device="auto", cache_dir: str | os.PathLike | None = None,
                     use_cache: bool = True) -> Responses:
@@ -304,15 +321,11 @@ def evaluate_folder(path: str | os.PathLike, benchmark: Benchmark, settings: Eva
     `cache_dir` defaults to `$EVOMERGE_CACHE/responses` (or ~/.cache/evomerge/responses).
     """
     device = resolve_device(device)
-    cache_file = None
-    if use_cache:
-        cache_file = Path(cache_dir or default_cache_dir()) / f"{cache_key(model_hash(path), benchmark, settings, device)}.npz"
-        if cache_file.exists():
-            cached = Responses.load(cache_file)
-            if cached.item_ids == benchmark.ids:
-                return cached
-    model, tokenizer = load_model(path, settings.dtype, device)
-    responses = evaluate(model, tokenizer, benchmark, settings, batch_size=batch_size, device=device)
-    if cache_file is not None:
-        responses.save(cache_file)
-    return responses
+
+    def compute() -> Responses:
+        model, tokenizer = load_model(path, settings.dtype, device)
+        return evaluate(model, tokenizer, benchmark, settings, batch_size=batch_size, device=device)
+
+    if not use_cache:
+        return compute()
+    return cached_responses(model_hash(path), benchmark, settings, device, compute, cache_dir)

@@ -107,3 +107,26 @@ def test_killed_run_resumes_to_the_same_front(finished, tiny_zoo, tiny_zoo_manif
     assert resumed.cost["evaluated_this_run"] == resumed.cost["candidates"] - done_before
     assert sorted(c["genome"] for c in resumed.front) == sorted(c["genome"] for c in result.front)
     assert resumed.knee == result.knee
+
+
+def test_probe_answers_are_cached_and_equal_fresh_ones(tiny_zoo, tiny_zoo_manifest, tmp_path, monkeypatch):
+    """A second setup of the same job reads the probes' answers from the response cache instead
+    of materializing and evaluating them, and fits the same IRT and subsets from them."""
+    import fitness.evaluate as fe
+    from evolve.run import setup
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    spec = EvolveSpec.model_validate(spec_for(tiny_zoo, tiny_zoo_manifest))
+    calls = []
+    real = fe.evaluate
+    monkeypatch.setattr(fe, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = setup(spec)
+    n_first = len(calls)
+    second = setup(spec)
+    assert n_first == 5 * 2 + 3 * 2  # 5 probes and 3 endpoints (fresh cache) on 2 benchmarks, then nothing
+    assert len(calls) == n_first
+    assert second.cost["probe_items"] == first.cost["probe_items"] > 0
+    for key, fit in first.fitness.fits.items():
+        again = second.fitness.fits[key]
+        assert np.array_equal(fit.subset.indices, again.subset.indices)  # entropy subsets come from the probes' answers
+        assert np.allclose(fit.endpoint_thetas, again.endpoint_thetas)
