@@ -253,7 +253,7 @@ def main() -> None:
                     s.accuracy  # noqa: B018  (the prediction is part of the cost)
             c["seconds"].append(time.perf_counter() - t1)
     # table: averaged over tasks
-    print(f"\nzoo {args.preset}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT on "
+    print(f"\nzoo {manifest['preset']}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT on "
           f"{len(fts) + 1} endpoints + {args.probes} probes; full evaluation {per_candidate_full:.2f}s per merge\n")
     n_full = np.mean([len(b) for b in benches.values()])
     setup_items = (len(fts) + 1 + args.probes) * n_full
