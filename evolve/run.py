@@ -13,7 +13,8 @@ Stages (each reported to `callback` as {"type": "stage", "stage": ...}):
 4. search: pymoo over the search space, candidates materialized in memory and scored on
    the subsets; progress events after every generation; checkpointed for `resume`;
 5. final_check: the front's members evaluated on the full benchmarks, so the true
-   objectives stand next to the estimates.
+   objectives stand next to the estimates (when every objective's estimator is `full`,
+   the search's values are already exact and are copied, not measured again).
 Outputs in out_dir: spec.json, candidates.jsonl, front.json, front.png (and state.pkl).
 """
 from __future__ import annotations
@@ -168,9 +169,12 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     true_hv = None
     if spec.final_check and not (should_stop and should_stop()):
         _emit(callback, {"type": "stage", "stage": "final_check"})
+        exact = all(o.estimator == "full" for o in spec.objectives)  # the search already measured them
         for cid in result.front:
             c = cands[cid]
-            if c.true_objectives is None:
+            if c.true_objectives is None and exact:
+                c.true_objectives = dict(c.objectives)
+            elif c.true_objectives is None:
                 c.true_objectives = evaluator.true_objectives(c)
                 cost["final_items"] += sum(len(b) for b in benches.values())
         from .pareto import hypervolume

@@ -130,3 +130,20 @@ def test_probe_answers_are_cached_and_equal_fresh_ones(tiny_zoo, tiny_zoo_manife
         again = second.fitness.fits[key]
         assert np.array_equal(fit.subset.indices, again.subset.indices)  # entropy subsets come from the probes' answers
         assert np.allclose(fit.endpoint_thetas, again.endpoint_thetas)
+
+
+def test_full_estimator_final_check_reuses_exact_objectives(tiny_zoo, tiny_zoo_manifest, tmp_path):
+    spec = spec_for(tiny_zoo, tiny_zoo_manifest, population=4, generations=2)
+    for o in spec["objectives"]:
+        o["estimator"] = "full"
+    res = run(spec, tmp_path / "run")
+    front = json.loads((tmp_path / "run" / "front.json").read_text())["front"]
+    assert res.cost["final_items"] == 0 and front
+    knee = next(c for c in front if c["knee"])
+    bench = load_benchmark(tiny_zoo / tiny_zoo_manifest["benchmarks"]["rev"]["path"])
+    folder = export(tmp_path / "run", knee["id"], tmp_path / "knee")
+    settings = EvalSettings(max_new_tokens=tiny_zoo_manifest["eval_settings"]["max_new_tokens"])
+    measured = evaluate_folder(folder, bench, settings, device="cpu", use_cache=False).accuracy
+    label = next(k for k in knee["true_objectives"] if "rev" in k)
+    assert knee["true_objectives"] == knee["objectives"]
+    assert measured == pytest.approx(knee["true_objectives"][label], abs=1e-9)
