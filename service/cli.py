@@ -107,6 +107,11 @@ def cmd_methods(args) -> None:
         for name, m in sorted(methods.items()):
             fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
             print(f"  {name:16} {m.summary}  params: {fields}")
+    from merging.atm import AtmParams
+
+    print("training methods (merge only; models give `train` data):")
+    print(f"  {'atm':16} ATM: alternate short fine-tunes per task and merges (Zhou et al. 2024).  "
+          f"params: {', '.join(f.alias or k for k, f in AtmParams.model_fields.items())}")
 
 
 def build_parser() -> argparse.ArgumentParser:

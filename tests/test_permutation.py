@@ -473,3 +473,5 @@ def test_cli_methods_lists_the_whole_model_methods(capsys):
     assert {"c2m3", "weight_matching"} <= set(WHOLE_MODEL_METHODS) and "ties" in METHODS
     (c2m3_line,) = [ln for ln in lines if ln.split()[:1] == ["c2m3"]]
     assert "Frank-Wolfe" in c2m3_line and "init" in c2m3_line and "repair" in c2m3_line
+    (atm_line,) = [ln for ln in lines if ln.split()[:1] == ["atm"]]
+    assert "iterations" in atm_line and "combine" in atm_line
