@@ -129,6 +129,10 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
     problem.evaluate_genome = evaluator
     checkpointable = algorithm != "moead"
+    if callback and done and evaluator.candidates:  # a resumed run first reports where it stands
+        F = _matrix(evaluator.candidates, objectives)
+        callback(Progress(done, generations, len(evaluator.candidates), _best(evaluator.candidates, objectives),
+                          hypervolume(F, ref), None))
 
     with open(cand_path, "a") as log:
         def record(c: Candidate) -> None:

@@ -177,3 +177,26 @@ def test_single_objective_algorithms_improve_and_resume(tmp_path, algorithm):
     go(tmp_path / "part", stop_at=2)
     resumed = go(tmp_path / "part", resume=True)
     assert [c.genome for c in resumed.candidates] == [c.genome for c in full.candidates]
+
+
+def test_resume_after_the_last_checkpoint_reports_the_final_generation(tmp_path):
+    """A run killed after its last checkpoint but before reporting it: the resumed run reports
+    the generation it restored (the service shows it), and evaluates nothing again."""
+    base, models = family(tmp_path)
+    space = SearchSpace("ties", 2)
+    resident = ResidentMerge(base, models, "ties", device="cpu")
+    scorer = DistanceScorer(models)
+
+    def go(events):
+        ev = CandidateEvaluator(space, resident, scorer)
+        res = run_search(MergeProblem(space, scorer.objectives), ev, tmp_path / "run", population=6, generations=3,
+                         seed=3, resume=True, fingerprint="f", callback=events.append)
+        return res, ev
+
+    first_events, again_events = [], []
+    first, _ = go(first_events)
+    again, ev = go(again_events)
+    assert [p.generation for p in first_events] == [1, 2, 3]
+    assert [p.generation for p in again_events] == [3] and ev.evaluated == 0
+    assert again_events[0].evaluations == len(first.candidates) and again.front == first.front
+    assert again_events[0].hypervolume == first_events[-1].hypervolume
