@@ -122,18 +122,25 @@ def test_resume_refuses_another_spec(tmp_path):
         run_search(MergeProblem(space, scorer.objectives), ev, tmp_path / "run", resume=True, fingerprint="other")
 
 
-@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "smsemoa", "moead"])
-def test_every_algorithm_stops_and_resumes_exactly(tmp_path, algorithm):
-    base, models = family(tmp_path)
+def stoppable_search(root: Path, scorer_cls, algorithm: str, generations: int):
+    """`go(out, resume, stop_at)`: a task-arithmetic search over `family(root)`, stopped after `stop_at` generations."""
+    base, models = family(root)
     space = SearchSpace("task_arithmetic", 2)
-    scorer = DistanceScorer(models)
+    scorer = scorer_cls(models)
     resident = ResidentMerge(base, models, "task_arithmetic", device="cpu")
 
     def go(out, resume=False, stop_at=None):
         ev = CandidateEvaluator(space, resident, scorer)
         stop = (lambda: len({c.generation for c in ev.candidates}) >= stop_at) if stop_at else None
         return run_search(MergeProblem(space, scorer.objectives), ev, out, algorithm=algorithm, population=6,
-                          generations=4, seed=0, resume=resume, should_stop=stop)
+                          generations=generations, seed=0, resume=resume, should_stop=stop)
+
+    return go
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "smsemoa", "moead"])
+def test_every_algorithm_stops_and_resumes_exactly(tmp_path, algorithm):
+    go = stoppable_search(tmp_path, DistanceScorer, algorithm, generations=4)
 
     full = go(tmp_path / "full")
     part = go(tmp_path / "part", stop_at=2)
@@ -157,16 +164,7 @@ class OneDistance(DistanceScorer):
 
 @pytest.mark.parametrize("algorithm", ["ga", "cmaes", "nsga2"])
 def test_single_objective_algorithms_improve_and_resume(tmp_path, algorithm):
-    base, models = family(tmp_path)
-    space = SearchSpace("task_arithmetic", 2)
-    scorer = OneDistance(models)
-    resident = ResidentMerge(base, models, "task_arithmetic", device="cpu")
-
-    def go(out, resume=False, stop_at=None):
-        ev = CandidateEvaluator(space, resident, scorer)
-        stop = (lambda: len({c.generation for c in ev.candidates}) >= stop_at) if stop_at else None
-        return run_search(MergeProblem(space, scorer.objectives), ev, out, algorithm=algorithm, population=6,
-                          generations=5, seed=0, resume=resume, should_stop=stop)
+    go = stoppable_search(tmp_path, OneDistance, algorithm, generations=5)
 
     full = go(tmp_path / "full")
     first = [c.objectives["dist"] for c in full.candidates if c.generation == 0]
