@@ -141,3 +141,14 @@ def test_response_cache(model, tok, tmp_path):
     assert len(list(cache.glob("*.npz"))) == 3
     m = response_matrix([first, tampered])
     assert m.shape == (2, len(bench)) and m.sum() == len(bench)
+
+
+def test_choice_scores_shared_prompt_varied_choices(model, tok):
+    """Items with different numbers and lengths of choices, batches smaller than one item's choices:
+    every score equals the unpadded prompt + choice oracle."""
+    choices = [["a"], ["bc", "9", "dd1", "x", "yz", "12345"], ["q", "rs"], ["abcdefgh", "z"], ["7", "77", "777"], ["m"]]
+    for batch_size in (1, 3, 64):
+        scores, lengths = choice_scores(model, tok, PROMPTS, choices, batch_size=batch_size)
+        for p, cs, s, n in zip(PROMPTS, choices, scores, lengths):
+            assert list(n) == [len(tok(c, add_special_tokens=False)["input_ids"]) for c in cs]
+            np.testing.assert_allclose(s, [logprob_oracle(model, tok, p, c) for c in cs], rtol=1e-4, atol=1e-4)
