@@ -183,8 +183,9 @@ def _load_base(root: Path):
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
 
 
-def _train_job(root: Path, preset: Preset, seed: int, name: str, lora: bool) -> dict:
-    """One fine-tune (full or LoRA) of the saved base, saved under `root`; runs in a worker process."""
+def _train_job(root: Path, preset: Preset, seed: int, name: str, lora: bool, benchmarks: dict[str, str]) -> dict:
+    """One fine-tune (full or LoRA) of the saved base, saved under `root` and evaluated on every
+    benchmark (under "accuracy"); runs in a worker process."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -194,10 +195,12 @@ def _train_job(root: Path, preset: Preset, seed: int, name: str, lora: bool) -> 
         model = finetune(base, tokenizer, preset, name, seed, lora=lora)
         if lora:
             _save_adapter(model, tokenizer, root / "adapters" / f"{name}-lora")
-            return {"path": f"adapters/{name}-lora", "kind": "lora", "task": name, "lora_r": preset.lora_r,
-                    "train_seconds": round(time.perf_counter() - t0, 1)}
-        _save_full(model, tokenizer, root / "models" / name, preset)
-        return {"path": f"models/{name}", "kind": "full", "task": name, "train_seconds": round(time.perf_counter() - t0, 1)}
+            entry = {"path": f"adapters/{name}-lora", "kind": "lora", "task": name, "lora_r": preset.lora_r}
+        else:
+            _save_full(model, tokenizer, root / "models" / name, preset)
+            entry = {"path": f"models/{name}", "kind": "full", "task": name}
+        entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+    return {**entry, "accuracy": _evaluate_job(root, preset, entry["path"], benchmarks)}
 
 
 def _pool(workers: int):
@@ -210,19 +213,25 @@ def _pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _map(pool, fn, jobs: list[tuple]) -> list:
-    """`fn(*job)` for each job, in order, in the pool's processes when there is a pool."""
+def _map(pool, fn, jobs: list[tuple], order: list[int] | None = None) -> list:
+    """`fn(*job)` for each job, results in the jobs' order, in the pool's processes when there is
+    a pool; `order` is the order to submit them in (longest first keeps the processes busy)."""
     if pool is None:
         return [fn(*job) for job in jobs]
-    return [f.result() for f in [pool.submit(fn, *job) for job in jobs]]
+    futures = {i: pool.submit(fn, *jobs[i]) for i in (order or range(len(jobs)))}
+    return [futures[i].result() for i in range(len(jobs))]
 
 
-def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None], pool=None) -> dict[str, dict]:
-    """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries.
+def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None], pool=None,
+                 benchmarks: dict[str, str] | None = None) -> dict[str, dict]:
+    """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries,
+    each with its accuracy on every benchmark in `benchmarks` ({task: path under root}).
 
     The base trains first; the fine-tunes, each single-threaded and seeded on its own, then
     train side by side in `pool`'s processes from the saved base (bit-identical to training
-    them one after another in this process: the saved float32 weights are the base's).
+    them one after another in this process: the saved float32 weights are the base's). Each
+    job evaluates its model as soon as it is trained, and the base's evaluation is queued last,
+    so no process waits for a training stage to end before evaluating.
     """
     t0 = time.perf_counter()
     base, tokenizer = pretrain_base(preset, seed, log)
@@ -230,15 +239,24 @@ def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], Non
     entries: dict[str, dict] = {"base": {"path": "models/base", "kind": "base", "task": None,
                                          "parameters": sum(p.numel() for p in base.parameters()),
                                          "train_seconds": round(time.perf_counter() - t0, 1)}}
-    jobs = [(root, preset, seed, name, False) for name in preset.tasks]
-    jobs += [(root, preset, seed, name, True) for name in preset.lora_tasks]
+    benchmarks = benchmarks or {}
+    jobs = [(root, preset, seed, name, False, benchmarks) for name in preset.tasks]
+    jobs += [(root, preset, seed, name, True, benchmarks) for name in preset.lora_tasks]
+    steps = [preset.lora_steps if lora else preset.steps_for(name) for _, _, _, name, lora, _ in jobs]
     log(f"fine-tuning {', '.join(preset.tasks)} ({preset.finetune_steps} steps, "
         + ", ".join(f"{t} {n}" for t, n in preset.extra_steps) + f") and LoRA adapters for {', '.join(preset.lora_tasks)}"
-        + f" ({preset.lora_steps} steps)" + (f" in {pool._max_workers} processes" if pool else ""))
-    for (_, _, _, name, lora), entry in zip(jobs, _map(pool, _train_job, jobs)):
+        + f" ({preset.lora_steps} steps), each then evaluated" + (f", in {pool._max_workers} processes" if pool else ""))
+    calls = [(_train_job, job) for job in jobs] + [(_evaluate_job, (root, preset, "models/base", benchmarks))]
+    order = sorted(range(len(jobs)), key=lambda i: -steps[i]) + [len(jobs)]  # longest first, the base's evaluation last
+    *done, entries["base"]["accuracy"] = _map(pool, _run_job, calls, order)
+    for (_, _, _, name, lora, _), entry in zip(jobs, done):
         entries[f"{name}-lora" if lora else name] = entry
-        log(f"  {'LoRA ' if lora else ''}{name}: {entry['train_seconds']}s")
+        log(f"  {'LoRA ' if lora else ''}{name}: trained in {entry['train_seconds']}s")
     return entries
+
+
+def _run_job(fn, args: tuple):
+    return fn(*args)
 
 
 def _evaluate_job(root: Path, preset: Preset, path: str, benchmarks: dict[str, str]) -> dict[str, float]:
@@ -249,17 +267,9 @@ def _evaluate_job(root: Path, preset: Preset, path: str, benchmarks: dict[str, s
                                   device="cpu").accuracy, 4) for t, b in benchmarks.items()}
 
 
-def evaluate_all(root: Path, manifest: dict, log: Callable[[str], None], names: list[str] | None = None,
-                 pool=None) -> dict[str, dict[str, float]]:
-    """Accuracy of each named model (default: all) on every benchmark, full evaluation."""
-    preset = get_preset(manifest["preset"])
-    benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
-    names = names or list(manifest["models"])
-    jobs = [(root, preset, manifest["models"][n]["path"], benchmarks) for n in names]
-    out = dict(zip(names, _map(pool, _evaluate_job, jobs)))
-    for name, acc in out.items():
+def log_accuracy(accuracy: dict[str, dict[str, float]], log: Callable[[str], None]) -> None:
+    for name, acc in accuracy.items():
         log(f"  {name}: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-    return out
 
 
 def merge_check(root: Path, manifest: dict, log: Callable[[str], None], pool=None) -> dict | None:
@@ -421,16 +431,14 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
             if ":" in task.name:
                 benchmarks[task.key]["composed_of"] = task.name.split(":")
         manifest["benchmarks"] = benchmarks
-        models = build_models(work, p, seed, log, pool)
+        models = build_models(work, p, seed, log, pool, {t: b["path"] for t, b in benchmarks.items()})
+        manifest["accuracy"] = {name: m.pop("accuracy") for name, m in models.items()}
         for m in models.values():
             m["weights_hash"] = weights_hash(work / m["path"])
             m["files"] = folder_hashes(work / m["path"])
         manifest["models"] = models
-        manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
-        log("evaluating every model on every benchmark")
-        t1 = time.perf_counter()
-        manifest["accuracy"] = evaluate_all(work, manifest, log, pool=pool)
-        manifest["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        manifest["models_seconds"] = round(time.perf_counter() - t0, 1)  # training and evaluating them
+        log_accuracy(manifest["accuracy"], log)
         manifest["merge_check"] = merge_check(work, manifest, log, pool)
         manifest["checks"] = quality_checks(manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
