@@ -5,7 +5,9 @@ On a zoo (default `tiny`; `--preset small` for the issue's setting):
    as an evolve job builds them) are evaluated on every benchmark in full: they are what
    IRT is fitted on and what the entropy subset is chosen from;
 2. H held-out merges (random method among task_arithmetic / ties / dare_ties / tsv, random
-   weights and densities) are evaluated in full: their exact accuracies are the truth;
+   weights and densities) are evaluated in full: their exact accuracies are the truth. Probe
+   and held-out answers go to the per-machine response cache under their recipe (as evolve
+   caches its probes), so a rerun with other options evaluates only what it has not seen;
 3. for every benchmark, strategy (random, anchor, entropy) and k, each estimator predicts
    every held-out merge's accuracy from its answers on the k subset items only (batched
    evaluation does not depend on batch mates, so a subset's answers are a slice of the full
@@ -26,7 +28,7 @@ correlation across the held-out merges (averaged over benchmarks), items and for
 per candidate (all benchmarks; fixed subsets as `Fitness.score` runs them, one evaluation per
 benchmark; adaptive rounds with every benchmark's next items in one evaluation), the wall time
 per candidate of really running those evaluations (and the CAT's arithmetic) on the first
-`--timed` held-out merges, and the cost ratio: full-benchmark items per candidate divided by
+`--timed` held-out merges (their full evaluation is timed the same way, for the baseline), and the cost ratio: full-benchmark items per candidate divided by
 items per candidate, with and without the one-off cost of the endpoint and probe evaluations
 amortized over the held-out merges.
 
@@ -50,14 +52,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evolve.materialize import ResidentMerge  # noqa: E402
-from evolve.run import probe_weights  # noqa: E402
+from evolve.run import probe_weights, recipe_digest  # noqa: E402
 from fitness.benchmarks import load_benchmark  # noqa: E402
 from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior,  # noqa: E402
                               fixed_map_accuracy)
 from fitness.estimators import estimate  # noqa: E402
-from fitness.evaluate import EvalSettings, evaluate, evaluate_folder  # noqa: E402
+from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.subsets import anchor_subset, entropy_subset, random_subset  # noqa: E402
+from merging.checkpoint import content_hash  # noqa: E402
 from merging.spec import method_params  # noqa: E402
 
 ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="evaluation batch size (forward-pass count)")
     ap.add_argument("--timed", type=int, default=6, help="held-out merges whose subset evaluations are timed")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--dump", type=Path, help="also write the response matrices (endpoints, probes, truth) as .npz")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from zoo.build import build_zoo
@@ -103,35 +107,53 @@ def main() -> None:
     benches = {t: load_benchmark(zoo / manifest["benchmarks"][t]["path"]) for t in tasks}
     settings = EvalSettings(**{k: v for k, v in manifest["eval_settings"].items()})
     tok = AutoTokenizer.from_pretrained(base)
-    t0 = time.perf_counter()
 
-    def full(model) -> dict[str, np.ndarray]:
-        return {t: evaluate(model, tok, b, settings, device="cpu").correct for t, b in benches.items()}
+    inputs = [content_hash(base), *(content_hash(f) for f in fts)]
+
+    def full(recipe: dict, make_model) -> dict[str, np.ndarray]:
+        """Answers of a merge on every item, from the response cache when this machine has them:
+        the probes and held-out merges are named by recipe (as evolve names its probes)."""
+        digest, model = recipe_digest(recipe, inputs), None
+
+        def compute(b):
+            nonlocal model
+            model = model or make_model()
+            return evaluate(model, tok, b, settings, device="cpu")
+
+        return {t: cached_responses(digest, b, settings, "cpu", lambda b=b: compute(b)).correct
+                for t, b in benches.items()}
 
     endpoints = {t: [] for t in tasks}
     for folder in [base, *fts]:
         for t, b in benches.items():
             endpoints[t].append(evaluate_folder(folder, b, settings, device="cpu").correct)
-    resident = ResidentMerge(base, fts, "task_arithmetic", device="cpu")
+    residents = {"task_arithmetic": ResidentMerge(base, fts, "task_arithmetic", device="cpu")}
+
+    def materializer(method: str, params):
+        def make():
+            if method not in residents:
+                residents[method] = ResidentMerge(base, fts, method, device="cpu")
+            return residents[method].materialize(params)
+        return make
+
     probes = {t: [] for t in tasks}
     for w in probe_weights(args.probes, len(fts), seed=42):
-        for t, y in full(resident.materialize(method_params("task_arithmetic", {"weights": w}, len(fts)))).items():
+        ta = method_params("task_arithmetic", {"weights": w}, len(fts))
+        for t, y in full({"probe": "task_arithmetic", "weights": w}, materializer("task_arithmetic", ta)).items():
             probes[t].append(y)
-    t_setup = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     truth = {t: [] for t in tasks}
     held_out = []
     for h in range(args.merges):
         method = HELD_OUT_METHODS[h % len(HELD_OUT_METHODS)]
-        held_out.append((method, method_params(method, held_out_params(method, len(fts), rng), len(fts))))
-    residents = {"task_arithmetic": resident}
-    for method, params in held_out:
-        if method not in residents:
-            residents[method] = ResidentMerge(base, fts, method, device="cpu")
-        for t, y in full(residents[method].materialize(params)).items():
+        raw = held_out_params(method, len(fts), rng)
+        held_out.append((method, method_params(method, raw, len(fts))))
+        for t, y in full({"held_out": method, "params": raw}, materializer(*held_out[-1])).items():
             truth[t].append(y)
-    t_truth = time.perf_counter() - t0 - t_setup
-    per_candidate_full = t_truth / args.merges
+    if args.dump:
+        np.savez(args.dump, **{f"{kind}/{t}": np.array(d[t], dtype=np.uint8)
+                               for kind, d in (("endpoints", endpoints), ("probes", probes), ("truth", truth))
+                               for t in tasks})
 
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
@@ -217,9 +239,13 @@ def main() -> None:
                 items, passes = float(np.mean(it)), float(np.mean(ps))
             cost[strategy, k] = {"items": items, "passes": passes, "seconds": []}
     # wall time: rerun the evaluations a candidate would need on the first few held-out merges
-    mismatches = 0
+    mismatches, full_seconds = 0, []
     for h, (method, params_h) in enumerate(held_out[: args.timed]):
-        model = residents[method].materialize(params_h)
+        model = materializer(method, params_h)()
+        t1 = time.perf_counter()
+        for t in tasks:  # what full evaluation costs (the truth above may have come from the cache)
+            evaluate(model, tok, benches[t], settings, device="cpu", batch_size=batch)
+        full_seconds.append(time.perf_counter() - t1)
         for (strategy, k), c in cost.items():
             t1 = time.perf_counter()
             if strategy in FIXED:
@@ -252,6 +278,7 @@ def main() -> None:
                 for s in sessions.values():
                     s.accuracy  # noqa: B018  (the prediction is part of the cost)
             c["seconds"].append(time.perf_counter() - t1)
+    per_candidate_full = float(np.mean(full_seconds)) if full_seconds else float("nan")
     # table: averaged over tasks
     print(f"\nzoo {manifest['preset']}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT on "
           f"{len(fts) + 1} endpoints + {args.probes} probes; full evaluation {per_candidate_full:.2f}s per merge\n")

@@ -77,6 +77,11 @@ def probe_weights(n_probes: int, n_models: int, seed: int) -> list[list[float]]:
     return [(lam * n_models * rng.dirichlet(np.ones(n_models))).tolist() for lam in grid]
 
 
+def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
+    """Names an in-memory merge for the response cache: its recipe and its inputs' content hashes."""
+    return hashlib.sha256(json.dumps({**recipe, "inputs": inputs}).encode()).hexdigest()
+
+
 def _fingerprint(spec: EvolveSpec) -> str:
     """What a checkpoint must match to be resumed: everything but where it runs and how it is saved."""
     return hashlib.sha256(spec.model_dump_json(exclude={"device", "output"}).encode()).hexdigest()
@@ -118,7 +123,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
     inputs = [content_hash(spec.base), *(content_hash(p) for p in paths)]
     for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed) if ev.irt.probes else []:
-        digest = hashlib.sha256(json.dumps({"probe": "task_arithmetic", "weights": w, "inputs": inputs}).encode()).hexdigest()
+        digest = recipe_digest({"probe": "task_arithmetic", "weights": w}, inputs)
         model = None
 
         def compute(b) -> Responses:
