@@ -8,7 +8,8 @@ On a zoo (default `tiny`; `--preset small` for the issue's setting):
    weights and densities) are evaluated in full: their exact accuracies are the truth. Probe
    and held-out answers go to the per-machine response cache under their recipe (as evolve
    caches its probes), so a rerun with other options evaluates only what it has not seen;
-3. for every benchmark, strategy (random, anchor, entropy) and k, each estimator predicts
+3. for every benchmark, strategy (random, anchor, entropy; stratified by item kind as an
+   evolve job draws them) and k, each estimator predicts
    every held-out merge's accuracy from its answers on the k subset items only (batched
    evaluation does not depend on batch mates, so a subset's answers are a slice of the full
    answers). Random subsets are redrawn per seed and averaged.
@@ -176,12 +177,13 @@ def main() -> None:
                 preds = {est: [] for est in ESTIMATORS}
                 for seed in draws:
                     if strategy in FIXED:
+                        kinds = [it.kind for it in benches[t].items]  # strata, as fitness.Fitness draws them
                         if strategy == "random":
-                            sub = random_subset(T.shape[1], k, seed=seed)
+                            sub = random_subset(T.shape[1], k, seed=seed, groups=kinds)
                         elif strategy == "anchor":
-                            sub = anchor_subset(k, item_params=params, responses=Y, seed=42)
+                            sub = anchor_subset(k, item_params=params, responses=Y, seed=42, groups=kinds)
                         else:
-                            sub = entropy_subset(Y, k, seed=seed)
+                            sub = entropy_subset(Y, k, seed=seed, groups=kinds)
                         subsets[t, strategy, k, seed] = sub
                         seen = [sub.indices] * T.shape[0]
                         weights = sub.weights

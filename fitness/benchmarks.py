@@ -53,6 +53,11 @@ class Item:
     def is_choice(self) -> bool:
         return self.choices is not None
 
+    @property
+    def kind(self) -> str:
+        """The item's format, the stratum that subsets sample in proportion: "choice" or "generation:<match>"."""
+        return "choice" if self.is_choice else f"generation:{self.match}"
+
     def to_json(self) -> dict:
         d: dict = {"id": self.id, "prompt": self.prompt}
         if self.is_choice:

@@ -6,7 +6,9 @@ and the models being merged) and of a few probe merges:
    no objective needs them, or the spec imports a fitted parameter file;
 2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
 3. the subset of items each candidate will answer is extracted (random, IRT anchors, or
-   the highest-entropy items across endpoints and probes, Evo-L2S), or, with
+   the highest-entropy items across endpoints and probes, Evo-L2S), stratified by item kind
+   (multiple choice, generation per match rule: each kind gets its proportional share of the
+   k items, weighted by its share of the benchmark), or, with
    `subset: {strategy: adaptive}`, the prior on ability for computerized adaptive testing
    (`fitness.adaptive`) is taken from the endpoints' abilities.
 Then `score(model)` runs the model only on the subset items (all benchmarks' items in
@@ -262,12 +264,13 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
             params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     k = min(sub.size, len(bench))
+    kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     if sub.strategy == "random":
-        subset = random_subset(len(bench), k, seed=sub.seed)
+        subset = random_subset(len(bench), k, seed=sub.seed, groups=kinds)
     elif sub.strategy == "anchor":
-        subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed)
+        subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed, groups=kinds)
     elif sub.strategy == "entropy":
-        subset = entropy_subset(Y, k, seed=sub.seed)
+        subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
     else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
         subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
         # MAP under N(0, 1) (py-irt's ability scale), not the MLEs above: a fine-tune that gets

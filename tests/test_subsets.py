@@ -116,3 +116,30 @@ def test_select_and_serialisation(items, probes):
     assert np.array_equal(back.indices, s.indices) and np.array_equal(back.weights, s.weights)
     with pytest.raises(ValueError):
         Subset(np.array([1, 1]), np.array([0.5, 0.5]), "random")
+
+
+def test_fitness_subsets_are_stratified_by_item_kind():
+    """A job's fixed subsets take each item kind (multiple choice, generation per match rule) in
+    proportion to its share of the benchmark, weighted so the weighted mean is the mean over all items."""
+    from fitness.benchmarks import from_items
+    from fitness.evaluate import Responses
+    from fitness.fitness import fit_benchmark
+    from fitness.spec import EvaluationSpec, ObjectiveSpec
+
+    rows = ([{"id": f"g{i}", "prompt": "p", "answer": "a"} for i in range(140)]
+            + [{"id": f"n{i}", "prompt": "p", "answer": "1", "match": "number"} for i in range(20)]
+            + [{"id": f"m{i}", "prompt": "p", "choices": ["a", "b"], "answer": 0} for i in range(40)])
+    bench = from_items("mixed", rows)
+    kinds = np.array([it.kind for it in bench.items])
+    assert sorted(set(kinds)) == ["choice", "generation:exact", "generation:number"]
+    rng = np.random.default_rng(0)
+    answers = [Responses(bench.ids, (rng.random(200) < 0.5).astype(np.uint8), np.ones(200, int), [""] * 200)
+               for _ in range(6)]
+    evaluation = EvaluationSpec(irt={"epochs": 20})
+    for strategy in ("random", "anchor", "entropy"):
+        spec = ObjectiveSpec(benchmark="mixed.jsonl", subset={"strategy": strategy, "size": 10, "seed": 3})
+        sub = fit_benchmark(bench, [spec], evaluation, answers[:3], answers[3:]).subset
+        taken = {k: int((kinds[sub.indices] == k).sum()) for k in set(kinds)}
+        assert taken == {"generation:exact": 7, "generation:number": 1, "choice": 2}, strategy
+        for k, n in taken.items():
+            assert sub.weights[kinds[sub.indices] == k].sum() == pytest.approx((kinds == k).mean())
