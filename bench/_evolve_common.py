@@ -108,6 +108,27 @@ def build_fitness(spec: dict):
     return job.fitness, job.resident, job.space, {k: job.cost[k] for k in ("endpoint_items", "probe_items")}
 
 
+def forget_probes(spec: dict) -> int:
+    """Deletes the cached answers of `spec`'s probe merges, so that its next run pays for them as a
+    user's first job over these models does. Returns how many cache files were removed."""
+    from evolve.run import probe_recipes
+    from evolve.spec import EvolveSpec
+    from fitness.benchmarks import load_benchmark
+    from fitness.evaluate import cache_key, default_cache_dir, resolve_device
+    from fitness.fitness import benchmark_paths, eval_settings
+
+    s = EvolveSpec.model_validate(spec)
+    settings, device = eval_settings(s.evaluation), resolve_device(s.device)
+    benches = [load_benchmark(p) for p in benchmark_paths(s.objectives)]
+    removed = 0
+    for _, digest in probe_recipes(s):
+        for b in benches:
+            f = default_cache_dir() / f"{cache_key(digest, b, settings, device)}.npz"
+            removed += f.exists()
+            f.unlink(missing_ok=True)
+    return removed
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table (floats to 3 significant decimals)."""
     def fmt(v):

@@ -82,6 +82,14 @@ def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps({**recipe, "inputs": inputs}).encode()).hexdigest()
 
 
+def probe_recipes(spec: EvolveSpec) -> list[tuple[list[float], str]]:
+    """The job's probe merges: (task-arithmetic weights, digest naming their answers in the response cache)."""
+    ev = spec.evaluation
+    inputs = [content_hash(spec.base), *(content_hash(m.path) for m in spec.models)]
+    return [(w, recipe_digest({"probe": "task_arithmetic", "weights": w}, inputs))
+            for w in (probe_weights(ev.irt.probes, len(spec.models), ev.irt.seed) if ev.irt.probes else [])]
+
+
 def _fingerprint(spec: EvolveSpec) -> str:
     """What a checkpoint must match to be resumed: everything but where it runs and how it is saved."""
     return hashlib.sha256(spec.model_dump_json(exclude={"device", "output"}).encode()).hexdigest()
@@ -121,9 +129,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     probes: dict[str, list[Responses]] = {k: [] for k in benches}
     resident = None
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    inputs = [content_hash(spec.base), *(content_hash(p) for p in paths)]
-    for w in probe_weights(ev.irt.probes, len(paths), ev.irt.seed) if ev.irt.probes else []:
-        digest = recipe_digest({"probe": "task_arithmetic", "weights": w}, inputs)
+    for w, digest in probe_recipes(spec):
         model = None
 
         def compute(b) -> Responses:
