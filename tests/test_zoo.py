@@ -191,3 +191,30 @@ def test_zoo_built_before_a_preset_field_existed_is_reused(tiny_zoo, tiny_zoo_ma
     assert any("reusing" in line for line in lines)
     assert not any("rebuilding" in line for line in lines)
     assert _reusable(copy, dataclasses.replace(TINY, pretrain_threads=2), 0, lines.append) is None
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_submit_returns_results_in_job_order_whatever_the_submission_order():
+    """The build's scheduler: jobs submitted longest first still come back in the jobs' order,
+    in worker processes and in-process alike; in-process, they run in the submission order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from zoo.build import _submit
+
+    jobs, order = [(3,), (1,), (4,), (2,)], [2, 0, 3, 1]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert [r() for r in _submit(pool, _square, jobs, order)] == [9, 1, 16, 4]
+    ran = []
+
+    def record(x):
+        ran.append(x)
+        return x * x
+
+    results = _submit(None, record, jobs, order)
+    assert ran == []  # nothing runs before a result is asked for
+    assert results[1]() == 1 and ran == [4, 3, 2, 1]
+    assert [r() for r in results] == [9, 1, 16, 4] and ran == [4, 3, 2, 1]

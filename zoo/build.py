@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -213,17 +213,31 @@ def _pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _map(pool, fn, jobs: list[tuple], order: list[int] | None = None) -> list:
-    """`fn(*job)` for each job, results in the jobs' order, in the pool's processes when there is
-    a pool; `order` is the order to submit them in (longest first keeps the processes busy)."""
+def _submit(pool, fn, jobs: list[tuple], order: list[int] | None = None) -> list[Callable[[], Any]]:
+    """Starts `fn(*job)` for each job in `pool`'s processes, submitted in `order` (longest first keeps
+    the processes busy); returns, per job in the jobs' order, a call that waits for its result.
+    Without a pool the jobs run here, one after another, on the first call for a result."""
     if pool is None:
-        return [fn(*job) for job in jobs]
+        done: dict[int, Any] = {}
+
+        def run_all(i: int):
+            for j in order or range(len(jobs)):
+                if j not in done:
+                    done[j] = fn(*jobs[j])
+            return done[i]
+        return [lambda i=i: run_all(i) for i in range(len(jobs))]
     futures = {i: pool.submit(fn, *jobs[i]) for i in (order or range(len(jobs)))}
-    return [futures[i].result() for i in range(len(jobs))]
+    return [futures[i].result for i in range(len(jobs))]
+
+
+def _map(pool, fn, jobs: list[tuple]) -> list:
+    """`fn(*job)` for each job, results in order, in the pool's processes when there is a pool."""
+    return [result() for result in _submit(pool, fn, jobs)]
 
 
 def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], None], pool=None,
-                 benchmarks: dict[str, str] | None = None) -> dict[str, dict]:
+                 benchmarks: dict[str, str] | None = None,
+                 on_full_models: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
     """Trains and saves base, full fine-tunes and LoRA adapters; returns their manifest entries,
     each with its accuracy on every benchmark in `benchmarks` ({task: path under root}).
 
@@ -231,7 +245,9 @@ def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], Non
     train side by side in `pool`'s processes from the saved base (bit-identical to training
     them one after another in this process: the saved float32 weights are the base's). Each
     job evaluates its model as soon as it is trained, and the base's evaluation is queued last,
-    so no process waits for a training stage to end before evaluating.
+    so no process waits for a training stage to end before evaluating. `on_full_models` is
+    called with the base's and full fine-tunes' entries as soon as they are done (the merge
+    check), while the adapters may still be training.
     """
     t0 = time.perf_counter()
     base, tokenizer = pretrain_base(preset, seed, log)
@@ -248,11 +264,18 @@ def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], Non
         + f" ({preset.lora_steps} steps), each then evaluated" + (f", in {pool._max_workers} processes" if pool else ""))
     calls = [(_train_job, job) for job in jobs] + [(_evaluate_job, (root, preset, "models/base", benchmarks))]
     order = sorted(range(len(jobs)), key=lambda i: -steps[i]) + [len(jobs)]  # longest first, the base's evaluation last
-    *done, entries["base"]["accuracy"] = _map(pool, _run_job, calls, order)
-    for (_, _, _, name, lora, _), entry in zip(jobs, done):
-        entries[f"{name}-lora" if lora else name] = entry
-        log(f"  {'LoRA ' if lora else ''}{name}: trained in {entry['train_seconds']}s")
-    return entries
+    results = _submit(pool, _run_job, calls, order)
+    names = [f"{name}-lora" if lora else name for _, _, _, name, lora, _ in jobs]
+    for i, (_, _, _, name, lora, _) in enumerate(jobs):
+        if not lora:
+            entries[name] = results[i]()
+    if on_full_models:
+        on_full_models(dict(entries))
+    for i, name in enumerate(names):
+        entries[name] = results[i]()
+        log(f"  {'LoRA ' if jobs[i][4] else ''}{jobs[i][3]}: trained in {entries[name]['train_seconds']}s")
+    entries["base"]["accuracy"] = results[-1]()
+    return {"base": entries.pop("base"), **entries}
 
 
 def _run_job(fn, args: tuple):
@@ -287,14 +310,16 @@ def merge_check(root: Path, manifest: dict, log: Callable[[str], None], pool=Non
     benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
     full = [n for n, m in manifest["models"].items() if m["kind"] == "full"]
     groups = [full] + [b["composed_of"] for b in manifest["benchmarks"].values() if "composed_of" in b]
+    composed = {tuple(b["composed_of"]): t for t, b in manifest["benchmarks"].items() if "composed_of" in b}
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         jobs = []
-        for names in groups:
+        for i, names in enumerate(groups):
             out = Path(tmp) / "-".join(names)
             merge({"base": str(root / "models" / "base"), **copy.deepcopy(MERGE_CHECK),
                    "models": [{"name": n, "path": str(root / manifest["models"][n]["path"])} for n in names]},
                   out, progress=False)
-            jobs.append((root, preset, str(out.relative_to(root)), benchmarks))
+            key = composed.get(tuple(names)) if i else None  # a parents' merge is measured on its composed task only
+            jobs.append((root, preset, str(out.relative_to(root)), {key: benchmarks[key]} if key else benchmarks))
         acc, *pairs = _map(pool, _evaluate_job, jobs)
     log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
     transfer = {}
@@ -431,7 +456,13 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
             if ":" in task.name:
                 benchmarks[task.key]["composed_of"] = task.name.split(":")
         manifest["benchmarks"] = benchmarks
-        models = build_models(work, p, seed, log, pool, {t: b["path"] for t, b in benchmarks.items()})
+        checked: dict[str, Any] = {}
+
+        def check_merges(done: dict[str, dict]) -> None:  # while the adapters still train
+            partial = {**manifest, "models": done, "accuracy": {n: m["accuracy"] for n, m in done.items() if "accuracy" in m}}
+            checked["merge_check"] = merge_check(work, partial, log, pool)
+
+        models = build_models(work, p, seed, log, pool, {t: b["path"] for t, b in benchmarks.items()}, check_merges)
         manifest["accuracy"] = {name: m.pop("accuracy") for name, m in models.items()}
         for m in models.values():
             m["weights_hash"] = weights_hash(work / m["path"])
@@ -439,7 +470,7 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
         manifest["models"] = models
         manifest["models_seconds"] = round(time.perf_counter() - t0, 1)  # training and evaluating them
         log_accuracy(manifest["accuracy"], log)
-        manifest["merge_check"] = merge_check(work, manifest, log, pool)
+        manifest["merge_check"] = checked["merge_check"]
         manifest["checks"] = quality_checks(manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         _write_manifest(work, manifest)
