@@ -26,8 +26,8 @@ and what an evolve job with `estimator: p_irt, subset: {strategy: adaptive}` rep
 
 Printed: mean absolute error in accuracy points against full evaluation, Spearman rank
 correlation across the held-out merges (averaged over benchmarks), items and forward passes
-per candidate (all benchmarks; fixed subsets as `Fitness.score` runs them, one evaluation per
-benchmark; adaptive rounds with every benchmark's next items in one evaluation), the wall time
+per candidate (all benchmarks; fixed subsets as `Fitness.score` runs them, every benchmark's
+items in one evaluation; adaptive rounds likewise with every benchmark's next items), the wall time
 per candidate of really running those evaluations (and the CAT's arithmetic) on the first
 `--timed` held-out merges (their full evaluation is timed the same way, for the baseline), and the cost ratio: full-benchmark items per candidate divided by
 items per candidate, with and without the one-off cost of the endpoint and probe evaluations
@@ -227,9 +227,9 @@ def main() -> None:
         for k in ks:
             if any(k >= len(b) for b in benches.values()):
                 continue
-            if strategy in FIXED:
+            if strategy in FIXED:  # one evaluation for all benchmarks, as Fitness.score runs them
                 items = sum(len(subsets[t, strategy, k, 0]) for t in tasks)
-                passes = sum(-(-len(subsets[t, strategy, k, 0]) // batch) for t in tasks)
+                passes = -(-items // batch)
             else:
                 it, ps = [], []
                 for h in range(args.merges):
@@ -251,12 +251,15 @@ def main() -> None:
         for (strategy, k), c in cost.items():
             t1 = time.perf_counter()
             if strategy in FIXED:
-                for t in tasks:
-                    sub = subsets[t, strategy, k, 0]
-                    r = evaluate(model, tok, [benches[t].items[i] for i in sub.indices], settings, device="cpu",
-                                 batch_size=batch)
-                    estimate("gmp_irt", r.correct.astype(float), sub.indices, sub.weights, fits[t][0], fits[t][1])
-                    mismatches += int((r.correct != truth[t][h][sub.indices]).sum())
+                subs = {t: subsets[t, strategy, k, 0] for t in tasks}
+                r = evaluate(model, tok, [benches[t].items[i] for t in tasks for i in subs[t].indices], settings,
+                             device="cpu", batch_size=batch)
+                at = 0
+                for t, sub in subs.items():
+                    y = r.correct[at:at + len(sub)]
+                    at += len(sub)
+                    estimate("gmp_irt", y.astype(float), sub.indices, sub.weights, fits[t][0], fits[t][1])
+                    mismatches += int((y != truth[t][h][sub.indices]).sum())
             else:
                 sessions = {}
                 for t in tasks:

@@ -139,22 +139,30 @@ class Fitness:
             return np.arange(len(fit.benchmark))
         return fit.subset.indices
 
-    def _run(self, model, key: str, idx: np.ndarray) -> Responses:
-        items = [self.fits[key].benchmark.items[i] for i in idx]
-        return evaluate(model, self.tokenizer, items, self.settings, batch_size=self.evaluation.batch_size,
+    def _run(self, model, asked: dict[str, np.ndarray]) -> dict[str, Responses]:
+        """Answers to the given items of several benchmarks, all of them in one batched evaluation."""
+        items = [self.fits[k].benchmark.items[i] for k, idx in asked.items() for i in idx]
+        resp = evaluate(model, self.tokenizer, items, self.settings, batch_size=self.evaluation.batch_size,
                         device=self.device)
+        out, at = {}, 0
+        for key, idx in asked.items():
+            part = slice(at, at + len(idx))
+            out[key] = Responses(resp.item_ids[part], resp.correct[part], resp.output_tokens[part], resp.outputs[part])
+            at += len(idx)
+        return out
 
     def score(self, model) -> Score:
-        """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds)."""
+        """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds);
+        every fixed subset goes through the model in one batched evaluation."""
         t0, values, items, passes = time.perf_counter(), {}, 0, 0
-        for key, fit in self.fits.items():
-            if self._is_adaptive(key):
-                continue
-            idx = self._items(key)
-            resp = self._run(model, key, idx)
-            items += len(idx)
-            passes += _batches(len(idx), self.evaluation.batch_size)
-            pos = np.searchsorted(idx, fit.subset.indices)
+        asked = {key: self._items(key) for key in self.fits if not self._is_adaptive(key)}
+        answers = self._run(model, asked) if asked else {}
+        if asked:
+            items = sum(len(idx) for idx in asked.values())
+            passes = _batches(items, self.evaluation.batch_size)
+        for key, resp in answers.items():
+            fit = self.fits[key]
+            pos = np.searchsorted(asked[key], fit.subset.indices)
             for s in (s for s in self.specs if str(s.benchmark) == key):
                 values[s.label] = self._estimate(s, fit, resp, pos)
         trace: dict[str, Any] = {}
@@ -178,19 +186,15 @@ class Fitness:
         tokens: dict[str, list[int]] = {k: [] for k in keys}
         items = passes = 0
         while True:
-            asked = [(k, s.next_items()) for k, s in sessions.items() if not s.done]
+            asked = {k: s.next_items() for k, s in sessions.items() if not s.done}
             if not asked:
                 break
-            batch = [self.fits[k].benchmark.items[i] for k, idx in asked for i in idx]
-            resp = evaluate(model, self.tokenizer, batch, self.settings, batch_size=self.evaluation.batch_size,
-                            device=self.device)
-            items += len(batch)
-            passes += _batches(len(batch), self.evaluation.batch_size)
-            at = 0
-            for k, idx in asked:
-                sessions[k].observe(idx, resp.correct[at:at + len(idx)])
-                tokens[k] += resp.output_tokens[at:at + len(idx)].tolist()
-                at += len(idx)
+            n = sum(len(idx) for idx in asked.values())
+            items += n
+            passes += _batches(n, self.evaluation.batch_size)
+            for k, resp in self._run(model, asked).items():
+                sessions[k].observe(asked[k], resp.correct)
+                tokens[k] += resp.output_tokens.tolist()
         values, trace = {}, {}
         for key, sess in sessions.items():
             fit = self.fits[key]
@@ -223,7 +227,7 @@ class Fitness:
         """Exact objectives on every item of every benchmark."""
         t0, values, items, passes = time.perf_counter(), {}, 0, 0
         for key, fit in self.fits.items():
-            resp = self._run(model, key, np.arange(len(fit.benchmark)))
+            resp = self._run(model, {key: np.arange(len(fit.benchmark))})[key]
             items += len(fit.benchmark)
             passes += _batches(len(fit.benchmark), self.evaluation.batch_size)
             for s in (s for s in self.specs if str(s.benchmark) == key):
