@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .benchmarks import Benchmark, load_benchmark
-from .estimators import NEEDS_ITEM_PARAMS, estimate
+from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .irt import ItemParams, estimate_theta, fit_item_params
@@ -72,7 +72,7 @@ class BenchmarkFit:
     item_params: ItemParams | None
     endpoint_thetas: np.ndarray | None
     irt_rows: int  # response rows the IRT fit used (endpoints + probes)
-    prior: Prior | None = None  # adaptive strategy: the endpoint prior on ability
+    prior: Prior | None = None  # adaptive strategy or map_irt: the endpoint prior on ability
 
     @property
     def adaptive(self) -> bool:
@@ -202,7 +202,7 @@ class Fitness:
             for s in (s for s in self.specs if str(s.benchmark) == key):
                 if s.metric == "mean_output_tokens":
                     values[s.label] = float(np.mean(tokens[key]))
-                elif s.estimator == "p_irt":
+                elif s.estimator in ("p_irt", "map_irt"):  # the CAT's own MAP prediction
                     values[s.label] = sess.accuracy
                 elif s.estimator == "gp_irt":
                     values[s.label] = 0.5 * float(y.mean()) + 0.5 * sess.accuracy
@@ -220,8 +220,9 @@ class Fitness:
         if s.metric == "mean_output_tokens":
             w = fit.subset.weights / fit.subset.weights.sum()
             return float(resp.output_tokens[pos].astype(float) @ w)
+        options = {"prior": fit.prior} if s.estimator in NEEDS_PRIOR else {}
         return float(estimate(s.estimator, resp.correct[pos].astype(float), fit.subset.indices, fit.subset.weights,
-                              fit.item_params, fit.endpoint_thetas))
+                              fit.item_params, fit.endpoint_thetas, **options))
 
     def score_full(self, model) -> Score:
         """Exact objectives on every item of every benchmark."""
@@ -267,6 +268,13 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         else:
             params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
+    prior = None
+    if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
+        # MAP under N(0, 1) (py-irt's ability scale), not the MLEs above: a fine-tune that gets
+        # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
+        # mean and spread meaningless
+        prior_thetas = estimate_theta(Y[: len(endpoints)], params, method="map", prior_sd=1.0)
+        prior = endpoint_prior(prior_thetas, sub.adaptive_settings()["min_sd"])
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     if sub.strategy == "random":
@@ -277,13 +285,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
     else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
         subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
-        # MAP under N(0, 1) (py-irt's ability scale), not the MLEs above: a fine-tune that gets
-        # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
-        # mean and spread meaningless
-        prior_thetas = estimate_theta(Y[: len(endpoints)], params, method="map", prior_sd=1.0)
-        prior = endpoint_prior(prior_thetas, sub.adaptive_settings()["min_sd"])
-        return BenchmarkFit(bench, subset, params, thetas, len(Y), prior)
-    return BenchmarkFit(bench, subset, params, thetas, len(Y))
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior)
 
 
 def benchmark_paths(specs: Sequence[ObjectiveSpec]) -> list[Path]:

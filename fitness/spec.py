@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "full")
+ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "full")
 
 
 ADAPTIVE_FIELDS = ("round", "prior", "stop_sd", "min_sd")

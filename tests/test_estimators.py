@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from fitness.estimators import (ESTIMATORS, estimate, fit_lambdas, full, gmp_irt, gp_irt, gp_irt_lambda, judge,
-                                mp_irt, p_irt, subset_mean)
+from fitness.adaptive import Prior, endpoint_prior
+from fitness.estimators import (ESTIMATORS, NEEDS_PRIOR, estimate, fit_lambdas, full, gmp_irt, gp_irt, gp_irt_lambda,
+                                judge, map_irt, mp_irt, p_irt, subset_mean)
 from fitness.irt import ItemParams, estimate_theta, fit_item_params
 
 K_SMALL = 20
@@ -21,6 +22,11 @@ def make_world(seed, n_items=600, n_models=150, dims=2, n_endpoints=3):
     return {"items": items, "endpoints": endpoints, "lambdas": lambdas, "theta": theta, "y": y, "rng": rng}
 
 
+def opts(name, world):
+    """What `estimate` needs besides the common arguments: map_irt's prior (the endpoints' spread)."""
+    return {"prior": endpoint_prior(world["endpoints"])} if name in NEEDS_PRIOR else {}
+
+
 def mean_abs_errors(world, names, n_subsets=6, k=K_SMALL, item_params=None, endpoints=None):
     """MAE against the exact accuracy over all models, averaged over several random subsets."""
     y, rng = world["y"], world["rng"]
@@ -31,7 +37,7 @@ def mean_abs_errors(world, names, n_subsets=6, k=K_SMALL, item_params=None, endp
     for _ in range(n_subsets):
         idx = np.sort(rng.choice(y.shape[1], k, replace=False))
         for name in names:
-            est = estimate(name, y[:, idx], idx, None, item_params, endpoints)
+            est = estimate(name, y[:, idx], idx, None, item_params, endpoints, **opts(name, world))
             errors[name].append(np.abs(est - exact).mean())
     return {name: float(np.mean(v)) for name, v in errors.items()}
 
@@ -51,9 +57,9 @@ def test_full_is_exact_accuracy_and_subset_mean_is_weighted():
 
 
 def test_irt_estimators_beat_subset_mean_at_small_k(world):
-    mae = mean_abs_errors(world, ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt"])
+    mae = mean_abs_errors(world, ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt"])
     print({k: round(v, 4) for k, v in mae.items()})
-    for name in ("p_irt", "gp_irt", "mp_irt", "gmp_irt"):
+    for name in ("p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt"):
         assert mae[name] < 0.95 * mae["subset_mean"], (name, mae)
 
 
@@ -85,7 +91,7 @@ def test_seeing_every_item_gives_the_exact_accuracy(world):
     every = np.arange(y.shape[1])
     exact = y.mean(axis=1)
     for name in ESTIMATORS:
-        assert np.allclose(estimate(name, y, every, None, items, ends), exact), name
+        assert np.allclose(estimate(name, y, every, None, items, ends, **opts(name, world)), exact), name
 
 
 def test_single_endpoint_uses_its_theta(world):
@@ -95,6 +101,19 @@ def test_single_endpoint_uses_its_theta(world):
     expected = (20 / 600) * y[idx].mean() + (580 / 600) * items.prob(theta[0], np.setdiff1d(np.arange(600), idx)).mean()
     assert mp_irt(y[idx], idx, None, items, theta) == pytest.approx(expected)
     assert gmp_irt(y[idx], idx, None, items, theta) == pytest.approx(0.5 * y[idx].mean() + 0.5 * expected)
+
+
+def test_map_irt_between_its_limits(world):
+    """A flat prior gives p-IRT's MLE; a prior pinned at theta0 gives p-IRT evaluated at theta0."""
+    y, items = world["y"], world["items"]
+    idx = np.arange(3, 600, 15)  # 40 items
+    row = next(r for r in y if 0.2 < r[idx].mean() < 0.8)  # an interior MLE
+    flat = Prior(np.zeros(items.dims), 1e4)
+    assert map_irt(row[idx], idx, None, items, prior=flat) == pytest.approx(p_irt(row[idx], idx, None, items), abs=1e-4)
+    theta0 = np.array([0.3, -0.2])
+    unseen = np.setdiff1d(np.arange(600), idx)
+    pinned = (40 / 600) * row[idx].mean() + (560 / 600) * items.prob(theta0, unseen).mean()
+    assert map_irt(row[idx], idx, None, items, prior=Prior(theta0, 1e-5)) == pytest.approx(pinned, abs=1e-6)
 
 
 def test_blends_and_batching(world):
@@ -109,8 +128,8 @@ def test_blends_and_batching(world):
     assert np.allclose(gmp_irt(sub, idx, w, items, ends, delta=0.25), 0.25 * subset_mean(sub, idx, w) + 0.75 * mp)
     # a matrix of models gives the same numbers as one model at a time
     for name in ESTIMATORS:
-        many = estimate(name, sub, idx, w, items, ends)
-        one = [estimate(name, sub[i], idx, w, items, ends) for i in range(4)]
+        many = estimate(name, sub, idx, w, items, ends, **opts(name, world))
+        one = [estimate(name, sub[i], idx, w, items, ends, **opts(name, world)) for i in range(4)]
         assert isinstance(one[0], float) and np.allclose(many, one, atol=1e-6), name
 
 
@@ -124,7 +143,9 @@ def test_gp_irt_lambda_trusts_a_good_irt_model_more(world):
 
 
 def test_registry_and_errors(world):
-    assert set(ESTIMATORS) == {"subset_mean", "full", "p_irt", "gp_irt", "mp_irt", "gmp_irt"}
+    assert set(ESTIMATORS) == {"subset_mean", "full", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt"}
+    with pytest.raises(ValueError, match="prior"):
+        estimate("map_irt", [1, 0], [0, 1], None, world["items"])
     with pytest.raises(ValueError, match="unknown estimator"):
         estimate("nope", [1, 0])
     with pytest.raises(ValueError, match="item_params"):
@@ -158,3 +179,30 @@ def test_end_to_end_with_py_irt_fitted_items():
 def test_judge():
     assert judge([0.1, 0.2, 0.3], [0.2, 0.3, 0.5]) == pytest.approx({"mae": 0.4 / 3, "spearman": 1.0})
     assert judge([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])["spearman"] == pytest.approx(-1.0)
+
+
+def test_a_job_scores_map_irt_under_the_endpoint_prior():
+    """Fitness wires map_irt to the endpoints' MAP spread: the job's value equals the estimator
+    called by hand with that prior, and differs from the MLE-based p_irt."""
+    from fitness.benchmarks import from_items
+    from fitness.evaluate import Responses
+    from fitness.fitness import Fitness, fit_benchmark
+    from fitness.spec import EvaluationSpec, ObjectiveSpec
+
+    bench = from_items("b", [{"id": f"g{i}", "prompt": "p", "answer": "a"} for i in range(120)])
+    rng = np.random.default_rng(1)
+    skill = np.linspace(-1.5, 1.5, 8)
+    difficulty = rng.normal(0, 1, 120)
+    answers = [Responses(bench.ids, (rng.random(120) < 1 / (1 + np.exp(difficulty - s))).astype(np.uint8),
+                         np.ones(120, int), [""] * 120) for s in skill]
+    evaluation = EvaluationSpec(irt={"epochs": 50})
+    spec = ObjectiveSpec(benchmark="b.jsonl", estimator="map_irt", subset={"size": 15, "seed": 2})
+    fit = fit_benchmark(bench, [spec], evaluation, answers[:4], answers[4:])
+    assert fit.prior is not None
+    candidate = answers[5]
+    pos = np.arange(len(fit.subset))
+    got = Fitness._estimate(spec, fit, Responses([candidate.item_ids[i] for i in fit.subset.indices],
+                                                 candidate.correct[fit.subset.indices], np.ones(15, int), [""] * 15), pos)
+    y = candidate.correct[fit.subset.indices].astype(float)
+    assert got == pytest.approx(map_irt(y, fit.subset.indices, None, fit.item_params, prior=fit.prior))
+    assert got != pytest.approx(p_irt(y, fit.subset.indices, None, fit.item_params))
