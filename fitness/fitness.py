@@ -266,7 +266,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
             if params.n_items != len(bench):
                 raise ValueError(f"irt.params_file has {params.n_items} items, {bench.name} has {len(bench)}")
         else:
-            params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
+            params = fitted_item_params(Y, irt)
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     prior = None
     if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
@@ -286,6 +286,22 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
         subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
     return BenchmarkFit(bench, subset, params, thetas, len(Y), prior)
+
+
+def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
+    """py-irt's fit of `Y` with the spec's settings, cached per machine under a hash of both: the
+    fit is seeded and deterministic, so a later job over the same models reads it back."""
+    from merging.checkpoint import cache_dir
+
+    key = hashlib.sha256(Y.astype(np.uint8).tobytes() + str(Y.shape).encode()
+                         + irt.model_dump_json(exclude={"probes", "params_file"}).encode()).hexdigest()
+    path = cache_dir() / "irt" / f"{key}.json"
+    if path.is_file():
+        return ItemParams.load(path)
+    params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params.save(path)
+    return params
 
 
 def benchmark_paths(specs: Sequence[ObjectiveSpec]) -> list[Path]:

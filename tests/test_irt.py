@@ -142,3 +142,27 @@ def test_py_irt_export_conventions(tmp_path):
     (tmp_path / "best_parameters.json").write_text(json.dumps(exported))
     tiny = ItemParams.load(tmp_path / "best_parameters.json", convention="tinybenchmarks")
     assert np.allclose(tiny.logits(theta), (disc * theta - diff).sum(axis=1))  # tinyBenchmarks fork
+
+
+def test_a_jobs_irt_fit_is_cached_per_machine(tmp_path, monkeypatch):
+    """The same responses and IRT settings read back the same item parameters without refitting;
+    other settings or other responses fit anew."""
+    import fitness.fitness as ff
+    from fitness.spec import IrtSpec
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    Y = (rng.random((8, 60)) < 0.5).astype(float)
+    first = ff.fitted_item_params(Y, IrtSpec(epochs=30))
+    fresh = fit_item_params(Y, "2pl", epochs=30, seed=42)
+    assert np.array_equal(first.a, fresh.a) and np.array_equal(first.b, fresh.b)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("refitted")
+
+    monkeypatch.setattr(ff, "fit_item_params", no_fit)
+    again = ff.fitted_item_params(Y, IrtSpec(epochs=30, probes=3))  # probes do not change the fit of given rows
+    assert np.array_equal(again.a, first.a) and np.array_equal(again.b, first.b) and again.n_rows == 8
+    for other in ((Y, IrtSpec(epochs=31)), (1 - Y, IrtSpec(epochs=30))):
+        with pytest.raises(AssertionError, match="refitted"):
+            ff.fitted_item_params(*other)

@@ -266,16 +266,15 @@ def build_models(root: Path, preset: Preset, seed: int, log: Callable[[str], Non
     order = sorted(range(len(jobs)), key=lambda i: -steps[i]) + [len(jobs)]  # longest first, the base's evaluation last
     results = _submit(pool, _run_job, calls, order)
     names = [f"{name}-lora" if lora else name for _, _, _, name, lora, _ in jobs]
-    for i, (_, _, _, name, lora, _) in enumerate(jobs):
-        if not lora:
-            entries[name] = results[i]()
+    for i in (i for i, job in enumerate(jobs) if not job[4]):  # full fine-tunes first
+        entries[names[i]] = results[i]()
     if on_full_models:
         on_full_models(dict(entries))
     for i, name in enumerate(names):
         entries[name] = results[i]()
         log(f"  {'LoRA ' if jobs[i][4] else ''}{jobs[i][3]}: trained in {entries[name]['train_seconds']}s")
     entries["base"]["accuracy"] = results[-1]()
-    return {"base": entries.pop("base"), **entries}
+    return entries
 
 
 def _run_job(fn, args: tuple):
