@@ -31,7 +31,8 @@ wall time, >= 95% of the full run's true hypervolume.
 
     .venv/bin/python bench/evolve_ablation.py [--tasks rev,cip,srt] [--population 12] [--generations 6]
         [--size 20] [--probes 11] [--runs full,random,anchor,entropy,adaptive,adaptive_pop] [--json out.json]
-        (a run named `<strategy>@P`, e.g. `anchor@4`, fits IRT on P probes instead of --probes)
+        (a run named `<strategy>@P`, e.g. `anchor@4`, fits IRT on P probes instead of --probes;
+        `<strategy>:<estimator>`, e.g. `anchor:map_irt`, scores with that estimator)
         [--zoo FOLDER]
 
 Default: about 3-5 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BENCH_THREADS).
@@ -72,12 +73,13 @@ def main() -> None:
     rows = []
     for name in args.runs.split(","):
         kind, _, n_probes = name.partition("@")  # e.g. anchor@4: anchor subsets, IRT on 4 probes
+        kind, _, estimator = kind.partition(":")  # e.g. anchor:map_irt: that estimator instead of gmp_irt
         full = kind == "full"
         adaptive = kind.startswith("adaptive")
         extra = {"round": args.round, "stop_sd": args.stop_sd,
                  "prior": "population" if kind == "adaptive_pop" else "endpoints"} if adaptive else None
         spec = evolve_spec(zoo, manifest, tasks, method=args.method,
-                           estimator="full" if full else "p_irt" if adaptive else "gmp_irt",
+                           estimator="full" if full else estimator or ("p_irt" if adaptive else "gmp_irt"),
                            strategy="entropy" if full else "adaptive" if adaptive else kind, size=args.size,
                            population=args.population, generations=args.generations, seed=args.seed,
                            probes=0 if full else int(n_probes or args.probes), epochs=args.epochs, subset_extra=extra)
@@ -128,8 +130,8 @@ def main() -> None:
             hvf = r["true_hv"] / ref["true_hv"] if ref["true_hv"] else None
         else:
             ix = ixs = sx = jx = rjx = hvf = None
-        label = r["run"] if r["run"] == "full" else f"p_irt/{r['run']}" if r["run"].startswith("adaptive") \
-            else f"gmp_irt/{r['run']}"  # a run "<strategy>@P" used P probes instead of --probes
+        label = r["run"] if r["run"] == "full" or ":" in r["run"] else f"p_irt/{r['run']}" \
+            if r["run"].startswith("adaptive") else f"gmp_irt/{r['run']}"
         body.append([label, r["candidates"], r["items_per_cand"],
                      r["passes_per_cand"], r["setup_items"], r["search_s"], r["job_s"], r["probes_s"], r["final_s"],
                      r["hv"], r["true_hv"], ix, ixs, sx, jx, rjx, hvf])
