@@ -114,16 +114,16 @@ def forget_probes(spec: dict) -> int:
     from evolve.run import probe_recipes
     from evolve.spec import EvolveSpec
     from fitness.benchmarks import load_benchmark
-    from fitness.evaluate import cache_key, default_cache_dir, resolve_device
+    from fitness.evaluate import cached_responses_path
     from fitness.fitness import benchmark_paths, eval_settings
 
     s = EvolveSpec.model_validate(spec)
-    settings, device = eval_settings(s.evaluation), resolve_device(s.device)
+    settings = eval_settings(s.evaluation)
     benches = [load_benchmark(p) for p in benchmark_paths(s.objectives)]
     removed = 0
     for _, digest in probe_recipes(s):
         for b in benches:
-            f = default_cache_dir() / f"{cache_key(digest, b, settings, device)}.npz"
+            f = cached_responses_path(digest, b, settings, s.device)
             removed += f.exists()
             f.unlink(missing_ok=True)
     return removed

@@ -108,16 +108,25 @@ def response_matrix(responses: Sequence[Responses]) -> np.ndarray:
 
 # --- batching primitives -------------------------------------------------------------
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, device, left: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows padded to one width (on the left for prompts, on the right for continuations):
+    ids, attention mask and position ids."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            cols = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            mask[i, cols] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _cache_arg(out) -> dict:
+    """The KV cache of a forward pass's output, as the keyword the next pass takes it by."""
+    key = "cache" if "cache" in out else "past_key_values"
+    return {key: out[key]}
 
 
 def _batches(order: Sequence[int], size: int) -> list[list[int]]:
@@ -186,28 +195,22 @@ def choice_scores(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
     order = sorted((i for i in range(len(prompts)) if choices[i]), key=lambda i: -len(prompt_ids[i]))
     pad = _pad_id(tokenizer)
     for batch in _item_batches(order, [len(cs) for cs in choices], batch_size):
-        ids, mask, pos = _left_pad([prompt_ids[i] for i in batch], pad, device)
+        ids, mask, pos = _pad([prompt_ids[i] for i in batch], pad, device)
         out = _forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [items, vocab]: the first choice token
         owner = [j for j, i in enumerate(batch) for _ in choice_ids[i]]
-        rows = [c for i in batch for c in choice_ids[i]]
-        width = max(len(c) for c in rows)
-        cids = torch.full((len(rows), width), pad, dtype=torch.long)
-        cmask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, c in enumerate(rows):
-            cids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-            cmask[r, :len(c)] = 1
-        cids, cmask = cids.to(device), cmask.to(device)
+        cids, cmask, _ = _pad([c for i in batch for c in choice_ids[i]], pad, device, left=False)
+        width = cids.shape[1]
         idx = torch.tensor(owner, device=device)
         logp0 = first[idx].gather(-1, cids[:, :1]).squeeze(-1).double()
         tok_logp = None
         if width > 1:
-            cache_key = "cache" if "cache" in out else "past_key_values"
-            cache = out[cache_key]
-            cache.reorder_cache(idx)  # one copy of the prompt's keys and values per choice
+            cache = _cache_arg(out)
+            (kv,) = cache.values()
+            kv.reorder_cache(idx)  # one copy of the prompt's keys and values per choice
             cpos = pos[idx, -1:] + 1 + torch.arange(width - 1, device=device)
             logits = _forward(model, width - 1, input_ids=cids[:, :-1], attention_mask=torch.cat([mask[idx], cmask[:, :-1]], 1),
-                              position_ids=cpos, use_cache=True, **{cache_key: cache}).logits
+                              position_ids=cpos, use_cache=True, **cache).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # position t predicts choice token t + 1
             tok_logp = logp.gather(-1, cids[:, 1:].unsqueeze(-1)).squeeze(-1).double() * cmask[:, 1:]
         total = logp0 + (tok_logp.sum(-1) if tok_logp is not None else 0.0)
@@ -237,9 +240,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     counts = np.zeros(len(prompts), dtype=np.int64)
     order = sorted(range(len(prompts)), key=lambda r: -len(prompt_ids[r]))
     for batch in _batches(order, batch_size):
-        ids, mask, pos = _left_pad([prompt_ids[r] for r in batch], pad, device)
+        ids, mask, pos = _pad([prompt_ids[r] for r in batch], pad, device)
         out = _forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache_key = "cache" if "cache" in out else "past_key_values"
         generated: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for step in range(max_new_tokens):
@@ -258,7 +260,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
             mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
             pos = pos[:, -1:] + 1
             out = _forward(model, 1, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{cache_key: out[cache_key]})
+                           **_cache_arg(out))
         for j, r in enumerate(batch):
             texts[r] = _cut_at_stop(tokenizer.decode(generated[j], skip_special_tokens=True), stop)[0]
             counts[r] = len(generated[j])
@@ -333,6 +335,12 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device="auto"):
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tok_dir)
 
 
+def cached_responses_path(model_digest: str, benchmark: Benchmark, settings: EvalSettings, device,
+                          cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `cached_responses` keeps the answers of the model named by `model_digest`."""
+    return Path(cache_dir or default_cache_dir()) / f"{cache_key(model_digest, benchmark, settings, resolve_device(device))}.npz"
+
+
 def cached_responses(model_digest: str, benchmark: Benchmark, settings: EvalSettings, device,
                      compute: Callable[[], Responses], cache_dir: str | os.PathLike | None = None) -> Responses:
     """The responses of the model named by `model_digest`, from the response cache or `compute()` (then cached).
@@ -340,7 +348,7 @@ def cached_responses(model_digest: str, benchmark: Benchmark, settings: EvalSett
     `model_digest` names the weights: a folder's content hash, or for a model that exists
     only in memory (an evolve job's probe merges) a hash of its recipe and inputs' hashes.
     """
-    cache_file = Path(cache_dir or default_cache_dir()) / f"{cache_key(model_digest, benchmark, settings, resolve_device(device))}.npz"
+    cache_file = cached_responses_path(model_digest, benchmark, settings, device, cache_dir)
     if cache_file.exists():
         cached = Responses.load(cache_file)
         if cached.item_ids == benchmark.ids:

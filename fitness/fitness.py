@@ -157,9 +157,8 @@ class Fitness:
         t0, values, items, passes = time.perf_counter(), {}, 0, 0
         asked = {key: self._items(key) for key in self.fits if not self._is_adaptive(key)}
         answers = self._run(model, asked) if asked else {}
-        if asked:
-            items = sum(len(idx) for idx in asked.values())
-            passes = _batches(items, self.evaluation.batch_size)
+        items = sum(len(idx) for idx in asked.values())
+        passes = _batches(items, self.evaluation.batch_size)
         for key, resp in answers.items():
             fit = self.fits[key]
             pos = np.searchsorted(asked[key], fit.subset.indices)

@@ -323,7 +323,7 @@ def merge_check(root: Path, manifest: dict, log: Callable[[str], None], pool=Non
     log("  task_arithmetic merge: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()))
     transfer = {}
     for names, pair in zip(groups[1:], pairs):
-        key = next(t for t, b in manifest["benchmarks"].items() if b.get("composed_of") == names)
+        key = composed[tuple(names)]
         transfer[key] = {"models": names, "accuracy": pair[key], "parents": {n: manifest["accuracy"][n][key] for n in names}}
         log(f"  transfer: task_arithmetic of {' + '.join(names)} scores {pair[key]:.3f} on {key}")
     return {**MERGE_CHECK, "models": full, "accuracy": acc, "transfer": transfer}
