@@ -8,7 +8,7 @@ device next to the model (`store: auto` checks free CUDA memory), they stay in h
 memory and each tensor is moved to the device just before it is merged.
 
 Memory: the model, plus the base and N task vectors in float32 on the store device (TIES
-adds one sorted copy of each task vector): this is the per-job cache that makes a
+adds a float32 rank for each entry of each task vector): this is the per-job cache that makes a
 candidate cost one pass over the weights instead of a read of N+1 checkpoints.
 """
 from __future__ import annotations

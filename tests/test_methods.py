@@ -75,10 +75,19 @@ def ties_reference(base, taus, densities, weights, lam):
     return base + lam * torch.tensor(out).view_as(base)
 
 
-@pytest.mark.parametrize("densities,weights,lam", [([0.2] * 3, [1.0] * 3, 1.0), ([0.5, 0.3, 0.9], [1.0, 0.5, 2.0], 0.8)])
-def test_ties_against_loop_reference(densities, weights, lam):
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("densities,weights,lam", [([0.2] * 3, [1.0] * 3, 1.0), ([0.5, 0.3, 0.9], [1.0, 0.5, 2.0], 0.8),
+                                                   ([0.4, 0.6, 0.25], [0.7, -0.4, 0.0], 1.0)])
+def test_ties_against_loop_reference(densities, weights, lam, tied, prepared):
+    """Plain task vectors and the ranks evolve prepares once (`prepare`), with magnitudes tied
+    at the trim threshold (rounded to one decimal) and negative and zero weights."""
     base, taus = rand(7, 6), [rand(7, 6, seed=s) for s in (1, 2, 3)]
-    got = run("ties", base, taus, density=densities, weights=weights, **{"lambda": lam})
+    if tied:
+        taus = [t.round(decimals=1) for t in taus]
+    m = get_method("ties")
+    deltas = m.prepare(taus, "w") if prepared else taus
+    got = m.fn(base, deltas, method_params("ties", {"density": densities, "weights": weights, "lambda": lam}, 3), "w")
     assert torch.allclose(got, ties_reference(base, taus, densities, weights, lam), atol=1e-5)
 
 

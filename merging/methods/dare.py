@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from .registry import register, weighted_sum
-from .ties import TiesParams, disjoint_merge
+from .ties import TiesParams, indicator_positive, disjoint_merge
 
 
 class DareParams(TiesParams):
@@ -31,8 +31,8 @@ def drop_and_rescale(tau: torch.Tensor, density: float, seed: int) -> torch.Tens
     if density >= 1.0:
         return tau
     g = torch.Generator(device=tau.device).manual_seed(seed)
-    keep = torch.rand(tau.shape, generator=g, device=tau.device) < density
-    return torch.where(keep, tau / density, torch.zeros_like(tau))
+    u = torch.rand(tau.shape, generator=g, device=tau.device)
+    return (tau / density).mul_(indicator_positive(u.neg_().add_(density)))  # kept where u < density
 
 
 def _dropped(deltas, p: DareParams, name: str):

@@ -14,6 +14,7 @@ results. Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -36,14 +37,22 @@ class TiesParams(MethodParams):
 
 
 class Ranked(NamedTuple):
-    """A task vector with its magnitudes sorted in descending order (TIES' `prepare`)."""
+    """A task vector with each entry's rank by magnitude (TIES' `prepare`): 0 for the largest,
+    entries of equal magnitude in index order, as floats so that trimming is arithmetic."""
 
     tau: torch.Tensor
-    sorted_abs: torch.Tensor
+    rank: torch.Tensor
 
 
 def rank_magnitudes(deltas: Sequence[torch.Tensor], name: str = "") -> list[Ranked]:
-    return [Ranked(t, t.abs().reshape(-1).sort(descending=True).values) for t in deltas]
+    ranked = []
+    for t in deltas:
+        order = t.abs().reshape(-1).sort(descending=True, stable=True).indices
+        dtype = torch.float32 if t.numel() <= 2**24 else torch.float64  # ranks stay exact integers
+        rank = torch.empty(t.numel(), dtype=dtype, device=t.device)
+        rank[order] = torch.arange(t.numel(), dtype=dtype, device=t.device)
+        ranked.append(Ranked(t, rank.view_as(t)))
+    return ranked
 
 
 def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
@@ -51,42 +60,48 @@ def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
 
     Entries tied at the k-th largest magnitude are taken in index order, so the result is
     deterministic on every device (a sort's order among equal keys is not; bfloat16 task
-    vectors have many such ties)."""
-    tau, ranked = (tau, None) if isinstance(tau, torch.Tensor) else tau
+    vectors have many such ties). A `Ranked` task vector (an evolve job trims the same vectors
+    at many densities) costs two arithmetic passes: keep = clamp(k - rank, 0, 1)."""
+    tau, rank = (tau, None) if isinstance(tau, torch.Tensor) else tau
     if density >= 1.0:
         return tau
     k = int(density * tau.numel())
     if k <= 0:
         return torch.zeros_like(tau)
+    if rank is not None:
+        return tau * (k - rank).clamp_(0, 1).to(tau.dtype)
     mag = tau.abs()
-    if ranked is not None:
-        threshold = ranked[k - 1]
-    else:
-        threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
+    threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
     keep = mag >= threshold
     if int(keep.sum()) > k:  # ties at the threshold: keep only the first of them, in index order
         keep = mag > threshold
         room = k - int(keep.sum())
         tied = (mag == threshold).reshape(-1)
         keep.view(-1).logical_or_(tied & (tied.cumsum(0) <= room))
-    return torch.where(keep, tau, torch.zeros_like(tau))
+    return tau * keep
+
+
+def indicator_positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x > 0, else 0.0, by arithmetic (on CPU, masks through bool tensors and
+    `torch.where` cost up to 30x more than these elementwise passes)."""
+    return x.sign_().clamp_(min=0)
 
 
 def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Sign election and disjoint weighted mean over (already sparsified) task vectors.
 
-    Computed model by model (no stacked copy): memory is the inputs plus three tensors."""
+    Computed model by model (no stacked copy): memory is the inputs plus four tensors."""
     elected = torch.zeros_like(tvs[0])
     for w, t in zip(weights, tvs):
         elected.add_(t, alpha=w)
-    gamma = torch.where(elected >= 0, 1.0, -1.0).to(elected.dtype)
-    num, den = elected.zero_(), torch.zeros_like(elected)
+    gamma = elected.sign_().mul_(2).add_(1).sign_()  # +1 where the sum is >= 0, else -1
+    num, den = torch.zeros_like(gamma), torch.zeros_like(gamma)
     for w, t in zip(weights, tvs):
-        agree = (t * w).sign_() == gamma
-        num.add_(torch.where(agree, t, 0.0), alpha=w)
-        den.add_(agree.to(den.dtype), alpha=w)
-    den = torch.where(den.abs() < 1e-8, torch.ones_like(den), den)
-    return num.div_(den)
+        agree = indicator_positive(t.sign().mul_(gamma).mul_(math.copysign(1.0, w) if w else 0.0))  # sign(w t) = gamma
+        num.addcmul_(t, agree, value=w)
+        den.add_(agree, alpha=w)
+    empty = indicator_positive(den.abs().sub_(1e-8).neg_())  # |den| < 1e-8: no model agrees, divide by 1
+    return num.div_(den.add_(empty.mul_(1 - den)))
 
 
 @register("ties", TiesParams, prepare=rank_magnitudes)
