@@ -165,6 +165,15 @@ def test_tsv_merges_orthogonal_low_rank_tasks_exactly():
     assert torch.allclose(run("tsv", base, taus), base + sum(taus), atol=1e-5)
 
 
+def test_tsv_weights_scale_each_tasks_singular_values_after_orthogonalization():
+    """Step 4 with weights, in the factor form of the paper: U_perp diag(S * w[task]) V_perp^T."""
+    base, taus = rand(10, 8), [rand(10, 8, seed=s) for s in (1, 2, 3)]
+    u, s, v, task = tsv_m_factors(taus)
+    w = torch.tensor([0.5, 0.0, 2.0])
+    want = base + 0.7 * (u * (s * w[task])) @ v.T
+    assert torch.allclose(run("tsv", base, taus, alpha=0.7, weights=w.tolist()), want, atol=1e-5)
+
+
 def test_tsv_averages_non_matrices_and_embeddings():
     base, taus = rand(8), [rand(8, seed=s) for s in (1, 2)]
     assert torch.allclose(run("tsv", base, taus), base + (taus[0] + taus[1]) / 2, atol=1e-6)
@@ -194,6 +203,8 @@ def test_prepared_path_equals_raw_path(method, params, shape):
     prepared = m.prepare(taus, "layers.0.w")
     p = method_params(method, params, 2)
     assert torch.allclose(m.fn(base, prepared, p, "layers.0.w"), m.fn(base, taus, p, "layers.0.w"), atol=1e-6)
+    if method == "tsv":  # one computation either way: an evolve candidate equals its export exactly
+        assert torch.equal(m.fn(base, prepared, p, "layers.0.w"), m.fn(base, taus, p, "layers.0.w"))
 
 
 def test_ties_breaks_magnitude_ties_in_index_order():

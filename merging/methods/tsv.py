@@ -23,7 +23,7 @@ decomposed. alpha defaults to 1.0 as in the paper.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from pydantic import Field
@@ -78,18 +78,43 @@ def is_matrix(tau: torch.Tensor, name: str) -> bool:
     return tau.dim() == 2 and not _EMBEDDING.search(name)
 
 
-def prepare(deltas: Sequence[torch.Tensor], name: str):
-    """The SVDs and orthogonalizations, independent of alpha and weights."""
-    return tsv_m_factors(deltas) if is_matrix(deltas[0], name) else list(deltas)
+class TsvUpdates(NamedTuple):
+    """TSV-M's prepared form of one tensor: one update per task, merged as scale * sum_i w_i u_i.
+
+    Matrices: u_i = U_perp[:, i] diag(S_i) V_perp[:, i]^T, task i's columns of the decorrelated
+    factors (step 4 splits over tasks because weights only scale each task's singular values),
+    scale 1; other tensors: u_i = tau_i, scale 1/T (their mean)."""
+
+    updates: tuple[torch.Tensor, ...]
+    scale: float
+
+
+def _updates(deltas: Sequence[torch.Tensor], name: str) -> tuple[Iterator[torch.Tensor], float]:
+    """Each task's update (made one at a time) and the scale of their weighted sum."""
+    if not is_matrix(deltas[0], name):
+        return iter(deltas), 1.0 / len(deltas)
+    f = tsv_m_factors(deltas)
+    return ((f.u[:, f.task == i] * f.s[f.task == i]) @ f.v[:, f.task == i].T for i in range(len(deltas))), 1.0
+
+
+def prepare(deltas: Sequence[torch.Tensor], name: str) -> TsvUpdates:
+    """The SVDs and orthogonalizations, independent of alpha and weights, folded into one
+    update per task, so that a search's candidate costs T scaled additions (as task
+    arithmetic) instead of a product of the factors. Memory: T tensors of the layer's shape."""
+    updates, scale = _updates(deltas, name)
+    return TsvUpdates(tuple(updates), scale)
 
 
 @register("tsv", TsvParams, prepare=prepare)
 def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
-    """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update."""
-    prepared = deltas if isinstance(deltas, TsvFactors) else prepare(deltas, name)
-    if isinstance(prepared, TsvFactors):
-        n = int(prepared.task.max()) + 1
-        w = torch.tensor(p.per_model("weights", n, 1.0), dtype=base.dtype, device=base.device)
-        return base + p.alpha * (prepared.u * (prepared.s * w[prepared.task])) @ prepared.v.T
-    w = p.per_model("weights", len(prepared), 1.0)
-    return base + p.alpha * torch.stack([wi * t for wi, t in zip(w, prepared)]).mean(0)
+    """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update. Unprepared
+    (streaming) inputs make each task's update only when it is added, so memory stays the
+    inputs, the factors and two tensors, and the result equals the prepared path's bit for bit."""
+    if isinstance(deltas, TsvUpdates):
+        (updates, scale), n = deltas, len(deltas.updates)
+    else:
+        (updates, scale), n = _updates(deltas, name), len(deltas)
+    out = torch.zeros_like(base)
+    for wi, u in zip(p.per_model("weights", n, 1.0), updates):
+        out.add_(u, alpha=wi)
+    return base + (p.alpha * scale) * out
