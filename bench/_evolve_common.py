@@ -108,10 +108,14 @@ def build_fitness(spec: dict):
     return job.fitness, job.resident, job.space, {k: job.cost[k] for k in ("endpoint_items", "probe_items")}
 
 
-def forget_probes(spec: dict) -> int:
-    """Deletes the cached answers of `spec`'s probe merges, so that its next run pays for them as a
-    user's first job over these models does. Returns how many cache files were removed."""
+def forget_setup(spec: dict) -> int:
+    """Deletes the cached answers of `spec`'s probe merges and every cached IRT fit, so that its next
+    run pays for both as a user's first job over these models does. Returns how many cache files
+    were removed."""
+    import shutil
+
     from evolve.run import probe_recipes
+    from merging.checkpoint import cache_dir
     from evolve.spec import EvolveSpec
     from fitness.benchmarks import load_benchmark
     from fitness.evaluate import cached_responses_path
@@ -126,6 +130,9 @@ def forget_probes(spec: dict) -> int:
             f = cached_responses_path(digest, b, settings, s.device)
             removed += f.exists()
             f.unlink(missing_ok=True)
+    fits = cache_dir() / "irt"
+    removed += len(list(fits.glob("*.json"))) if fits.is_dir() else 0
+    shutil.rmtree(fits, ignore_errors=True)
     return removed
 
 

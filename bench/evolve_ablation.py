@@ -21,9 +21,9 @@ Printed per run: candidates, items evaluated per candidate during the search and
 passes (batches) per candidate (from the candidates' cost records), setup items (endpoints
 are cached on disk per machine, so only the probes count here), the wall time of the search
 stage and of the whole job (endpoints + probes + IRT + search; the final check is reported
-apart since every run pays it; cached probe answers are deleted before each run, so every run
-pays its probes as a first job does, and `repeat job x` is the ratio for a later job over the
-same models, which reads them from the cache), the estimated and true hypervolume, and ratios against the
+apart since every run pays it; cached probe answers and IRT fits are deleted before each run,
+so every run pays both as a first job does, and `repeat job x` is the ratio for a later job over
+the same models, which reads them from the cache), the estimated and true hypervolume, and ratios against the
 `full` run of the same invocation: items x (full items per candidate / items per candidate),
 items x with setup (probe items amortized over the candidates), search-time x, job-time x,
 and the true-HV fraction. The issue's targets: >= 50x fewer items per candidate, >= 20x less
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evolve_common import OUT, StageClock, evolve_spec, forget_probes, load_zoo, search_args, set_threads, table  # noqa: E402
+from _evolve_common import OUT, StageClock, evolve_spec, forget_setup, load_zoo, search_args, set_threads, table  # noqa: E402
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
                            probes=0 if full else int(n_probes or args.probes), epochs=args.epochs, subset_extra=extra)
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)
-        forget_probes(spec)  # every run pays its probes, as a user's first job over these models does
+        forget_setup(spec)  # every run pays its probes and IRT fit, as a user's first job over these models does
         clock = StageClock()
         t0 = time.perf_counter()
         res = run(spec, out, callback=clock)
@@ -103,6 +103,7 @@ def main() -> None:
             "search_s": st.get("search", float("nan")),
             "job_s": sum(st.get(k, 0.0) for k in ("endpoints", "probes", "irt", "search")),
             "probes_s": st.get("probes", 0.0),
+            "irt_s": st.get("irt", 0.0),
             "final_s": st.get("final_check", float("nan")),
             "wall_s": wall,
             "hv": res.hypervolume, "true_hv": res.true_hypervolume, "front": len(res.front),
@@ -117,7 +118,7 @@ def main() -> None:
           f"{args.generations} generations, seed {args.seed}; subsets of {args.size} items per benchmark "
           f"({rows[0]['full_items_per_cand']} items per candidate in full), gmp_irt fitted on "
           f"{len(tasks) + 1} endpoints + {args.probes} probes\n")
-    headers = ["run", "cands", "items/cand", "passes/cand", "setup items", "search s", "job s", "probes s", "final s",
+    headers = ["run", "cands", "items/cand", "passes/cand", "setup items", "search s", "job s", "probes s", "irt s", "final s",
                "est HV", "true HV", "items x", "items x w/ setup", "search x", "job x", "repeat job x", "true HV frac"]
     body = []
     for r in rows:
@@ -126,21 +127,21 @@ def main() -> None:
             ixs = (ref["items_per_cand"] * ref["candidates"] + ref["setup_items"]) / (
                 r["items_per_cand"] * r["candidates"] + r["setup_items"])
             sx, jx = ref["search_s"] / r["search_s"], ref["job_s"] / r["job_s"]
-            rjx = ref["job_s"] / (r["job_s"] - r["probes_s"])
+            rjx = ref["job_s"] / (r["job_s"] - r["probes_s"] - r.get("irt_s", 0.0))
             hvf = r["true_hv"] / ref["true_hv"] if ref["true_hv"] else None
         else:
             ix = ixs = sx = jx = rjx = hvf = None
         label = r["run"] if r["run"] == "full" or ":" in r["run"] else f"p_irt/{r['run']}" \
             if r["run"].startswith("adaptive") else f"gmp_irt/{r['run']}"
         body.append([label, r["candidates"], r["items_per_cand"],
-                     r["passes_per_cand"], r["setup_items"], r["search_s"], r["job_s"], r["probes_s"], r["final_s"],
+                     r["passes_per_cand"], r["setup_items"], r["search_s"], r["job_s"], r["probes_s"], r.get("irt_s", 0.0), r["final_s"],
                      r["hv"], r["true_hv"], ix, ixs, sx, jx, rjx, hvf])
     print(table(headers, body))
     print("\nper candidate (s): " + ", ".join(f"{r['run']}: merge {r['merge_s_per_cand']:.3f} + score "
                                              f"{r['score_s_per_cand']:.3f}" for r in rows))
     print("job s = endpoints (cached) + probes + IRT fit + search; the final check (front members in full) is apart.\n"
-          "Probe answers are forgotten before each run, so job s is a first job's; repeat job x leaves the probes out,\n"
-          "as a later job over the same models reads them from the per-machine cache.")
+          "Probe answers and IRT fits are forgotten before each run, so job s is a first job's; repeat job x leaves\n"
+          "the probes and the IRT fit out, as a later job over the same models reads both from the per-machine cache.")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
