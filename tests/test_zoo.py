@@ -183,14 +183,17 @@ def test_zoo_built_before_a_preset_field_existed_is_reused(tiny_zoo, tiny_zoo_ma
     copy = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, copy)
     manifest = json.loads((copy / "zoo.json").read_text())
-    for added_later in ("pretrain_threads", "composed"):
-        manifest["preset_config"].pop(added_later, None)
+    manifest["preset_config"].pop("composed", None)  # tiny leaves it at its default
     (copy / "zoo.json").write_text(json.dumps(manifest))
     lines = []
     build_zoo(copy, "tiny", 0, log=lines.append, strict=False, workers=1)
     assert any("reusing" in line for line in lines)
     assert not any("rebuilding" in line for line in lines)
-    assert _reusable(copy, dataclasses.replace(TINY, pretrain_threads=2), 0, lines.append) is None
+    assert _reusable(copy, dataclasses.replace(TINY, pretrain_threads=3), 0, lines.append) is None
+    # a zoo from before `pretrain_threads` was pretrained on the default one thread, not tiny's two
+    manifest["preset_config"].pop("pretrain_threads")
+    (copy / "zoo.json").write_text(json.dumps(manifest))
+    assert TINY.pretrain_threads != 1 and _reusable(copy, TINY, 0, lines.append) is None
 
 
 def _square(x: int) -> int:
