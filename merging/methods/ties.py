@@ -97,7 +97,8 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     gamma = elected.sign_().mul_(2).add_(1).sign_()  # +1 where the sum is >= 0, else -1
     num, den = torch.zeros_like(gamma), torch.zeros_like(gamma)
     for w, t in zip(weights, tvs):
-        agree = indicator_positive(t.sign().mul_(gamma).mul_(math.copysign(1.0, w) if w else 0.0))  # sign(w t) = gamma
+        sign_w = math.copysign(1.0, w) if w else 0.0
+        agree = indicator_positive(t.sign().mul_(gamma).mul_(sign_w))  # 1 where sign(w t) = gamma
         num.addcmul_(t, agree, value=w)
         den.add_(agree, alpha=w)
     empty = indicator_positive(den.abs().sub_(1e-8).neg_())  # |den| < 1e-8: no model agrees, divide by 1
