@@ -14,7 +14,7 @@ the same tensors many times prepares them once (`evolve`) with identical results
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,8 +81,10 @@ def get_method(name: str) -> Method:
         raise UnknownMethod(f"unknown method {name!r}; known: {known}") from None
 
 
-def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(deltas[0])
+def weighted_sum(deltas: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i d_i, accumulated one tensor at a time (`deltas` may be a generator)."""
+    out = None
     for w, d in zip(weights, deltas):
+        out = torch.zeros_like(d) if out is None else out
         out.add_(d, alpha=w)
     return out

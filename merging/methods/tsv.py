@@ -28,7 +28,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from pydantic import Field
 
-from .registry import MethodParams, register
+from .registry import MethodParams, register, weighted_sum
 
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
@@ -114,7 +114,4 @@ def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
         (updates, scale), n = deltas, len(deltas.updates)
     else:
         (updates, scale), n = _updates(deltas, name), len(deltas)
-    out = torch.zeros_like(base)
-    for wi, u in zip(p.per_model("weights", n, 1.0), updates):
-        out.add_(u, alpha=wi)
-    return base + (p.alpha * scale) * out
+    return base + (p.alpha * scale) * weighted_sum(updates, p.per_model("weights", n, 1.0))
