@@ -51,7 +51,7 @@ items gave 3.2 / 3.5 / 3.4 points of error at 10 items and 2.0 / 2.0 / 2.0 at 50
 lost by batching, while a round of 5 items per benchmark lets one forward pass carry every
 benchmark's round (bench/fitness_estimators.py reports forward passes per candidate next to the
 error); on a GPU with several benchmarks a larger round (10-20) costs almost nothing more;
-``min_sd`` 0.5 in theta units (py-irt's abilities are on a roughly N(0, 1) scale, see
+``min_sd`` 0.5 in theta units (both IRT fitters put abilities on a roughly N(0, 1) scale, see
 ``fitness.irt``): in the simulation of tests/test_adaptive.py (merges' abilities spread 0.4)
 floors of 0.2 / 0.3 / 0.5 gave the population prior 3.9 / 3.2 / 3.0 points of error at 10
 items, so half a unit, wide enough that ten answers still move the estimate; ``stop_sd`` 0, i.e.

@@ -156,8 +156,9 @@ def test_registry_and_errors(world):
         estimate("p_irt", [1, 0], [0, 0], None, world["items"])  # repeated item
 
 
-def test_end_to_end_with_py_irt_fitted_items():
-    # the estimators know only what the pipeline would: items fitted by py-irt on 200 models'
+@pytest.mark.parametrize("fitter", ["map", "py-irt"])
+def test_end_to_end_with_fitted_items(fitter):
+    # the estimators know only what the pipeline would: items fitted (by either fitter) on 200 models'
     # answers, and the endpoints' MLE abilities from all their answers; the candidates (convex
     # combinations of three endpoints) answer according to the true items
     rng = np.random.default_rng(7)
@@ -165,7 +166,7 @@ def test_end_to_end_with_py_irt_fitted_items():
     items = ItemParams(rng.lognormal(0.0, 0.5, (n_items, 1)), rng.normal(0.0, 1.5, n_items))
     train_theta = rng.normal(size=(200, 1))
     train = (rng.random((200, n_items)) < items.prob(train_theta)).astype(float)
-    fitted = fit_item_params(train, "2pl", epochs=300, seed=0)
+    fitted = fit_item_params(train, "2pl", fitter=fitter, epochs=300, seed=0)
     ends = estimate_theta(train[:3], fitted)
     theta = rng.dirichlet(np.ones(3), 100) @ train_theta[:3]
     world = {"y": (rng.random((100, n_items)) < items.prob(theta)).astype(float), "rng": rng}

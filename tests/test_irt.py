@@ -1,4 +1,5 @@
-"""fitness.irt: py-irt fits recover simulated 2PL items; ability estimates recover simulated models."""
+"""fitness.irt: both fitters (joint MAP and py-irt) recover simulated 2PL items; ability estimates
+recover simulated models."""
 import json
 
 import numpy as np
@@ -23,10 +24,13 @@ def world():
     return simulate(250, 300, seed=0)
 
 
-@pytest.fixture(scope="module")
-def fitted(world):
+FITTERS = ["map", "py-irt"]
+
+
+@pytest.fixture(scope="module", params=FITTERS)
+def fitted(world, request):
     y, _, _ = world
-    return fit_item_params(y, "2pl", epochs=300, seed=0)
+    return fit_item_params(y, "2pl", fitter=request.param, epochs=300, seed=0)
 
 
 def rank(x, y):
@@ -36,7 +40,7 @@ def rank(x, y):
 def test_2pl_fit_recovers_item_parameters(world, fitted):
     _, truth, _ = world
     assert fitted.n_rows == 250 and fitted.n_items == 300 and fitted.dims == 1
-    assert fitted.meta["n_observations"] == 250 * 300
+    assert fitted.meta["n_observations"] == 250 * 300 and fitted.meta["fitter"] in FITTERS
     assert rank(fitted.b, truth.b) > 0.95
     # discrimination is the hard parameter: with 250 models and a ~ LogNormal(0, 0.5) the
     # sampling noise alone holds its rank correlation near 0.85 (measured 0.82-0.88)
@@ -53,29 +57,32 @@ def test_theta_from_fitted_items_recovers_abilities(world, fitted):
     assert np.abs(fitted.prob(est).mean(axis=1) - y.mean(axis=1)).mean() < 0.02
 
 
-def test_fit_is_deterministic_and_leaves_global_state_alone():
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_fit_is_deterministic_and_leaves_global_state_alone(fitter):
     y, _, _ = simulate(60, 80, seed=3)
     np.random.seed(123)
     state, threads = np.random.get_state()[1].copy(), torch.get_num_threads()
-    first = fit_item_params(y, "2pl", epochs=60, seed=7)
-    second = fit_item_params(y, "2pl", epochs=60, seed=7)
+    first = fit_item_params(y, "multidim_2pl", 2, fitter=fitter, epochs=60, seed=7)
+    second = fit_item_params(y, "multidim_2pl", 2, fitter=fitter, epochs=60, seed=7)
     assert np.array_equal(first.a, second.a) and np.array_equal(first.b, second.b)
     assert np.array_equal(np.random.get_state()[1], state)
     assert torch.get_num_threads() == threads
 
 
-def test_1pl_has_unit_discrimination():
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_1pl_has_unit_discrimination(fitter):
     rng = np.random.default_rng(1)
     theta, b = rng.normal(size=(150, 1)), rng.normal(0, 1.5, 120)
     y = (rng.random((150, 120)) < sigmoid(theta - b)).astype(float)
-    fit = fit_item_params(y, "1pl", epochs=200)
+    fit = fit_item_params(y, "1pl", fitter=fitter, epochs=200)
     assert np.all(fit.a == 1.0) and fit.model == "1pl"
     assert rank(fit.b, b) > 0.95
 
 
-def test_multidim_2pl_fits_and_predicts():
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_multidim_2pl_fits_and_predicts(fitter):
     y, truth, theta = simulate(150, 160, dims=2, seed=2)
-    fit = fit_item_params(y, "multidim_2pl", dims=2, epochs=300)
+    fit = fit_item_params(y, "multidim_2pl", dims=2, fitter=fitter, epochs=300)
     assert fit.a.shape == (160, 2) and fit.b.shape == (160,)
     # dimensions are only identified up to rotation; the curves they imply are identified
     est = estimate_theta(y, fit)
@@ -83,16 +90,19 @@ def test_multidim_2pl_fits_and_predicts():
     assert np.corrcoef(fit.prob(est).ravel(), truth.prob(theta).ravel())[0, 1] > 0.9
 
 
-def test_missing_cells_are_skipped():
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_missing_cells_are_skipped(fitter):
     y, truth, _ = simulate(120, 100, seed=4)
     y[np.random.default_rng(0).random(y.shape) < 0.2] = np.nan
-    fit = fit_item_params(y, "2pl", epochs=200)
+    fit = fit_item_params(y, "2pl", fitter=fitter, epochs=200)
     assert fit.meta["n_observations"] == int((~np.isnan(y)).sum())
     assert rank(fit.b, truth.b) > 0.9
     with pytest.raises(ValueError):
         fit_item_params(np.full((3, 4), 0.5))
     with pytest.raises(ValueError):
         fit_item_params(np.ones((4, 3)), "2pl", dims=2)
+    with pytest.raises(ValueError, match="fitter"):
+        fit_item_params(np.ones((4, 3)), fitter="jml")
 
 
 def test_mle_and_map_abilities():
@@ -153,16 +163,17 @@ def test_a_jobs_irt_fit_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
     rng = np.random.default_rng(0)
     Y = (rng.random((8, 60)) < 0.5).astype(float)
-    first = ff.fitted_item_params(Y, IrtSpec(epochs=30))
-    fresh = fit_item_params(Y, "2pl", epochs=30, seed=42)
+    first = ff.fitted_item_params(Y, IrtSpec(fitter="py-irt", epochs=30))
+    fresh = fit_item_params(Y, "2pl", fitter="py-irt", epochs=30, seed=42)
     assert np.array_equal(first.a, fresh.a) and np.array_equal(first.b, fresh.b)
 
     def no_fit(*args, **kwargs):
         raise AssertionError("refitted")
 
     monkeypatch.setattr(ff, "fit_item_params", no_fit)
-    again = ff.fitted_item_params(Y, IrtSpec(epochs=30, probes=3))  # probes do not change the fit of given rows
+    again = ff.fitted_item_params(Y, IrtSpec(fitter="py-irt", epochs=30, probes=3))  # probes do not change the fit of given rows
     assert np.array_equal(again.a, first.a) and np.array_equal(again.b, first.b) and again.n_rows == 8
-    for other in ((Y, IrtSpec(epochs=31)), (1 - Y, IrtSpec(epochs=30))):
+    for other in ((Y, IrtSpec(fitter="py-irt", epochs=31)), (1 - Y, IrtSpec(fitter="py-irt", epochs=30)),
+                  (Y, IrtSpec(epochs=30))):
         with pytest.raises(AssertionError, match="refitted"):
             ff.fitted_item_params(*other)
