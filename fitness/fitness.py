@@ -2,13 +2,14 @@
 
 Built once per job by `Fitness.fit` from full evaluations of the endpoint models (the base
 and the models being merged) and of a few probe merges:
-1. per benchmark, IRT item parameters are fitted on that response matrix (py-irt), unless
+1. per benchmark, IRT item parameters are fitted on that response matrix (`fitness.irt`), unless
    no objective needs them, or the spec imports a fitted parameter file;
 2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
 3. the subset of items each candidate will answer is extracted (random, IRT anchors, or
    the highest-entropy items across endpoints and probes, Evo-L2S), stratified by item kind
    (multiple choice, generation per match rule: each kind gets its proportional share of the
-   k items, weighted by its share of the benchmark), or, with
+   k items, weighted by its share of the benchmark; random subsets also by difficulty among
+   endpoints and probes, `fitness.subsets.difficulty_strata`), or, with
    `subset: {strategy: adaptive}`, the prior on ability for computerized adaptive testing
    (`fitness.adaptive`) is taken from the endpoints' abilities.
 Then `score(model)` runs the model only on the subset items (all benchmarks' items in
@@ -42,7 +43,7 @@ from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .irt import ItemParams, estimate_theta, fit_item_params
 from .spec import EvaluationSpec, ObjectiveSpec
-from .subsets import Subset, anchor_subset, entropy_subset, random_subset
+from .subsets import Subset, anchor_subset, difficulty_strata, entropy_subset, random_subset
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     prior = None
     if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
-        # MAP under N(0, 1) (py-irt's ability scale), not the MLEs above: a fine-tune that gets
+        # MAP under N(0, 1) (the fits' ability scale), not the MLEs above: a fine-tune that gets
         # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
         # mean and spread meaningless
         prior_thetas = estimate_theta(Y[: len(endpoints)], params, method="map", prior_sd=1.0)
@@ -277,7 +278,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     if sub.strategy == "random":
-        subset = random_subset(len(bench), k, seed=sub.seed, groups=kinds)
+        subset = random_subset(len(bench), k, seed=sub.seed, groups=difficulty_strata(kinds, Y, k))
     elif sub.strategy == "anchor":
         subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed, groups=kinds)
     elif sub.strategy == "entropy":
@@ -288,7 +289,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
-    """py-irt's fit of `Y` with the spec's settings, cached per machine under a hash of both: the
+    """The IRT fit of `Y` with the spec's settings, cached per machine under a hash of both: the
     fit is seeded and deterministic, so a later job over the same models reads it back."""
     from merging.checkpoint import cache_dir
 
@@ -297,7 +298,7 @@ def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
     path = cache_dir() / "irt" / f"{key}.json"
     if path.is_file():
         return ItemParams.load(path)
-    params = fit_item_params(Y, irt.model, irt.dims, epochs=irt.epochs, seed=irt.seed)
+    params = fit_item_params(Y, irt.model, irt.dims, fitter=irt.fitter, epochs=irt.epochs, seed=irt.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     params.save(path)
     return params

@@ -21,6 +21,14 @@ taken from the group), so the weighted mean still estimates the mean over all N 
 on the small zoo a merge answers ~50% of the multiple-choice items and ~3% of the generation
 items, so how many of a plain random 20-item draw happen to be multiple choice moves its mean by
 points; stratified, the same draws err 16% less (subset mean, `bench/fitness_estimators.py`).
+
+``difficulty_strata`` refines those labels for ``random`` subsets (as ``fitness.Fitness`` draws
+them): within each kind, items are ranked by how many known models (endpoints and probes) answer
+them, and cut into as many equal strata as the kind gets items, so the draw takes one item from
+each difficulty band (stratified sampling with proportional allocation, Cochran 1977, "Sampling
+Techniques", ch. 5). The weighted mean stays unbiased, and it no longer depends on how many of
+the rare items that merges solve a draw happens to catch: on the small zoo the subset mean's
+error at 20 items falls from 4.9 to 3.7 points, and the IRT estimators' by 0.2-0.5.
 """
 from __future__ import annotations
 
@@ -104,6 +112,25 @@ def _stratified(k: int, labels: Array, pick: Callable[[Array, int, np.random.Gen
     return np.concatenate(chosen), np.concatenate(weights)
 
 
+def difficulty_strata(groups, responses, k: int) -> Array:
+    """Labels that split each group into as many strata as ``allocate`` gives it of k items,
+    by the rank of each item's success rate among known models (``responses`` [models, items],
+    NaN = not run; ties in item order). With one item drawn per stratum, a stratum holds items of
+    about equal difficulty."""
+    y = np.atleast_2d(np.asarray(responses, dtype=np.float64))
+    labels = _groups(groups, y.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        p = np.nan_to_num(np.nanmean(y, axis=0), nan=0.0)
+    out = np.zeros(y.shape[1], dtype=int)
+    for g, k_g in enumerate(allocate(min(k, y.shape[1]), np.bincount(labels))):
+        members = np.flatnonzero(labels == g)
+        rank = np.empty(members.size, dtype=int)
+        rank[np.argsort(p[members], kind="stable")] = np.arange(members.size)
+        out[members] = g * y.shape[1] + (rank * max(int(k_g), 1)) // members.size
+    return _groups(out, y.shape[1])
+
+
 # ---- strategies ------------------------------------------------------------------------------
 def random_subset(n_items: int, k: int, seed: int = 0, groups=None) -> Subset:
     """k items drawn uniformly without replacement (per group when ``groups``); weights 1/k."""
@@ -169,28 +196,38 @@ def anchor_subset(k: int, item_params: ItemParams | None = None, responses=None,
 
     tinyBenchmarks takes the item nearest each centroid over all items, which can pick the same
     item twice; choosing among the cluster's own members keeps anchors distinct and each weight
-    tied to the items it stands for. Clusters KMeans leaves empty are dropped (only possible with
-    fewer distinct items than k), so the subset can then be smaller than k.
+    tied to the items it stands for. Items often share one embedding (all known models wrong on
+    them: the same answer column, and from a deterministic fit the same IRT parameters), so
+    KMeans runs on the distinct embeddings weighted by how many items share each, with at most
+    as many clusters as there are distinct points; when that is fewer than k, the k picks are
+    split over the clusters in proportion to their sizes (``allocate``) and a cluster's picks are
+    its items nearest the centroid (seeded random order among equals), each weighted by the
+    cluster's share / its picks. So the subset always has k items.
     """
     from sklearn.cluster import KMeans
 
     X = item_embedding(item_params, responses, features)
     labels = _groups(groups, X.shape[0])
     n_items = X.shape[0]
+    rng = np.random.default_rng(seed)
 
     def anchors_of(members: Array, k_g: int) -> tuple[Array, Array]:
+        points, which, counts = np.unique(X[members], axis=0, return_inverse=True, return_counts=True)
+        n_clusters = min(k_g, points.shape[0])
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning when distinct points < k
-            km = KMeans(n_clusters=k_g, n_init="auto", random_state=seed).fit(X[members])
-        anchors, sizes = [], []
-        for c in range(k_g):
-            in_c = np.flatnonzero(km.labels_ == c)
-            if in_c.size == 0:
-                continue
+            warnings.simplefilter("ignore")  # ConvergenceWarning on degenerate data
+            km = KMeans(n_clusters=n_clusters, n_init="auto", random_state=seed).fit(points, sample_weight=counts)
+        cluster = km.labels_[which.reshape(-1)]
+        sizes = np.bincount(cluster, minlength=n_clusters)
+        keep = np.flatnonzero(sizes)
+        anchors, weights = [], []
+        for c, take in zip(keep, allocate(k_g, sizes[keep])):
+            in_c = np.flatnonzero(cluster == c)
             d = ((X[members[in_c]] - km.cluster_centers_[c]) ** 2).sum(axis=1)
-            anchors.append(members[in_c[np.argmin(d)]])
-            sizes.append(in_c.size)
-        return np.array(anchors), np.array(sizes, dtype=np.float64) / n_items
+            order = np.lexsort((rng.random(in_c.size), d))[:take]
+            anchors.append(members[in_c[order]])
+            weights.append(np.full(order.size, sizes[c] / n_items / order.size))
+        return np.concatenate(anchors), np.concatenate(weights)
 
     chosen, weights = [], []
     for g, k_g in enumerate(allocate(k, np.bincount(labels))):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from fitness.irt import ItemParams
-from fitness.subsets import (Subset, allocate, anchor_subset, binary_entropy, entropy_subset, random_subset,
-                             select)
+from fitness.subsets import (Subset, allocate, anchor_subset, binary_entropy, difficulty_strata, entropy_subset,
+                             random_subset, select)
 
 GROUPS = np.repeat([0, 1, 2], [400, 150, 50])
 
@@ -54,6 +54,43 @@ def test_stratified_weights_estimate_the_pooled_mean():
             assert subset.weights @ (GROUPS[subset.indices] == g) == pytest.approx(share)
 
 
+def test_difficulty_strata_cut_each_group_by_success_rate(probes):
+    labels = difficulty_strata(GROUPS, probes, 20)
+    subset = random_subset(600, 20, seed=0, groups=labels)
+    check(subset, 20, 600, "random")
+    assert np.bincount(GROUPS[subset.indices]).tolist() == [13, 5, 2]  # the kinds' shares are kept
+    assert np.unique(labels).size == 20 and np.bincount(labels[subset.indices]).max() == 1
+    p = probes.mean(axis=0)
+    for g in range(3):  # inside a group, strata are bands of success rate: no overlap between them
+        bands = [p[(labels == lab)] for lab in np.unique(labels[GROUPS == g])]
+        bands.sort(key=np.min)
+        assert all(lo.max() <= hi.min() for lo, hi in zip(bands, bands[1:]))
+
+
+def stratified_variance(labels, values, k):
+    """Cochran (1977) eq. 5.3: Var = sum_h W_h^2 (1 - n_h/N_h) S_h^2 / n_h, proportional allocation."""
+    sizes = np.bincount(labels)
+    take = allocate(k, sizes)
+    return sum((N_h / labels.size) ** 2 * (1 - n_h / N_h) * values[labels == h].var(ddof=1) / n_h
+               for h, (N_h, n_h) in enumerate(zip(sizes, take)) if N_h > 1)
+
+
+def test_difficulty_strata_keep_the_mean_unbiased_and_cut_its_spread():
+    """Draws stratified by difficulty: the weighted subset mean is unbiased and its spread is what
+    Cochran's formula gives; when the known models' success rates predict a new model's answers,
+    that spread is well below the one of draws stratified by group alone."""
+    rng = np.random.default_rng(5)
+    difficulty = rng.random(600)
+    known = (rng.random((40, 600)) < difficulty).astype(float)
+    answers = (rng.random(600) < 1 / (1 + np.exp(-10 * (difficulty - 0.5)))).astype(float)  # sharp items
+    labels = difficulty_strata(GROUPS, known, 20)
+    est = np.array([sub.weights @ answers[sub.indices] for sub in (random_subset(600, 20, s, labels)
+                                                                   for s in range(3000))])
+    assert abs(est.mean() - answers.mean()) < 3 * est.std() / np.sqrt(est.size)
+    assert est.var() == pytest.approx(stratified_variance(labels, answers, 20), rel=0.1)
+    assert stratified_variance(labels, answers, 20) < 0.75 * stratified_variance(GROUPS, answers, 20)
+
+
 def test_entropy_picks_the_items_probes_disagree_on():
     probes = np.zeros((11, 100))             # items 0-59: every probe wrong
     probes[:, 60:] = 1.0                     # items 60-99: every probe right
@@ -89,6 +126,19 @@ def test_anchor_finds_one_item_per_cluster_weighted_by_cluster_size():
     check(got, 5, 100, "anchor")
     assert sorted(label[got.indices].tolist()) == [0, 1, 2, 3, 4]
     assert np.allclose(got.weights, sizes[label[got.indices]] / 100)
+
+
+def test_anchor_with_fewer_distinct_items_than_k_still_takes_k():
+    # 100 items on three distinct embeddings (60 / 30 / 10 items), as items every known model
+    # answers the same way get from a deterministic IRT fit
+    label = np.repeat([0, 1, 2], [60, 30, 10])
+    emb = np.array([[1.0, -3.0], [1.2, 0.5], [0.8, 2.0]])[label]
+    got = anchor_subset(10, ItemParams(emb[:, :1], emb[:, 1]))
+    check(got, 10, 100, "anchor")
+    assert np.bincount(label[got.indices]).tolist() == [6, 3, 1]
+    for c, share in enumerate([0.6, 0.3, 0.1]):
+        assert got.weights[label[got.indices] == c].sum() == pytest.approx(share)
+    assert not np.array_equal(got.indices, anchor_subset(10, ItemParams(emb[:, :1], emb[:, 1]), seed=1).indices)
 
 
 def test_anchor_subsets(items, probes):
