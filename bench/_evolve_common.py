@@ -48,7 +48,7 @@ def evolve_spec(zoo: Path, manifest: dict, tasks: Sequence[str], *, method: str 
                 space: dict | None = None, estimator: str = "gmp_irt", strategy: str = "entropy",
                 size: int = 20, population: int = 8, generations: int = 4, seed: int = 0,
                 probes: int = 11, epochs: int = 600, subset_seed: int = 0, final_check: bool = True,
-                subset_extra: dict | None = None) -> dict:
+                subset_extra: dict | None = None, fitter: str = "map") -> dict:
     """An evolve job over `tasks`: merge their fine-tunes, one accuracy objective per task.
     `subset_extra`: more subset keys (adaptive: round, prior, stop_sd, min_sd)."""
     search: dict[str, Any] = {"algorithm": "nsga2", "population": population, "generations": generations,
@@ -65,7 +65,7 @@ def evolve_spec(zoo: Path, manifest: dict, tasks: Sequence[str], *, method: str 
                         "estimator": estimator, "subset": {"size": size, "strategy": strategy, "seed": subset_seed, **(subset_extra or {})}}
                        for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"],
-                       "irt": {"probes": probes, "epochs": epochs}},
+                       "irt": {"probes": probes, "epochs": epochs, "fitter": fitter}},
         "device": "cpu",
         "final_check": final_check,
     }

@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=20, help="subset items per benchmark")
     ap.add_argument("--probes", type=int, default=11)
+    ap.add_argument("--fitter", default="map", choices=["map", "py-irt"], help="IRT fitter (fitness.irt)")
     ap.add_argument("--epochs", type=int, default=600, help="py-irt epochs")
     ap.add_argument("--runs", default="full,random,anchor,entropy,adaptive,adaptive_pop")
     ap.add_argument("--round", type=int, default=5, help="adaptive: items per round per benchmark")
@@ -82,7 +83,8 @@ def main() -> None:
                            estimator="full" if full else estimator or ("p_irt" if adaptive else "gmp_irt"),
                            strategy="entropy" if full else "adaptive" if adaptive else kind, size=args.size,
                            population=args.population, generations=args.generations, seed=args.seed,
-                           probes=0 if full else int(n_probes or args.probes), epochs=args.epochs, subset_extra=extra)
+                           probes=0 if full else int(n_probes or args.probes), epochs=args.epochs, subset_extra=extra,
+                           fitter=args.fitter)
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)
         forget_setup(spec)  # every run pays its probes and IRT fit, as a user's first job over these models does

@@ -9,7 +9,7 @@ On a zoo (default `tiny`; `--preset small` for the issue's setting):
    and held-out answers go to the per-machine response cache under their recipe (as evolve
    caches its probes), so a rerun with other options evaluates only what it has not seen;
 3. for every benchmark, strategy (random, anchor, entropy; stratified by item kind as an
-   evolve job draws them) and k, each estimator predicts
+   evolve job draws them, random also by difficulty; `random_kind`: by kind only) and k, each estimator predicts
    every held-out merge's accuracy from its answers on the k subset items only (batched
    evaluation does not depend on batch mates, so a subset's answers are a slice of the full
    answers). Random subsets are redrawn per seed and averaged.
@@ -60,13 +60,13 @@ from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpo
 from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
-from fitness.subsets import anchor_subset, entropy_subset, random_subset  # noqa: E402
+from fitness.subsets import anchor_subset, difficulty_strata, entropy_subset, random_subset  # noqa: E402
 from merging.checkpoint import content_hash  # noqa: E402
 from merging.spec import method_params  # noqa: E402
 
 ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
-STRATEGIES = ["random", "anchor", "entropy", "adaptive", "adaptive_pop"]
-FIXED = ["random", "anchor", "entropy"]
+STRATEGIES = ["random", "random_kind", "anchor", "entropy", "adaptive", "adaptive_pop"]
+FIXED = ["random", "random_kind", "anchor", "entropy"]
 HELD_OUT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv"]
 
 
@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--merges", type=int, default=30)
     ap.add_argument("--probes", type=int, default=11)
     ap.add_argument("--ks", default="10,20,50,100")
-    ap.add_argument("--seeds", type=int, default=5, help="random-subset redraws")
+    ap.add_argument("--seeds", type=int, default=20, help="random-subset redraws")
+    ap.add_argument("--fitter", default="map", choices=["map", "py-irt"], help="IRT fitter (fitness.irt)")
     ap.add_argument("--epochs", type=int, default=600, help="py-irt epochs")
     ap.add_argument("--round", type=int, default=5, help="adaptive: items per round per benchmark")
     ap.add_argument("--stop-sd", type=float, default=0.0, help="adaptive: early stop threshold (0: never)")
@@ -163,7 +164,7 @@ def main() -> None:
     cats = {}  # (task, strategy, k) -> per merge (items, answers, map accuracy, rounds by size)
     for t in tasks:
         Y = np.array(endpoints[t] + probes[t], dtype=float)
-        params = fit_item_params(Y, "2pl", epochs=args.epochs, seed=42)
+        params = fit_item_params(Y, "2pl", fitter=args.fitter, epochs=args.epochs, seed=42)
         thetas = estimate_theta(Y[: len(endpoints[t])], params)
         prior = endpoint_prior(estimate_theta(Y[: len(endpoints[t])], params, method="map", prior_sd=1.0), args.min_sd)
         fits[t] = (params, thetas, prior)
@@ -173,12 +174,14 @@ def main() -> None:
             for k in ks:
                 if k >= T.shape[1]:
                     continue
-                draws = range(args.seeds) if strategy == "random" else [0]
+                draws = range(args.seeds) if strategy.startswith("random") else [0]
                 preds = {est: [] for est in ESTIMATORS}
                 for seed in draws:
                     if strategy in FIXED:
                         kinds = [it.kind for it in benches[t].items]  # strata, as fitness.Fitness draws them
-                        if strategy == "random":
+                        if strategy == "random":  # as an evolve job draws it: strata by kind and difficulty
+                            sub = random_subset(T.shape[1], k, seed=seed, groups=difficulty_strata(kinds, Y, k))
+                        elif strategy == "random_kind":  # strata by item kind only
                             sub = random_subset(T.shape[1], k, seed=seed, groups=kinds)
                         elif strategy == "anchor":
                             sub = anchor_subset(k, item_params=params, responses=Y, seed=42, groups=kinds)
@@ -285,7 +288,7 @@ def main() -> None:
             c["seconds"].append(time.perf_counter() - t1)
     per_candidate_full = float(np.mean(full_seconds)) if full_seconds else float("nan")
     # table: averaged over tasks
-    print(f"\nzoo {manifest['preset']}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT on "
+    print(f"\nzoo {manifest['preset']}: {len(tasks)} benchmarks, {args.merges} held-out merges, IRT ({args.fitter}) on "
           f"{len(fts) + 1} endpoints + {args.probes} probes; full evaluation {per_candidate_full:.2f}s per merge\n")
     n_full = np.mean([len(b) for b in benches.values()])
     setup_items = (len(fts) + 1 + args.probes) * n_full
