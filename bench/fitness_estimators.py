@@ -257,10 +257,8 @@ def main() -> None:
                 subs = {t: subsets[t, strategy, k, 0] for t in tasks}
                 r = evaluate(model, tok, [benches[t].items[i] for t in tasks for i in subs[t].indices], settings,
                              device="cpu", batch_size=batch)
-                at = 0
-                for t, sub in subs.items():
-                    y = r.correct[at:at + len(sub)]
-                    at += len(sub)
+                for (t, sub), part in zip(subs.items(), r.split([len(sub) for sub in subs.values()])):
+                    y = part.correct
                     estimate("gmp_irt", y.astype(float), sub.indices, sub.weights, fits[t][0], fits[t][1])
                     mismatches += int((y != truth[t][h][sub.indices]).sum())
             else:
@@ -278,11 +276,9 @@ def main() -> None:
                         break
                     r = evaluate(model, tok, [benches[t].items[i] for t, idx in asked for i in idx], settings,
                                  device="cpu", batch_size=batch)
-                    at = 0
-                    for t, idx in asked:
-                        sessions[t].observe(idx, r.correct[at:at + idx.size])
-                        mismatches += int((r.correct[at:at + idx.size] != truth[t][h][idx]).sum())
-                        at += idx.size
+                    for (t, idx), part in zip(asked, r.split([idx.size for _, idx in asked])):
+                        sessions[t].observe(idx, part.correct)
+                        mismatches += int((part.correct != truth[t][h][idx]).sum())
                 for s in sessions.values():
                     s.accuracy  # noqa: B018  (the prediction is part of the cost)
             c["seconds"].append(time.perf_counter() - t1)

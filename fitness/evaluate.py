@@ -82,6 +82,14 @@ class Responses:
     def mean_output_tokens(self) -> float:
         return float(self.output_tokens.mean()) if len(self.output_tokens) else float("nan")
 
+    def split(self, sizes: Sequence[int]) -> list["Responses"]:
+        """Consecutive parts of the given sizes: one evaluation of several item lists, back apart."""
+        if sum(sizes) != len(self.correct):
+            raise ValueError(f"sizes add up to {sum(sizes)}, not {len(self.correct)} responses")
+        bounds = np.cumsum([0, *sizes])
+        return [Responses(self.item_ids[a:b], self.correct[a:b], self.output_tokens[a:b], self.outputs[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
     def save(self, path: str | os.PathLike) -> None:
         """Atomic write of an .npz file."""
         path = Path(path)

@@ -145,12 +145,7 @@ class Fitness:
         items = [self.fits[k].benchmark.items[i] for k, idx in asked.items() for i in idx]
         resp = evaluate(model, self.tokenizer, items, self.settings, batch_size=self.evaluation.batch_size,
                         device=self.device)
-        out, at = {}, 0
-        for key, idx in asked.items():
-            part = slice(at, at + len(idx))
-            out[key] = Responses(resp.item_ids[part], resp.correct[part], resp.output_tokens[part], resp.outputs[part])
-            at += len(idx)
-        return out
+        return dict(zip(asked, resp.split([len(idx) for idx in asked.values()])))
 
     def score(self, model) -> Score:
         """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds);

@@ -95,6 +95,20 @@ def test_batched_equals_one_by_one(model, tok):
         assert np.array_equal(big.output_tokens, one.output_tokens)
 
 
+def test_one_evaluation_split_back_equals_separate_evaluations(model, tok):
+    whole = from_items("t", items())
+    settings = EvalSettings(max_new_tokens=6)
+    sizes = [3, len(whole.items) - 5, 2]
+    parts = np.split(np.arange(len(whole.items)), np.cumsum(sizes)[:-1])
+    together = evaluate(model, tok, whole, settings, batch_size=64, device="cpu").split(sizes)
+    for idx, got in zip(parts, together):
+        alone = evaluate(model, tok, [whole.items[i] for i in idx], settings, batch_size=64, device="cpu")
+        assert got.item_ids == alone.item_ids and got.outputs == alone.outputs
+        assert np.array_equal(got.correct, alone.correct) and np.array_equal(got.output_tokens, alone.output_tokens)
+    with pytest.raises(ValueError, match="sizes"):
+        evaluate(model, tok, whole, settings, device="cpu").split([1, 1])
+
+
 def test_mc_prediction_and_normalization(model, tok):
     bench = from_items("t", items())
     r_sum = evaluate(model, tok, bench, EvalSettings(mc_norm="sum"), device="cpu")
