@@ -17,13 +17,13 @@ items, with one of two fitters:
                                                 +  log N(log a_jd; 0, 1),
 
   by L-BFGS-B on the analytic gradient (scipy): deterministic, no sampling, under a second on
-  a few thousand items. This is Bayesian joint estimation (Mislevy 1986, "Bayes modal
-  estimation in item response models"), i.e. JML with priors that keep the estimates finite
+  a few thousand items. This is joint Bayesian estimation of the 2PL (Swaminathan & Gifford
+  1985, Psychometrika 50), i.e. JML with priors that keep the estimates finite
   when, as here, there are only tens of rows: the fine-tunes answer their own benchmark all
   right, which sends unpenalised JML to infinity. On the small zoo it halves IRT's own error
   (the accuracy it predicts at the ability read from all of a held-out merge's answers: 0.67
-  points against py-irt's 1.40) and makes subset estimates 10-30% better
-  (``bench/fitness_estimators.py``).
+  points against py-irt's 1.40); at 20 items per benchmark it makes the estimates on fixed
+  subsets 3-25% more accurate and those on adaptive items 2.3x (``bench/fitness_estimators.py``).
 * ``"py-irt"``: py-irt's variational Bayes (pyro SVI, hierarchical priors, Adam lr 0.1, 2000
   epochs: the settings tinyBenchmarks passes to ``py-irt train``), which is what tinyBenchmarks
   and MERGE^3 use. Stock py-irt parameterises the logit as ``sum_d disc_d * (theta_d - diff_d)``;
