@@ -76,7 +76,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fitness.irt import LOGIT_CLIP, THETA_BOUND, ItemParams, sigmoid
+from fitness.irt import LOGIT_CLIP, THETA_BOUND, ItemParams, bernoulli_nll, sigmoid
 
 Array = np.ndarray
 
@@ -162,12 +162,10 @@ def item_information(item_params: ItemParams, theta, items=None) -> Array:
 def _nll_parts(item_params: ItemParams, items: Array, y: Array, theta: Array):
     a, b = item_params.a[items], item_params.b[items]
     z = a @ theta - b
-    zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
-    p = sigmoid(zc)
-    nll = float((y * np.logaddexp(0.0, -zc) + (1.0 - y) * np.logaddexp(0.0, zc)).sum())
-    inside = np.abs(z) < LOGIT_CLIP
-    grad = a.T @ np.where(inside, p - y, 0.0)
-    hess = (a * np.where(inside, p * (1 - p), 0.0)[:, None]).T @ a
+    nll, resid = bernoulli_nll(z, y)
+    p = sigmoid(np.clip(z, -LOGIT_CLIP, LOGIT_CLIP))
+    grad = a.T @ resid
+    hess = (a * np.where(np.abs(z) < LOGIT_CLIP, p * (1 - p), 0.0)[:, None]).T @ a
     return nll, grad, hess
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from fitness.irt import LOGIT_CLIP, ItemParams, estimate_theta, sigmoid
+from fitness.irt import ItemParams, bernoulli_nll, estimate_theta
 
 Array = np.ndarray
 Estimate = float | Array
@@ -146,10 +146,7 @@ def fit_lambdas(responses, subset_idx, item_params: ItemParams, endpoint_thetas)
     b = item_params.b[seen]
 
     def nll(lam: Array, yy: Array) -> tuple[float, Array]:
-        z = lam @ g - b
-        zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
-        value = float((yy * np.logaddexp(0.0, -zc) + (1.0 - yy) * np.logaddexp(0.0, zc)).sum())
-        resid = np.where(np.abs(z) < LOGIT_CLIP, sigmoid(zc) - yy, 0.0)
+        value, resid = bernoulli_nll(lam @ g - b, yy)
         return value, g @ resid
 
     start = np.full(K, 1.0 / K)

@@ -63,6 +63,19 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow warnings
 
 
+def bernoulli_nll(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of 0/1 answers ``y`` at logits ``z``, summed over the observed
+    cells (``mask``), and its derivative in z: sigmoid(z) - y, zero where unobserved or where
+    |z| reaches the clip (the logits are clipped to +-LOGIT_CLIP, so the loss is flat there).
+    log P = -softplus(-z) and log(1-P) = -softplus(z), by logaddexp: exact and stable."""
+    zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
+    terms = y * np.logaddexp(0.0, -zc) + (1.0 - y) * np.logaddexp(0.0, zc)
+    resid = np.where(np.abs(z) < LOGIT_CLIP, sigmoid(zc) - y, 0.0)
+    if mask is not None:
+        terms, resid = np.where(mask, terms, 0.0), np.where(mask, resid, 0.0)
+    return float(terms.sum()), resid
+
+
 @dataclass
 class ItemParams:
     """Fitted item parameters: ``a`` [items, dims], ``b`` [items], plus where they came from.
@@ -334,9 +347,7 @@ def _fit_map(y: np.ndarray, mask: np.ndarray, model: str, dims: int, seed: int) 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
         theta, b, log_a = unpack(x)
         a = np.exp(log_a)
-        z = theta @ a.T - b
-        nll = np.where(mask, y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z), 0.0).sum()
-        r = np.where(mask, sigmoid(z) - y, 0.0)
+        nll, r = bernoulli_nll(theta @ a.T - b, y, mask)
         nll += 0.5 * ((theta ** 2).sum() / sd["theta"] ** 2 + (b ** 2).sum() / sd["b"] ** 2)
         grads = [(r @ a + theta / sd["theta"] ** 2).ravel(), -r.sum(0) + b / sd["b"] ** 2]
         if free_a:
@@ -375,11 +386,7 @@ def _fit_py_irt(y: np.ndarray, ids: list[str], py_model: str, dims: int, epochs:
 def _neg_log_lik(theta: np.ndarray, y: np.ndarray, mask: np.ndarray, a: np.ndarray, b: np.ndarray,
                  prior_sd: float | None) -> tuple[float, np.ndarray]:
     """Bernoulli NLL summed over observed cells and rows, with its gradient in theta [rows, dims]."""
-    z = theta @ a.T - b                                  # [rows, items]
-    zc = np.clip(z, -LOGIT_CLIP, LOGIT_CLIP)
-    # log P = -softplus(-z), log(1-P) = -softplus(z); softplus via logaddexp is exact and stable
-    nll = np.where(mask, y * np.logaddexp(0.0, -zc) + (1.0 - y) * np.logaddexp(0.0, zc), 0.0).sum()
-    resid = np.where(mask & (np.abs(z) < LOGIT_CLIP), sigmoid(zc) - y, 0.0)
+    nll, resid = bernoulli_nll(theta @ a.T - b, y, mask)  # resid [rows, items]
     grad = resid @ a                                     # [rows, dims]
     if prior_sd is not None:
         nll += 0.5 * float((theta ** 2).sum()) / prior_sd ** 2
