@@ -159,6 +159,7 @@ def main() -> None:
 
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
+    signed = {}  # (strategy, k, estimator) -> (exact accuracy, signed error in points) per prediction
     fits = {}
     subsets = {}  # (task, strategy, k, seed) -> fixed Subset
     cats = {}  # (task, strategy, k) -> per merge (items, answers, map accuracy, rounds by size)
@@ -217,6 +218,8 @@ def main() -> None:
                                              for i in range(T.shape[0])])
                         preds[est].append(pred)
                 for est in ESTIMATORS:
+                    signed.setdefault((strategy, k, est), []).extend(
+                        (e, d) for p in preds[est] for e, d in zip(exact, (p - exact) * 100))
                     maes = [np.abs(p - exact).mean() * 100 for p in preds[est]]
                     rhos = [spearmanr(p, exact).statistic if exact.std() > 0 else np.nan for p in preds[est]]
                     rows.append({"task": t, "strategy": strategy, "k": k, "estimator": est,
@@ -309,6 +312,14 @@ def main() -> None:
                     r.update(items_per_cand=c["items"], passes_per_cand=c["passes"], seconds_per_cand=secs)
     print(f"\nadaptive: rounds of {args.round} items per benchmark, stop_sd {args.stop_sd}, prior sd floor {args.min_sd}; "
           f"batch {batch}; timed on {args.timed} merges (answers differing from the full run: {mismatches})")
+    bands = [(0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.01)]
+    print("\nmean signed error (points) by the merge's true accuracy, gmp_irt and map (bias, not spread):")
+    print(f"{'strategy':12} {'k':>4} {'estimator':10} " + " ".join(f"{f'[{lo:.1f},{min(hi, 1):.1f})':>11}" for lo, hi in bands))
+    for (strategy, k, est), pairs in signed.items():
+        if est in ("gmp_irt", "map"):
+            e = np.array(pairs)
+            cells = [e[(e[:, 0] >= lo) & (e[:, 0] < hi), 1] for lo, hi in bands]
+            print(f"{strategy:12} {k:>4} {est:10} " + " ".join(f"{c.mean():+11.2f}" if c.size else f"{'-':>11}" for c in cells))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
