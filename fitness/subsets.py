@@ -28,7 +28,7 @@ them, and cut into as many equal strata as the kind gets items, so the draw take
 each difficulty band (stratified sampling with proportional allocation, Cochran 1977, "Sampling
 Techniques", ch. 5). The weighted mean stays unbiased, and it no longer depends on how many of
 the rare items that merges solve a draw happens to catch: on the small zoo the subset mean's
-error at 20 items falls from 4.9 to 3.7 points, and the IRT estimators' by 0.2-0.5.
+error at 20 items falls from 4.9 to 3.8 points, and gmp-IRT's from 4.1 to 3.6.
 """
 from __future__ import annotations
 
@@ -112,6 +112,14 @@ def _stratified(k: int, labels: Array, pick: Callable[[Array, int, np.random.Gen
     return np.concatenate(chosen), np.concatenate(weights)
 
 
+def success_rate(responses) -> Array:
+    """Share of known models ([models, items], NaN = not run) answering each item right; 0 for an
+    item no model ran."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        return np.nan_to_num(np.nanmean(np.atleast_2d(np.asarray(responses, dtype=np.float64)), axis=0), nan=0.0)
+
+
 def difficulty_strata(groups, responses, k: int) -> Array:
     """Labels that split each group into as many strata as ``allocate`` gives it of k items,
     by the rank of each item's success rate among known models (``responses`` [models, items],
@@ -119,9 +127,7 @@ def difficulty_strata(groups, responses, k: int) -> Array:
     about equal difficulty."""
     y = np.atleast_2d(np.asarray(responses, dtype=np.float64))
     labels = _groups(groups, y.shape[1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        p = np.nan_to_num(np.nanmean(y, axis=0), nan=0.0)
+    p = success_rate(y)
     out = np.zeros(y.shape[1], dtype=int)
     for g, k_g in enumerate(allocate(min(k, y.shape[1]), np.bincount(labels))):
         members = np.flatnonzero(labels == g)
@@ -158,10 +164,7 @@ def entropy_subset(probe_responses, k: int, seed: int = 0, groups=None) -> Subse
     shares with ``groups``).
     """
     y = np.atleast_2d(np.asarray(probe_responses, dtype=np.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no probe ran the item
-        p = np.nanmean(y, axis=0)
-    score = binary_entropy(np.nan_to_num(p, nan=0.0))
+    score = binary_entropy(success_rate(y))
     labels = _groups(groups, y.shape[1])
     rng = np.random.default_rng(seed)
 
