@@ -1,9 +1,10 @@
 """How well do cheap fitness estimates track full evaluation? (MERGE^3 / tinyBenchmarks / Evo-L2S)
 
 On a zoo (default `tiny`; `--preset small` for the issue's setting):
-1. the endpoint models (base and full fine-tunes) and P probe merges (task arithmetic,
-   as an evolve job builds them) are evaluated on every benchmark in full: they are what
-   IRT is fitted on and what the entropy subset is chosen from;
+1. the endpoint models (base and full fine-tunes) and P probe merges are evaluated on every
+   benchmark in full: they are what IRT is fitted on and what the entropy subset is chosen
+   from. Probes are random merges drawn like the held-out ones (another seed), as an evolve
+   job draws its probes from its own search space;
 2. H held-out merges (random method among task_arithmetic / ties / dare_ties / tsv, random
    weights and densities) are evaluated in full: their exact accuracies are the truth. Probe
    and held-out answers go to the per-machine response cache under their recipe (as evolve
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evolve.materialize import ResidentMerge  # noqa: E402
-from evolve.run import probe_weights, recipe_digest  # noqa: E402
+from evolve.run import recipe_digest  # noqa: E402
 from fitness.benchmarks import load_benchmark  # noqa: E402
 from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior,  # noqa: E402
                               fixed_map_accuracy)
@@ -138,20 +139,19 @@ def main() -> None:
             return residents[method].materialize(params)
         return make
 
-    probes = {t: [] for t in tasks}
-    for w in probe_weights(args.probes, len(fts), seed=42):
-        ta = method_params("task_arithmetic", {"weights": w}, len(fts))
-        for t, y in full({"probe": "task_arithmetic", "weights": w}, materializer("task_arithmetic", ta)).items():
-            probes[t].append(y)
-    rng = np.random.default_rng(0)
-    truth = {t: [] for t in tasks}
-    held_out = []
-    for h in range(args.merges):
-        method = HELD_OUT_METHODS[h % len(HELD_OUT_METHODS)]
-        raw = held_out_params(method, len(fts), rng)
-        held_out.append((method, method_params(method, raw, len(fts))))
-        for t, y in full({"held_out": method, "params": raw}, materializer(*held_out[-1])).items():
-            truth[t].append(y)
+    def random_merges(role: str, n: int, seed: int) -> tuple[list[tuple], dict[str, list]]:
+        """n merges of random method and parameters, evaluated in full: (method, params) and answers."""
+        rng, merges, answers = np.random.default_rng(seed), [], {t: [] for t in tasks}
+        for h in range(n):
+            method = HELD_OUT_METHODS[h % len(HELD_OUT_METHODS)]
+            raw = held_out_params(method, len(fts), rng)
+            merges.append((method, method_params(method, raw, len(fts))))
+            for t, y in full({role: method, "params": raw}, materializer(*merges[-1])).items():
+                answers[t].append(y)
+        return merges, answers
+
+    _, probes = random_merges("probe", args.probes, seed=1)
+    held_out, truth = random_merges("held_out", args.merges, seed=0)
     if args.dump:
         np.savez(args.dump, **{f"{kind}/{t}": np.array(d[t], dtype=np.uint8)
                                for kind, d in (("endpoints", endpoints), ("probes", probes), ("truth", truth))

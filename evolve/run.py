@@ -3,10 +3,10 @@
 Stages (each reported to `callback` as {"type": "stage", "stage": ...}):
 1. endpoints: the base and every model are evaluated on the full benchmarks once per
    machine (response cache; an adapter is first merged into a cached full folder);
-2. probes: a few task-arithmetic merges (weights lambda * c with lambda on an even grid
-   over [0, 1] and c a seeded Dirichlet draw scaled to sum N) are evaluated in full; they
-   enrich the IRT fit and give the entropy subset its disagreement signal. Their answers
-   are cached per machine like the endpoints' (keyed by the probe's weights and the
+2. probes: a few random merges of the job's own kind (its method at Latin-hypercube points of
+   its search space, seeded) are evaluated in full; they enrich the IRT fit with rows like
+   the candidates it will score, and give the entropy subset its disagreement signal. Their answers
+   are cached per machine like the endpoints' (keyed by the probe's parameters and the
    inputs' content hashes), so a repeated or resumed job does not evaluate them again;
    the cost report counts them as a first run pays them;
 3. irt: item parameters, endpoint abilities and subsets (`fitness.Fitness.fit`);
@@ -71,10 +71,20 @@ def endpoint_folder(base: Path, model: Path) -> Path:
     return folder
 
 
-def probe_weights(n_probes: int, n_models: int, seed: int) -> list[list[float]]:
-    rng = np.random.default_rng(seed)
-    grid = np.linspace(0.0, 1.0, n_probes) if n_probes > 1 else np.array([1.0])
-    return [(lam * n_models * rng.dirichlet(np.ones(n_models))).tolist() for lam in grid]
+def search_space(spec: EvolveSpec) -> SearchSpace:
+    """The job's search space (its layer blocks from the base's config)."""
+    n_layers = json.loads((Path(spec.base) / "config.json").read_text()).get("num_hidden_layers", 1)
+    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
+    return SearchSpace(spec.method, len(spec.models), spec.search.space, spec.params, blocks, n_layers)
+
+
+def probe_genomes(space: SearchSpace, n: int, seed: int) -> np.ndarray:
+    """n points of the search space by Latin hypercube sampling: every gene's range split in n
+    strata, each stratum hit once, so a few probes span weak to strong merges on every axis."""
+    from scipy.stats import qmc
+
+    low, high = space.bounds
+    return low + qmc.LatinHypercube(d=space.n_var, seed=seed).random(n) * (high - low)
 
 
 def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
@@ -82,12 +92,12 @@ def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps({**recipe, "inputs": inputs}).encode()).hexdigest()
 
 
-def probe_recipes(spec: EvolveSpec) -> list[tuple[list[float], str]]:
-    """The job's probe merges: (task-arithmetic weights, digest naming their answers in the response cache)."""
-    ev = spec.evaluation
+def probe_recipes(spec: EvolveSpec) -> list[tuple[np.ndarray, str]]:
+    """The job's probe merges: (genome, digest naming their answers in the response cache)."""
+    space, n = search_space(spec), spec.evaluation.irt.probes
     inputs = [content_hash(spec.base), *(content_hash(m.path) for m in spec.models)]
-    return [(w, recipe_digest({"probe": "task_arithmetic", "weights": w}, inputs))
-            for w in (probe_weights(ev.irt.probes, len(spec.models), ev.irt.seed) if ev.irt.probes else [])]
+    return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
+            for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
 
 
 def _fingerprint(spec: EvolveSpec) -> str:
@@ -111,7 +121,6 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     from transformers import AutoTokenizer
 
     from fitness.evaluate import cached_responses, evaluate
-    from merging.spec import method_params
 
     settings, ev = eval_settings(spec.evaluation), spec.evaluation
     paths = [m.path for m in spec.models]
@@ -128,30 +137,27 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     _emit(callback, {"type": "stage", "stage": "probes"})
     probes: dict[str, list[Responses]] = {k: [] for k in benches}
     resident = None
+    space = search_space(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    for w, digest in probe_recipes(spec):
+    for x, digest in probe_recipes(spec):
         model = None
 
         def compute(b) -> Responses:
             nonlocal model, resident
             if model is None:  # the resident merge is built only when some probe answer is not cached
-                resident = resident or ResidentMerge(spec.base, paths, "task_arithmetic", device=spec.device)
-                model = resident.materialize(method_params("task_arithmetic", {"weights": w}, len(paths)))
+                resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
+                model = resident.materialize(space.params_for_tensor(x))
             return evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device)
 
         for k, b in benches.items():
             probes[k].append(cached_responses(digest, b, settings, spec.device, lambda b=b: compute(b)))
             cost["probe_items"] += len(b)  # counted as a first run pays it, cached or not
-    if spec.method != "task_arithmetic":
-        resident = None
 
     _emit(callback, {"type": "stage", "stage": "irt"})
     fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
     _emit(callback, {"type": "irt", "benchmarks": fitness.describe()})
 
     resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
-    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
-    space = SearchSpace(spec.method, len(paths), spec.search.space, spec.params, blocks, resident.n_layers)
     return Setup(fitness, resident, space, benches, cost)
 
 
@@ -258,10 +264,7 @@ def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.Pa
     if candidate_id not in by_id:
         raise ValueError(f"candidate {candidate_id} is not in {out_dir} (ids 0..{len(cands) - 1})")
     c = by_id[candidate_id]
-    config = json.loads((Path(spec.base) / "config.json").read_text())
-    n_layers = config.get("num_hidden_layers", 1)
-    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
-    space = SearchSpace(spec.method, len(spec.models), spec.search.space, spec.params, blocks, n_layers)
+    space = search_space(spec)
     merge_spec = MergeSpec(base=spec.base, models=spec.models, method=spec.method, params=spec.params,
                            output=spec.output, device=device or spec.device)
     return merge(merge_spec, model_dir, overwrite=overwrite, progress=progress,

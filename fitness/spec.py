@@ -90,7 +90,8 @@ class IrtSpec(BaseModel):
         "map", description="map: joint MAP by L-BFGS (the default: deterministic, fast, the lower error in "
                            "bench/fitness_estimators.py); py-irt: pyro's variational fit, as tinyBenchmarks and MERGE^3")
     epochs: int = Field(600, ge=10, le=20_000, description="py-irt fitter only: SVI epochs")
-    probes: int = Field(11, ge=0, le=200, description="probe merges evaluated in full to enrich the IRT fit")
+    probes: int = Field(11, ge=0, le=200, description="probe merges evaluated in full to enrich the IRT fit: random merges of the "
+                                                          "job's method, a Latin hypercube over its search space")
     seed: int = 42
     params_file: Path | None = Field(None, description="import fitted item parameters instead of fitting")
 

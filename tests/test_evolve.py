@@ -147,3 +147,23 @@ def test_full_estimator_final_check_reuses_exact_objectives(tiny_zoo, tiny_zoo_m
     label = next(k for k in knee["true_objectives"] if "rev" in k)
     assert knee["true_objectives"] == knee["objectives"]
     assert measured == pytest.approx(knee["true_objectives"][label], abs=1e-9)
+
+
+@pytest.mark.parametrize("method,blocks", [("ties", 1), ("tsv", 3), ("task_arithmetic", 2)])
+def test_probes_are_a_latin_hypercube_of_the_search_space(method, blocks):
+    """Probe genomes: inside the bounds, every gene's range cut in n equal strata with exactly one
+    probe in each (Latin hypercube), the same for a seed and different for another."""
+    from evolve.run import probe_genomes
+
+    space = SearchSpace(method, 3, n_blocks=blocks, n_layers=6)
+    n = 7
+    X = probe_genomes(space, n, seed=3)
+    low, high = space.bounds
+    assert X.shape == (n, space.n_var) and np.all(X >= low) and np.all(X <= high)
+    strata = np.floor((X - low) / (high - low) * n).astype(int)
+    for g in range(space.n_var):
+        assert sorted(strata[:, g]) == list(range(n))
+    assert np.array_equal(X, probe_genomes(space, n, seed=3))
+    assert not np.allclose(X, probe_genomes(space, n, seed=4))
+    for x in X:  # every probe is a valid parameter set of the method
+        assert len(space.params(x)) == blocks
