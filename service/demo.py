@@ -33,8 +33,8 @@ def demo_spec(zoo: Path, manifest: dict, tasks: list[str], population: int, gene
         "method": "ties",
         "search": {"space": {"weights": [0.0, 1.5], "density": [0.1, 1.0]}, "algorithm": "nsga2",
                    "population": population, "generations": generations, "seed": 0},
-        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "gmp_irt",
-                        "subset": {"size": 20, "strategy": "random"}} for t in tasks],
+        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "p_irt",
+                        "subset": {"size": 20, "strategy": "adaptive"}} for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"]},
         "device": "cpu",
     }
