@@ -92,9 +92,10 @@ def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps({**recipe, "inputs": inputs}).encode()).hexdigest()
 
 
-def probe_recipes(spec: EvolveSpec) -> list[tuple[np.ndarray, str]]:
-    """The job's probe merges: (genome, digest naming their answers in the response cache)."""
-    space, n = search_space(spec), spec.evaluation.irt.probes
+def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None) -> list[tuple[np.ndarray, str]]:
+    """The job's probe merges: (genome, digest naming their answers in the response cache);
+    `space`: the job's search space when the caller has built it already."""
+    space, n = space or search_space(spec), spec.evaluation.irt.probes
     inputs = [content_hash(spec.base), *(content_hash(m.path) for m in spec.models)]
     return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
             for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
@@ -139,7 +140,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     resident = None
     space = search_space(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    for x, digest in probe_recipes(spec):
+    for x, digest in probe_recipes(spec, space):
         model = None
 
         def compute(b) -> Responses:
