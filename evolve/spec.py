@@ -21,7 +21,7 @@ class SearchSpec(BaseModel):
     algorithm: Literal[ALGORITHMS_MULTI + ALGORITHMS_SINGLE] = "nsga2"  # type: ignore[valid-type]
     population: int = Field(16, ge=2, le=10_000)
     generations: int = Field(8, ge=1, le=10_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 class EvolveSpec(JobBase):

@@ -186,6 +186,8 @@ def parse_items(lines: Iterable[str], source: str = "<items>") -> list[Item]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise BenchmarkError(f"{where}: not a benchmark item (nested too deeply)") from None
         item = _item(obj, where)
         if item.id in first_line:
             raise BenchmarkError(f"{where}: duplicate id {item.id!r} (first on line {first_line[item.id]})")

@@ -26,7 +26,7 @@ class SubsetSpec(BaseModel):
     strategy: Literal["random", "anchor", "entropy", "adaptive"] = Field(
         "random", description="random (the default: the least biased fixed subset in bench/evolve_ablation.py), "
                               "anchor, entropy, or adaptive (CAT: items chosen per candidate)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     round: int | None = Field(None, ge=1, le=100_000, description="adaptive: items per round per benchmark (default 5)")
     prior: Literal["endpoints", "population"] | None = Field(
         None, description="adaptive: prior on ability from the endpoint models (default) or from the "
@@ -92,7 +92,7 @@ class IrtSpec(BaseModel):
     epochs: int = Field(600, ge=10, le=20_000, description="py-irt fitter only: SVI epochs")
     probes: int = Field(11, ge=0, le=200, description="probe merges evaluated in full to enrich the IRT fit: random merges of the "
                                                           "job's method, a Latin hypercube over its search space")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     params_file: Path | None = Field(None, description="import fitted item parameters instead of fitting")
 
 

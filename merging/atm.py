@@ -155,7 +155,7 @@ class AtmParams(BaseModel):
         for field in ("steps_per_iteration", "total_steps"):
             v = getattr(self, field)
             if isinstance(v, list) and len(v) != n_models:
-                raise ValueError(f"params.{field} has {len(v)} values for {n_models} models")
+                raise ValueError(f"params.{field}: {len(v)} values for {n_models} models")
         if self.total_steps is not None:
             for s in self.total_steps if isinstance(self.total_steps, list) else [self.total_steps]:
                 if s < self.iterations:

@@ -14,6 +14,7 @@ one-liners; spec errors add `"field"`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import os
@@ -37,7 +38,7 @@ from .schemas import KINDS, SpecError, check_spec, field_name, parse_spec, spec_
 from .store import STATES, TERMINAL, BenchmarkRow, Job, Store
 
 COOKIE = "evomerge_token"
-BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: no trailing newline
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
@@ -109,14 +110,26 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     """The request body, refused with 413 past `limit` bytes (checked as it streams in)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes")
+        raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes", "body")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes")
+            raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes", "body")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON; 422 naming `body` for anything else, NaN and infinities included."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+    try:
+        return json.loads(raw or b"null", parse_constant=no_constant)
+    except RecursionError:
+        raise ApiError(422, "body: nested too deeply", "body") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, f"body: not valid JSON ({str(e).splitlines()[0]})", "body") from None
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -200,14 +213,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def submit(request: Request):
         user = user_of(request)
         limiter.check(owner_of(user) or (request.client.host if request.client else "-"))
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise ApiError(415, f"content-type: a job spec is sent as application/json, not {media}", "content-type")
         raw = await read_body(request, settings.max_body_bytes, "a job spec")
-        try:
-            data = json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(422, f"body: not valid JSON ({str(e).splitlines()[0]})", "body") from None
-        spec = parse_spec(data)
+        spec = parse_spec(parse_json(raw))
         spec = await run_in_threadpool(check_spec, spec, settings.model_roots, settings.devices,
-                                       lambda name: uploaded_benchmark(name, user))
+                                       lambda name: uploaded_benchmark(name, user), [settings.artifacts])
         job = store.add_job(spec.kind, spec_json(spec), spec.device, owner_of(user))
         return JSONResponse(job.to_json(), 201, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -305,7 +317,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         from fitness.benchmarks import BenchmarkError, content_hash, parse_items
 
         user = user_of(request)
-        if not BENCHMARK_NAME.match(name):
+        if not BENCHMARK_NAME.fullmatch(name):
             raise ApiError(422, "name: letters, digits, '_', '.', '-' only (at most 128)", "name")
         existing = store.get_benchmark(name)
         if existing is not None and not (sees_all(user) or existing.owner == user.name):
@@ -321,10 +333,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             m = re.match(rf"{re.escape(name)}:(\d+): ", str(e))
             raise ApiError(422, f"line {m.group(1)}: {str(e)[m.end():]}" if m else str(e),
                            f"line {m.group(1)}" if m else "body") from None
-        path = settings.benchmark_dir / f"{name}.jsonl"
+        digest = content_hash(items)
+        path = settings.benchmark_dir / f"{name}-{hashlib.sha256(raw).hexdigest()[:16]}.jsonl"
         await run_in_threadpool(_atomic_write, path, raw)
         row = BenchmarkRow(name=name, owner=owner_of(user), path=str(path.absolute()), items=len(items),
-                           hash=content_hash(items), bytes=len(raw), created_at=time.time())
+                           hash=digest, bytes=len(raw), created_at=time.time())
         store.put_benchmark(row)
         return JSONResponse(row.to_json(), 201)
 

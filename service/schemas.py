@@ -12,6 +12,7 @@ starts with the field, e.g. `models[1].path: resolves outside the allowed model 
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Union
@@ -78,6 +79,9 @@ def parse_spec(data: Any) -> Any:
         return data
     if not isinstance(data, dict):
         raise SpecError("spec", "a job spec is a JSON object (kind, base, models, method, ...)", 422)
+    bad = _non_finite(data)
+    if bad is not None:
+        raise SpecError(field_name(bad) or "spec", "must be a finite number (not NaN or infinity)", 422)
     if data.get("kind") == "evolve" and EvolveSpec is None:
         raise SpecError("kind", "evolve jobs are not available in this installation (no evolve.spec)", 422)
     try:
@@ -86,20 +90,47 @@ def parse_spec(data: Any) -> Any:
         raise _from_validation_error(e) from None
 
 
-def resolve_path(value: Path, field: str, roots: Iterable[Path], what: str = "model folder") -> Path:
+def resolve_path(value: Path, field: str, roots: Iterable[Path], what: str = "model folder",
+                 excluded: Iterable[Path] = ()) -> Path:
     """The real path of a folder (or, with what="file", a file), which must lie inside one of `roots`
-    once symlinks are resolved. Relative paths are taken relative to each root in turn."""
+    once symlinks are resolved, and inside none of `excluded` (the service's own artifacts: other
+    users' outputs and uploads are reached through the API, never by path). Relative paths are
+    taken relative to each root in turn."""
     roots = [Path(r).resolve() for r in roots]
+    excluded = [Path(x).resolve() for x in excluded]
     if ".." in Path(value).parts:
         raise SpecError(field, "must not contain '..'")
     tries = [Path(value)] if Path(value).is_absolute() else [r / value for r in roots]
     for p in tries:
-        real = p.resolve()
-        if not any(real == r or real.is_relative_to(r) for r in roots):
-            raise SpecError(field, f"{value} lies outside the allowed model roots")
-        if real.is_file() if what == "file" else real.is_dir():
-            return real
+        try:
+            real = p.resolve()
+            inside = any(real == r or real.is_relative_to(r) for r in roots)
+            if inside and any(real == x or real.is_relative_to(x) for x in excluded):
+                raise SpecError(field, f"{value} lies in the service's artifacts folder; "
+                                       "use a model or benchmark of your own under the model roots")
+            if not inside:
+                raise SpecError(field, f"{value} lies outside the allowed model roots")
+            if real.is_file() if what == "file" else real.is_dir():
+                return real
+        except (OSError, ValueError) as e:
+            if isinstance(e, SpecError):
+                raise
+            reason = "contains a NUL character" if "null byte" in str(e) else (
+                "is too long" if getattr(e, "errno", None) == 36 else "is not a usable path")
+            raise SpecError(field, f"the path {reason}") from None
     raise SpecError(field, f"{value}: no such {what} under the model roots")
+
+
+def _non_finite(data: Any, loc: tuple = ()) -> tuple | None:
+    """Where the first NaN or infinite number sits in a parsed spec (None if nowhere)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return loc
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, loc + (k,))
+        if found is not None:
+            return found
+    return None
 
 
 def device_accepted(device: str, devices: Iterable[str]) -> bool:
@@ -111,24 +142,26 @@ def device_accepted(device: str, devices: Iterable[str]) -> bool:
 
 
 def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = (),
-               uploaded_benchmark: Callable[[str], Path | None] = lambda name: None) -> Any:
+               uploaded_benchmark: Callable[[str], Path | None] = lambda name: None,
+               excluded: Iterable[Path] = ()) -> Any:
     """Checks what the spec points at; returns a copy with every path made real and absolute.
 
     `uploaded_benchmark(name)` gives the file of a benchmark uploaded under that name (an
-    evolve objective may name one instead of giving a path)."""
+    evolve objective may name one instead of giving a path). No path may lie in `excluded`
+    (the service passes its artifacts folder, see `resolve_path`)."""
     from merging.engine import open_inputs
     from merging.task_vectors import open_source
 
-    roots = list(model_roots)
+    roots, ex = list(model_roots), list(excluded)
     if not device_accepted(spec.device, devices):
         raise SpecError("device", f"no worker serves {spec.device} (served: {', '.join(devices)})")
     if spec.base is None:  # c2m3, weight_matching: no base; the models share names and shapes
-        return _check_baseless(spec, roots)
-    base = resolve_path(spec.base, "base", roots)
-    paths = [None if m.path is None else resolve_path(m.path, f"models[{i}].path", roots)
+        return _check_baseless(spec, roots, ex)
+    base = resolve_path(spec.base, "base", roots, excluded=ex)
+    paths = [None if m.path is None else resolve_path(m.path, f"models[{i}].path", roots, excluded=ex)
              for i, m in enumerate(spec.models)]  # method atm may train from data alone
     present = [i for i, p in enumerate(paths) if p is not None]
-    trains = [None if m.train is None else _check_train(m.train, f"models[{i}].train", roots)
+    trains = [None if m.train is None else _check_train(m.train, f"models[{i}].train", roots, ex)
               for i, m in enumerate(spec.models)]
     try:
         CheckpointReader(base)
@@ -148,21 +181,21 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
                               "models": [m.model_copy(update={"path": p, "train": t})
                                          for m, p, t in zip(spec.models, paths, trains)]}
     if getattr(spec, "objectives", None) is not None:
-        update["objectives"] = [_check_objective(o, f"objectives[{i}]", roots, uploaded_benchmark)
+        update["objectives"] = [_check_objective(o, f"objectives[{i}]", roots, uploaded_benchmark, ex)
                                 for i, o in enumerate(spec.objectives)]
     irt = getattr(getattr(spec, "evaluation", None), "irt", None)
     if irt is not None and irt.params_file is not None:
-        real = resolve_path(irt.params_file, "evaluation.irt.params_file", roots, "file")
+        real = resolve_path(irt.params_file, "evaluation.irt.params_file", roots, "file", ex)
         evaluation = spec.evaluation.model_copy(update={"irt": irt.model_copy(update={"params_file": real})})
         update["evaluation"] = evaluation
     return spec.model_copy(update=update)
 
 
-def _check_baseless(spec: Any, roots: list[Path]) -> Any:
+def _check_baseless(spec: Any, roots: list[Path], ex: list[Path]) -> Any:
     """Whole-model methods: models inside the roots and alike; params.data / params.spec files too."""
     from merging.permutation.merge import open_models
 
-    paths = [resolve_path(m.path, f"models[{i}].path", roots) for i, m in enumerate(spec.models)]
+    paths = [resolve_path(m.path, f"models[{i}].path", roots, excluded=ex) for i, m in enumerate(spec.models)]
     try:
         open_models(paths)
     except CheckpointError as e:
@@ -171,12 +204,13 @@ def _check_baseless(spec: Any, roots: list[Path]) -> Any:
     params = dict(spec.params)
     for key in ("data", "spec"):
         if params.get(key):
-            params[key] = str(resolve_path(params[key], f"params.{key}", roots, "file"))
+            params[key] = str(resolve_path(params[key], f"params.{key}", roots, "file", ex))
     return spec.model_copy(update={"params": params,
                                    "models": [m.model_copy(update={"path": p}) for m, p in zip(spec.models, paths)]})
 
 
-def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable[[str], Path | None]) -> Any:
+def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable[[str], Path | None],
+                     ex: list[Path]) -> Any:
     """An objective's benchmark: an uploaded name or a JSONL file under the roots, and valid."""
     from fitness.benchmarks import BenchmarkError, load_benchmark
 
@@ -184,7 +218,7 @@ def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable
     path = uploaded(str(given)) if len(given.parts) == 1 else None
     if path is None:
         try:
-            path = resolve_path(given, field, roots, "file")
+            path = resolve_path(given, field, roots, "file", ex)
         except SpecError as e:
             if len(given.parts) == 1 and "no such" in e.message:
                 raise SpecError(field, f"no benchmark named {str(given)!r} was uploaded, "
@@ -200,11 +234,11 @@ def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable
     return obj.model_copy(update=update)
 
 
-def _check_train(given: Path, field: str, roots: list[Path]) -> Path:
+def _check_train(given: Path, field: str, roots: list[Path], ex: list[Path]) -> Path:
     """An ATM training file: a JSONL in the benchmark format under the model roots."""
     from fitness.benchmarks import BenchmarkError, load_benchmark
 
-    path = resolve_path(given, field, roots, "file")
+    path = resolve_path(given, field, roots, "file", ex)
     try:
         load_benchmark(path)
     except BenchmarkError as e:

@@ -88,7 +88,7 @@ def test_cli_errors(tmp_path, family, capsys):
     cases = [
         ({**good, "method": "slerp_magic"}, "unknown method 'slerp_magic'"),
         ({**good, "params": {"density": 2}}, "params.density"),
-        ({**good, "params": {"weights": [1, 2, 3]}}, "params.weights has 3 values for 2 models"),
+        ({**good, "params": {"weights": [1, 2, 3]}}, "params.weights: 3 values for 2 models"),
         ({**good, "colour": "blue"}, "colour"),
         ({**good, "models": [{"name": "x", "path": str(tmp_path / "missing")}]}, "missing: no such model folder"),
         ({**good, "device": "tpu"}, "device"),

@@ -185,7 +185,7 @@ def test_tsv_averages_non_matrices_and_embeddings():
 @pytest.mark.parametrize("method,params,msg", [
     ("ties", {"density": 1.5}, "params.density"),
     ("ties", {"densty": 0.5}, "params.densty"),
-    ("task_arithmetic", {"weights": [1.0]}, "params.weights has 1 values for 2 models"),
+    ("task_arithmetic", {"weights": [1.0]}, "params.weights: 1 values for 2 models"),
     ("linear", {"lambda": 1.0}, "params.lambda"),
 ])
 def test_params_validation_names_the_field(method, params, msg):

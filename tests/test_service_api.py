@@ -87,6 +87,12 @@ BAD_SPECS = [
     ("missing model", spec(models=MODELS("math", "nowhere")), 400, "models[1].path", "no such model folder"),
     ("not a model folder", spec(base="."), 400, "base", "no model.safetensors"),
     ("mismatched model", spec(models=MODELS("math", "narrow")), 400, "models[1].path", "does not match the base"),
+    ("NUL in a path", spec(models=MODELS("math", "ja\x00x")), 400, "models[1].path", "NUL"),
+    ("overlong path", spec(models=MODELS("math", "a" * 300)), 400, "models[1].path", "too long"),
+    ("weights of the wrong length", spec(method="task_arithmetic", params={"weights": [1, 2, 3]}), 422,
+     "params.weights", "3 values for 2 models"),
+    ("negative search seed", spec(kind="evolve", params={}, objectives=[{"benchmark": "bench.jsonl"}],
+                                  search={"seed": -1}), 422, "search.seed", "greater than or equal to 0"),
 ]
 
 
@@ -107,7 +113,15 @@ def test_bad_bodies(server):
     r = c.post("/v1/jobs", content=b"{not json")
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON")
     r = c.post("/v1/jobs", json=spec(params={"weights": [1.0] * 5000}))
-    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert r.status_code == 413 and "limit" in r.json()["detail"] and r.json()["field"] == "body"
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):  # Python's json would take them
+        body = json.dumps(spec(method="task_arithmetic", params={"weights": [1.0, 0.5]})).encode()
+        r = c.post("/v1/jobs", content=body.replace(b"0.5", constant), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["field"] == "body" and constant.lstrip(b"-").decode() in r.json()["detail"]
+    r = c.post("/v1/jobs", content=b"[" * 5000 + b"]" * 5000)
+    assert r.status_code == 422 and r.json()["detail"] == "body: nested too deeply"
+    r = c.post("/v1/jobs", content=json.dumps(spec()).encode(), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["field"] == "content-type"
     assert snapshot(c) == before
 
 
@@ -118,8 +132,10 @@ BAD_BENCHMARKS = [
      422, "line 2", "duplicate id"),
     ("empty", "b1", b"\n\n", 422, "body", "no items"),
     ("not UTF-8", "b1", b'{"id": "1", "prompt": "\xff", "answer": "a"}\n', 422, "body", "UTF-8"),
-    ("oversized", "b1", b'{"id": "1", "prompt": "' + b"x" * 5000 + b'", "answer": "a"}\n', 413, None, "limit"),
+    ("oversized", "b1", b'{"id": "1", "prompt": "' + b"x" * 5000 + b'", "answer": "a"}\n', 413, "body", "limit"),
+    ("nested too deeply", "b1", b"[" * 1500 + b"]" * 1500, 422, "line 1", "nested too deeply"),
     ("bad name", "../etc", b'{"id": "1", "prompt": "p", "answer": "a"}\n', 422, "name", "letters"),
+    ("name with a newline", "abc\n", b'{"id": "1", "prompt": "p", "answer": "a"}\n', 422, "name", "letters"),
 ]
 
 
@@ -136,7 +152,7 @@ def test_bad_benchmark_uploads(server, case, name, body, status, field, words):
 
 def test_benchmark_upload_and_evolve_spec_checks(server):
     c = client(server)
-    r = c.post("/v1/benchmarks", params={"name": "arith"},
+    r = r_up = c.post("/v1/benchmarks", params={"name": "arith"},
                content=b'{"id": "q1", "prompt": "1+1=", "answer": "2", "match": "number"}\n'
                        b'{"id": "q2", "prompt": "Pick", "choices": ["a", "b"], "answer": 0}\n')
     assert r.status_code == 201 and r.json()["items"] == 2
@@ -144,6 +160,7 @@ def test_benchmark_upload_and_evolve_spec_checks(server):
     assert client(server, "b-token").get("/v1/benchmarks").json()["benchmarks"] == []  # alice's
     r = client(server, "b-token").post("/v1/benchmarks", params={"name": "arith"}, content=b'{"id":1,"prompt":"","answer":"x"}')
     assert r.status_code == 409 and r.json()["field"] == "name"
+    uploaded = r_up.json()
 
     evolve = spec(kind="evolve", params={}, method="task_arithmetic",
                   objectives=[{"benchmark": "arith", "metric": "accuracy", "estimator": "subset_mean"}],
@@ -159,12 +176,46 @@ def test_benchmark_upload_and_evolve_spec_checks(server):
     r = c.post("/v1/jobs", json=evolve)
     assert r.status_code == 201, r.text
     job = r.json()
-    assert job["kind"] == "evolve" and job["spec"]["objectives"][0]["benchmark"].endswith("benchmarks/arith.jsonl")
+    used = Path(job["spec"]["objectives"][0]["benchmark"])
+    assert job["kind"] == "evolve" and used.parent == server[1].benchmark_dir.absolute() and used.name.startswith("arith-")
     assert job["spec"]["objectives"][0]["name"] == "arith:accuracy"
     r = c.post("/v1/jobs", json=evolve | {"objectives": [{"benchmark": "bench.jsonl", "estimator": "subset_mean"}]})
     assert r.status_code == 201, r.text  # a file under the model roots works too
     for j in (job, r.json()):
         assert c.delete(f"/v1/jobs/{j['id']}").json()["status"] == "cancelled"
+
+    # a re-upload is a new file: accepted jobs keep measuring what was checked when they were submitted
+    from fitness.benchmarks import load_benchmark
+
+    assert load_benchmark(used).hash == uploaded["hash"]
+    r = c.post("/v1/benchmarks", params={"name": "arith"}, content=b'{"id": "z", "prompt": "3+3=", "answer": "6"}\n')
+    assert r.status_code == 201 and r.json()["items"] == 1 and r.json()["hash"] != uploaded["hash"]
+    new_hash = r.json()["hash"]
+    assert load_benchmark(used).hash == uploaded["hash"]  # the accepted job's file is untouched
+    r = c.post("/v1/jobs", json=evolve)  # a new job gets the new content
+    assert r.status_code == 201 and load_benchmark(r.json()["spec"]["objectives"][0]["benchmark"]).hash == new_hash
+    assert c.delete(f"/v1/jobs/{r.json()['id']}").json()["status"] == "cancelled"
+
+
+def test_artifacts_are_never_inputs(models, tmp_path):
+    """Another job's output or upload under a model root is not reachable by path."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(models, root, symlinks=True)
+    art = root / "artifacts"
+    shutil.copytree(models / "math", art / "jobs" / "j1" / "model")
+    (art / "benchmarks").mkdir()
+    shutil.copy(models / "bench.jsonl", art / "benchmarks" / "theirs.jsonl")
+    with BackgroundServer(Settings(artifacts=art, model_roots=(root,))) as url:
+        r = httpx.post(f"{url}/v1/jobs", json=spec(models=MODELS("math", "artifacts/jobs/j1/model")))
+        assert r.status_code == 400 and r.json()["field"] == "models[1].path" and "artifacts" in r.json()["detail"]
+        r = httpx.post(f"{url}/v1/jobs", json=spec(kind="evolve", params={}, method="task_arithmetic",
+                                                   objectives=[{"benchmark": "artifacts/benchmarks/theirs.jsonl"}]))
+        assert r.status_code == 400 and r.json()["field"] == "objectives[0].benchmark"
+        r = httpx.post(f"{url}/v1/jobs", json=spec(kind="evolve", params={}, method="task_arithmetic",
+                                                   objectives=[{"benchmark": "bench.jsonl"}]))
+        assert r.status_code == 201, r.text  # the same files outside the artifacts are fine
 
 
 def test_auth(server):
@@ -234,3 +285,19 @@ def test_field_names():
     assert parse_tokens("alice:x, root:y:admin\n# c\nsolo") == {
         "x": parse_tokens("alice:x")["x"], "y": parse_tokens("root:y:admin")["y"], "solo": parse_tokens("solo")["solo"]}
     assert parse_tokens("root:y:admin")["y"].admin and not parse_tokens("alice:x")["x"].admin
+
+
+def test_non_finite_numbers_are_refused_from_any_entry_point():
+    """YAML (`.nan`, `.inf`) and Python specs can carry what JSON bodies cannot: the spec parser
+    refuses them too, naming where they are."""
+    import yaml
+
+    from service.schemas import SpecError, parse_spec
+
+    for text, field in [("params: {weights: [.nan, 1.0]}", "params.weights[0]"),
+                        ("params: {weights: [1.0, -.inf]}", "params.weights[1]")]:
+        data = spec(method="task_arithmetic") | yaml.safe_load(text)
+        with pytest.raises(SpecError) as e:
+            parse_spec(data)
+        assert e.value.field == field and e.value.status == 422 and "finite" in str(e.value)
+    assert parse_spec(spec(method="task_arithmetic", params={"weights": [1.0, 0.5]})).params["weights"] == [1.0, 0.5]

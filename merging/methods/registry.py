@@ -34,7 +34,7 @@ class MethodParams(BaseModel):
         for field in type(self).model_fields:
             value = getattr(self, field)
             if isinstance(value, list) and len(value) != n_models:
-                raise ValueError(f"params.{field} has {len(value)} values for {n_models} models")
+                raise ValueError(f"params.{field}: {len(value)} values for {n_models} models")
 
     def per_model(self, field: str, n: int, default: float) -> list[float]:
         value = getattr(self, field)

@@ -248,7 +248,7 @@ def merge_in_universe(spec: PermutationSpec, models: Sequence[Mapping[str, torch
     non-floating tensors (integer buffers) are taken from the first model."""
     w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float64)
     if len(w) != len(models):
-        raise ValueError(f"params.weights has {len(w)} values for {len(models)} models")
+        raise ValueError(f"params.weights: {len(w)} values for {len(models)} models")
     if float(w.sum()) <= 0:
         raise ValueError("params.weights must have a positive sum")
     w = w / w.sum()
