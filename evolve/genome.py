@@ -98,6 +98,14 @@ class SearchSpace:
         self.genes = genes
         self._params_cls = get_method(method).params
         method_params(method, self.fixed, n_models)  # fixed values valid on their own
+        for param, bounds in space.items():  # both ends of every range valid for the method
+            for v in (float(bounds[0]), float(bounds[1])):
+                try:
+                    method_params(method, {**self.fixed, param: [v] * n_models if param in PER_MODEL else v}, n_models)
+                except ValueError as e:
+                    if str(e).startswith(f"params.{param}"):
+                        raise ValueError(f"search.space.{param}: {v} is outside what {method} accepts "
+                                         f"({str(e).split(': ', 1)[-1].replace('Value error, ', '')})") from None
 
     @property
     def n_var(self) -> int:
@@ -109,9 +117,10 @@ class SearchSpace:
 
     def decode(self, x: Sequence[float]) -> list[dict[str, Any]]:
         """Genome -> one parameter dict per block (clipped to the bounds)."""
-        x = np.clip(np.asarray(x, dtype=float), *self.bounds)
+        x = np.asarray(x, dtype=float)
         if x.shape != (self.n_var,):
             raise ValueError(f"genome has {x.shape} genes, the space has {self.n_var}")
+        x = np.clip(x, *self.bounds)
         blocks: list[dict[str, Any]] = [dict(self.fixed) for _ in range(self.n_blocks)]
         for g, v in zip(self.genes, x):
             if g.model is None:

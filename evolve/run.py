@@ -33,13 +33,13 @@ from fitness.evaluate import Responses, evaluate_folder
 from fitness.fitness import Fitness, benchmark_paths, eval_settings
 from merging.adapters import is_adapter
 from merging.checkpoint import atomic_write, cache_dir, content_hash
-from merging.engine import merge
+from merging.engine import merge, open_inputs
 from merging.spec import MergeSpec
 
 from .genome import SearchSpace
 from .materialize import ResidentMerge
 from .problem import Candidate, CandidateEvaluator, MergeProblem
-from .search import CANDIDATES_FILE, read_candidates, run_search
+from .search import CANDIDATES_FILE, RUN_FILE, read_candidates, run_search
 from .spec import EvolveSpec
 
 Callback = Callable[[dict[str, Any]], None]
@@ -99,6 +99,43 @@ def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None) -> list[tu
     inputs = [content_hash(spec.base), *(content_hash(m.path) for m in spec.models)]
     return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
             for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def input_hashes(spec: EvolveSpec) -> dict[str, Any]:
+    """Content hashes of the base and the models (memoized per machine, see content_hash)."""
+    return {"base": content_hash(spec.base), "models": [content_hash(m.path) for m in spec.models]}
+
+
+def check_inputs_unchanged(out: Path, spec: EvolveSpec) -> None:
+    """Refuses a run folder whose base or models changed on disk since it was scored: its
+    candidates' objectives were measured on the old weights (resume and export both check)."""
+    if not (out / INPUTS_FILE).is_file():
+        return  # a run from before inputs were recorded
+    then, now = json.loads((out / INPUTS_FILE).read_text()), input_hashes(spec)
+    changed = (["base"] if then["base"] != now["base"] else []) + [
+        f"models[{i}] ({spec.models[i].path})" for i, (a, b) in enumerate(zip(then["models"], now["models"])) if a != b]
+    if changed:
+        raise ValueError(f"{out}: {', '.join(changed)} changed on disk since this run scored its candidates")
+
+
+def claim_run_folder(out: Path, spec: EvolveSpec, resume: bool, overwrite: bool) -> None:
+    """Checks, before anything is written or evaluated, that `out` may hold this run: a folder
+    holding a run is continued only with `resume` (same spec, same inputs) and replaced only with
+    `overwrite`; the inputs must open as models that fit the base (the checks `merge` makes)."""
+    try:
+        open_inputs(spec.base, [m.path for m in spec.models])
+    except OSError as e:
+        raise ValueError(str(e)) from None
+    held = (out / RUN_FILE).is_file() or (out / CANDIDATES_FILE).is_file()
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out}: holds an evolve run; resume it (--resume) or start over (--overwrite)")
+    if resume and (out / RUN_FILE).is_file():
+        if json.loads((out / RUN_FILE).read_text()).get("fingerprint") != _fingerprint(spec):
+            raise ValueError(f"{out}: the checkpoint belongs to a different spec; not resuming")
+        check_inputs_unchanged(out, spec)
 
 
 def _fingerprint(spec: EvolveSpec) -> str:
@@ -163,11 +200,15 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
 
 
 def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
-        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> EvolveResult:
+        should_stop: Callable[[], bool] | None = None, resume: bool = False, overwrite: bool = False) -> EvolveResult:
+    """Runs the job in `out_dir` (see the module docstring); `resume` continues the run there,
+    `overwrite` replaces one; with neither, a folder holding a run is refused."""
     spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
     out = Path(out_dir)
+    claim_run_folder(out, spec, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
+    atomic_write(out / INPUTS_FILE, json.dumps(input_hashes(spec), indent=2))
     job = setup(spec, callback)
     fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
 
@@ -261,6 +302,7 @@ def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.Pa
            progress: bool = False, device: str | None = None) -> Path:
     """Writes candidate `candidate_id` of a run as a HF model folder through the streaming engine."""
     spec, cands = load_run(out_dir)
+    check_inputs_unchanged(Path(out_dir), spec)
     by_id = {c.id: c for c in cands}
     if candidate_id not in by_id:
         raise ValueError(f"candidate {candidate_id} is not in {out_dir} (ids 0..{len(cands) - 1})")

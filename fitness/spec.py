@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -69,6 +69,15 @@ class ObjectiveSpec(BaseModel):
     estimator: Literal[ESTIMATOR_NAMES] = "gmp_irt"  # type: ignore[valid-type]
     subset: SubsetSpec = Field(default_factory=SubsetSpec)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]+$", max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_default(cls, data: Any) -> Any:
+        """IRT models correctness, not lengths: a mean_output_tokens objective given no estimator
+        takes subset_mean (accuracy objectives keep MERGE^3's gmp_irt)."""
+        if isinstance(data, dict) and data.get("metric") == "mean_output_tokens" and "estimator" not in data:
+            return {**data, "estimator": "subset_mean"}
+        return data
 
     @model_validator(mode="after")
     def _metric_estimator(self) -> "ObjectiveSpec":

@@ -59,7 +59,12 @@ class LoraAdapter:
         cfg_path, weights = self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS
         if not cfg_path.is_file() or not weights.is_file():
             raise CheckpointError(f"{self.path}: a PEFT adapter needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{self.path}: peft_type {cfg.get('peft_type')} is not supported (LoRA only)")
         if cfg.get("use_dora"):
@@ -83,12 +88,18 @@ class LoraAdapter:
             target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
             target = target.replace(".base_layer.", ".")
             self.replaced[target] = key
-        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise CheckpointError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
         for module, f in factors.items():
             if "A" not in f or "B" not in f:
                 raise CheckpointError(f"{self.path}: {module} has only one LoRA factor")
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, r)
             a = _pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
+            if not isinstance(rank, int) or rank < 1:
+                raise CheckpointError(f"{cfg_path}: rank_pattern gives {module} rank {rank!r}, not a positive integer")
             scale = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
             transpose = bool(f["embedding"]) or bool(cfg.get("fan_in_fan_out"))
             self.loras[f"{module}.weight"] = _Lora(f["A"], f["B"], scale, transpose)

@@ -288,7 +288,7 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite)")
+        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
     p: AtmParams = spec.method_params()
     n = len(spec.models)
     check_models(p, spec.models)

@@ -312,7 +312,7 @@ class CheckpointWriter:
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
-            raise CheckpointError(f"{self.out_dir}: output folder exists (choose another or allow overwrite)")
+            raise CheckpointError(f"{self.out_dir}: output folder exists (choose another or allow overwrite: --overwrite)")
         self.infos = dict(infos)
         # Floating tensors take the requested dtype; integer buffers keep theirs.
         self.dtype_of = {
@@ -415,7 +415,11 @@ def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Renames `tmp` to `out`; an existing `out` (overwrite) is moved aside first, then removed."""
+    """Renames `tmp` to `out`; an existing `out` (overwrite) is moved aside first, then removed.
+    The folder gets the usual permissions (mkdtemp makes it private to its owner)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     if out.exists():
         if not overwrite:
             raise CheckpointError(f"{out}: output folder exists")

@@ -79,6 +79,17 @@ def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, A
     )
 
 
+def check_output_apart(out_dir: str | os.PathLike, spec: MergeSpec) -> None:
+    """Refuses an output folder that is, or holds, one of the spec's inputs: writing it (with
+    overwrite) would replace the models being merged."""
+    out = Path(out_dir).resolve()
+    named = [("base", spec.base)] + [(f"models[{i}].path", m.path) for i, m in enumerate(spec.models)] + [
+        (f"models[{i}].train", m.train) for i, m in enumerate(spec.models)]
+    for field, p in named:
+        if p is not None and (Path(p).resolve() == out or Path(p).resolve().is_relative_to(out)):
+            raise CheckpointError(f"{out_dir}: the output would replace {field} ({p}); choose another folder")
+
+
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True, params: Callable[[str], MethodParams] | None = None,
           card_extra: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
@@ -92,6 +103,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir` resumes.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
+    check_output_apart(out_dir, spec)
     if spec.method == "atm":
         from .atm import run_atm
 
@@ -103,7 +115,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
         return merge_permutation(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=card_extra)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite)")
+        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None

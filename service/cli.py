@@ -56,7 +56,8 @@ def cmd_evolve(args) -> None:
     if args.device:
         data["device"] = args.device
     spec = EvolveSpec.model_validate(data)
-    result = run(spec, args.out, callback=None if args.quiet else ProgressPrinter(), resume=args.resume)
+    result = run(spec, args.out, callback=None if args.quiet else ProgressPrinter(), resume=args.resume,
+                 overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
                       "hypervolume": result.hypervolume, "true_hypervolume": result.true_hypervolume,
                       "cost": result.cost}, indent=2))
@@ -73,11 +74,9 @@ def cmd_zoo_build(args) -> None:
 
     if args.workers is not None and args.workers < 1:
         raise SystemExit("evomerge zoo build: --workers must be at least 1")
-    manifest = build_zoo(Path(args.out), preset=args.preset, seed=args.seed, workers=args.workers,
+    build_zoo(Path(args.out), preset=args.preset, seed=args.seed, workers=args.workers,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     print(Path(args.out) / "zoo.json")
-    if manifest.get("build_seconds") is not None:
-        print(f"built in {manifest['build_seconds']:.0f}s", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -130,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="YAML job spec (kind: evolve)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, candidates.jsonl, front.json, front.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evolve)
@@ -176,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from merging.checkpoint import CheckpointError
+
+    if args.func in (cmd_merge, cmd_evolve, cmd_export, cmd_zoo_build):  # SIGTERM (timeout, docker, systemd) cleans up like ^C
+        import signal
+
+        signal.signal(signal.SIGTERM, _interrupt)
 
     try:
         args.func(args)

@@ -61,3 +61,19 @@ def test_adapter_targets_and_zero_elsewhere(tmp_path):
     assert a.targets() == [f"model.layers.{i}.self_attn.k_proj.weight" for i in range(2)]
     base = torch.randn(32, 32)
     assert torch.equal(a.delta("model.layers.0.mlp.up_proj.weight", base), torch.zeros(32, 32))
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda text: text.replace('"r": 2', '"r": 0'), "r must be a positive integer, got 0"),
+    (lambda text: text.replace('"lora_alpha": 2', '"lora_alpha": "x"'), "lora_alpha must be a finite number"),
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+])
+def test_broken_adapter_configs_are_named(tmp_path, edit, words):
+    from merging.checkpoint import CheckpointError
+
+    make_adapter(tiny_llama(), tmp_path / "lora", r=2, lora_alpha=2, target_modules=["k_proj"])
+    cfg = tmp_path / "lora" / "adapter_config.json"
+    cfg.write_text(edit(cfg.read_text()))
+    with pytest.raises(CheckpointError) as e:
+        LoraAdapter(tmp_path / "lora")
+    assert str(e.value).startswith(str(cfg)) and words in str(e.value)

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import pytest
@@ -25,6 +26,9 @@ def random_state(seed=0):
 def test_sharded_round_trip_and_index(tmp_path, dtype):
     state = random_state()
     out = write_checkpoint(tmp_path / "m", state, dtype=dtype, max_shard_size=600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the temporary folder's 0700
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) >= 3 and set(index["weight_map"]) == set(state)

@@ -1,6 +1,7 @@
 """The streaming engine end to end on tiny Llama folders, and the CLI's error handling."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,42 @@ def test_tsv_c_compress_keeps_low_rank_fine_tunes_and_reports_energy(tmp_path):
     sv = torch.linalg.svdvals(tau)
     assert abs(report["per_matrix"][k] - float(sv[0] ** 2 / (sv**2).sum())) < 1e-5
     assert report["kept_energy"] < 1.0
+
+
+def test_output_never_replaces_an_input(tmp_path, family, capsys):
+    """--overwrite replaces an older output, never the models being merged (or a folder holding them)."""
+    base, models = family
+    spec = write_spec(tmp_path, spec_for(base, models, "linear"))
+    before = state_dict(models[0])
+    for out, field in [(models[0], "models[0].path"), (base, "base"), (base.parent, "base")]:
+        capsys.readouterr()
+        assert main(["merge", spec, "--out", str(out), "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"the output would replace {field}" in err, err
+    after = state_dict(models[0])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+KILL_ON_FIRST_TENSOR = """
+import os, signal, sys
+from merging import checkpoint
+from service.cli import main
+write = checkpoint.CheckpointWriter.write
+def write_then_terminate(self, name, tensor):
+    write(self, name, tensor)
+    os.kill(os.getpid(), signal.SIGTERM)
+checkpoint.CheckpointWriter.write = write_then_terminate
+sys.exit(main(["merge", {spec!r}, "--out", {out!r}, "--quiet"]))
+"""
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, family):
+    """timeout, docker and systemd stop a process with SIGTERM: the merge stops with status 130
+    and leaves neither the output nor its temporary folder behind."""
+    base, models = family
+    spec = write_spec(tmp_path, spec_for(base, models, "linear"))
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-c", KILL_ON_FIRST_TENSOR.format(spec=spec, out=str(out))],
+                       capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 130 and "interrupted" in r.stderr, r.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]

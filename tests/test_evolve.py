@@ -167,3 +167,42 @@ def test_probes_are_a_latin_hypercube_of_the_search_space(method, blocks):
     assert not np.allclose(X, probe_genomes(space, n, seed=4))
     for x in X:  # every probe is a valid parameter set of the method
         assert len(space.params(x)) == blocks
+
+
+def test_run_folders_are_claimed_before_any_work(finished, tiny_zoo, tiny_zoo_manifest, tmp_path):
+    """A folder holding a run is neither replaced silently nor resumed by another spec (nothing
+    written: export still builds what was scored), missing models fail at once, and a run whose
+    models changed on disk is neither resumed nor exported."""
+    import shutil
+
+    out, result, _ = finished
+    run_copy = tmp_path / "run"
+    shutil.copytree(out, run_copy)
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    spec = spec_for(tiny_zoo, tiny_zoo_manifest)
+    other = spec | {"method": "dare_ties"}
+    with pytest.raises(ValueError, match="holds an evolve run"):
+        run(spec, run_copy)
+    with pytest.raises(ValueError, match="different spec"):
+        run(other, run_copy, resume=True)
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+
+    missing = spec | {"models": [spec["models"][0], {"name": "gone", "path": str(tmp_path / "nowhere")}]}
+    with pytest.raises(ValueError, match="no such model folder"):
+        run(missing, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+    zoo = tmp_path / "zoo"  # the same run over a copy of the zoo whose cip model is then replaced
+    shutil.copytree(tiny_zoo, zoo)
+    moved = json.loads(json.dumps(spec).replace(str(tiny_zoo), str(zoo)))
+    res = run(moved | {"search": {**spec["search"], "generations": 1}, "final_check": False}, tmp_path / "moved")
+    export(tmp_path / "moved", res.knee, tmp_path / "ok")  # unchanged inputs export fine
+    cip = zoo / tiny_zoo_manifest["models"]["cip"]["path"]
+    rev = zoo / tiny_zoo_manifest["models"]["rev"]["path"]
+    shutil.copy(rev / "model.safetensors", cip / "model.safetensors")
+    with pytest.raises(ValueError, match=r"models\[1\].*changed on disk"):
+        export(tmp_path / "moved", res.knee, tmp_path / "stale")
+    with pytest.raises(ValueError, match=r"models\[1\].*changed on disk"):
+        run(moved | {"search": {**spec["search"], "generations": 1}, "final_check": False}, tmp_path / "moved",
+            resume=True)
+    assert not (tmp_path / "stale").exists()

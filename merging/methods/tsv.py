@@ -107,8 +107,9 @@ def prepare(deltas: Sequence[torch.Tensor], name: str) -> TsvUpdates:
 
 @register("tsv", TsvParams, prepare=prepare)
 def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
-    """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update. Unprepared
-    (streaming) inputs make each task's update only when it is added, so memory stays the
+    """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update.
+
+    Unprepared (streaming) inputs make each task's update only when it is added, so memory stays the
     inputs, the factors and two tensors, and the result equals the prepared path's bit for bit."""
     if isinstance(deltas, TsvUpdates):
         (updates, scale), n = deltas, len(deltas.updates)

@@ -146,7 +146,7 @@ def merge_permutation(spec, out_dir: str | os.PathLike, *, overwrite: bool = Fal
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite)")
+        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
     params = spec.method_params()
     paths = [Path(m.path) for m in spec.models]
     readers = open_models(paths)

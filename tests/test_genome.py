@@ -1,0 +1,95 @@
+"""Search spaces: genomes <-> merge parameters, for every method and granularity."""
+import numpy as np
+import pytest
+
+from evolve.genome import DEFAULT_SPACE, GLOBAL, PER_MODEL, SearchSpace, block_of
+from merging.spec import method_params
+
+CASES = [(method, blocks) for method in DEFAULT_SPACE for blocks in (1, 3)]
+
+
+@pytest.mark.parametrize("method,blocks", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
+def test_genomes_round_trip_and_decode_to_valid_parameters(method, blocks):
+    n = 3
+    space = SearchSpace(method, n, n_blocks=blocks, n_layers=6)
+    per_model = [p for p in DEFAULT_SPACE[method] if p in PER_MODEL]
+    per_global = [p for p in DEFAULT_SPACE[method] if p in GLOBAL]
+    assert space.n_var == blocks * (n * len(per_model) + len(per_global))
+    lo, hi = space.bounds
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.uniform(lo, hi)
+        decoded = space.decode(x)
+        assert len(decoded) == blocks
+        for b in decoded:
+            assert all(len(b[p]) == n for p in per_model) and all(isinstance(b[p], float) for p in per_global)
+        assert np.array_equal(space.encode(decoded), x)
+        for b, p in zip(decoded, space.params(x)):
+            assert p == method_params(method, b, n)
+    one = space.decode(rng.uniform(lo, hi))[0]
+    assert space.decode(space.encode(one)) == [one] * blocks  # one dict stands for every block
+
+
+@pytest.mark.parametrize("method", list(DEFAULT_SPACE))
+def test_out_of_range_genes_are_clipped_and_wrong_lengths_rejected(method):
+    space = SearchSpace(method, 2, n_blocks=2, n_layers=4)
+    lo, hi = space.bounds
+    x = np.where(np.arange(space.n_var) % 2 == 0, lo - 5.0, hi + 5.0)
+    assert space.decode(x) == space.decode(np.clip(x, lo, hi))
+    with pytest.raises(ValueError, match="genes"):
+        space.decode(np.zeros(space.n_var + 1))
+
+
+def test_per_block_parameters_follow_the_layers():
+    space = SearchSpace("task_arithmetic", 2, n_blocks=2, n_layers=4)
+    x = np.array([0.1, 0.2, 0.7, 0.8])  # genes: weights[0]@b0, weights[1]@b0, weights[0]@b1, weights[1]@b1
+    assert [g.label for g in space.genes] == ["weights[0]@b0", "weights[1]@b0", "weights[0]@b1", "weights[1]@b1"]
+    of = space.params_for_tensor(x)
+    assert of("model.embed_tokens.weight").weights == [0.1, 0.2]
+    assert of("model.layers.1.mlp.up_proj.weight").weights == [0.1, 0.2]
+    assert of("model.layers.2.self_attn.q_proj.weight").weights == [0.7, 0.8]
+    assert of("model.norm.weight").weights == [0.7, 0.8] and of("lm_head.weight").weights == [0.7, 0.8]
+    assert [block_of(f"model.layers.{i}.x", 6, 3) for i in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("space,fixed,words", [
+    ({"colour": [0, 1]}, None, "search.space.colour: not a searchable parameter"),
+    ({"weights": [1.0, 0.5]}, None, "search.space.weights: lower bound 1.0 above upper bound 0.5"),
+    ({"density": [0.0, 2.0]}, None, "search.space.density: 0.0 is outside what ties accepts"),
+    ({"density": [0.5, 2.0]}, None, "search.space.density: 2.0 is outside what ties accepts"),
+    ({"weights": [0, 1]}, {"weights": [1, 1]}, "params.weights: both fixed and searched"),
+    ({}, None, "search.space: nothing to search"),
+])
+def test_bad_spaces_are_rejected_naming_the_field(space, fixed, words):
+    with pytest.raises(ValueError) as e:
+        SearchSpace("ties", 2, space, fixed)
+    assert str(e.value).startswith(words)
+
+
+def test_evolve_spec_rejects_a_space_the_method_cannot_take():
+    from pydantic import ValidationError
+
+    from evolve.spec import EvolveSpec
+
+    spec = {"kind": "evolve", "base": "b", "models": [{"name": "a", "path": "a"}, {"name": "c", "path": "c"}],
+            "method": "ties", "search": {"space": {"density": [0.0, 2.0]}}, "objectives": [{"benchmark": "x.jsonl"}]}
+    with pytest.raises(ValidationError, match="search.space.density"):
+        EvolveSpec.model_validate(spec)
+    spec["search"]["space"]["density"] = [0.2, 1.0]
+    assert EvolveSpec.model_validate(spec).search.space["density"] == (0.2, 1.0)
+
+
+def test_token_objectives_default_to_the_subset_mean():
+    """IRT predicts correctness, not lengths: a mean_output_tokens objective given no estimator is
+    a subset mean; accuracy keeps MERGE^3's gmp_irt, and an IRT estimator on tokens is refused."""
+    from pydantic import ValidationError
+
+    from evolve.spec import EvolveSpec
+
+    spec = {"kind": "evolve", "base": "b", "models": [{"name": "a", "path": "a"}], "method": "task_arithmetic",
+            "objectives": [{"benchmark": "x.jsonl"}, {"benchmark": "x.jsonl", "metric": "mean_output_tokens"}]}
+    got = EvolveSpec.model_validate(spec)
+    assert [o.estimator for o in got.objectives] == ["gmp_irt", "subset_mean"]
+    spec["objectives"][1]["estimator"] = "gmp_irt"
+    with pytest.raises(ValidationError, match="mean_output_tokens is estimated by subset_mean or full"):
+        EvolveSpec.model_validate(spec)
