@@ -9,7 +9,9 @@ A multiple-choice item is scored by the log-likelihood of each choice; a generat
 by greedy decoding and a match rule:
 
 - `exact` (default): equal after whitespace normalization (strip, runs of spaces -> one);
-- `number`: the last number in the output equals the answer numerically ("42.0" == "42");
+- `number`: the last number in the output equals the answer numerically ("42.0" == "42";
+  thousands groups "1,234", fractions "1/2", exponents; "3-5" ends in 5: a minus sign right
+  after a digit is a hyphen);
 - `regex`: the answer is a pattern that must be found in the output (`re.search`; anchor
   it with ^...$ for a full match).
 
@@ -32,7 +34,12 @@ from typing import Iterable, Sequence
 
 MATCH_RULES = ("exact", "number", "regex")
 _KEYS = {"id", "prompt", "answer", "choices", "match", "meta"}
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# A number: a fraction (1/2), or digits with optional thousands groups (1,234), decimals and an
+# exponent; never started inside another number, and a sign only where it cannot be a hyphen
+# between numbers ("3-5" ends in 5, "x=-5" in -5).
+_NUMBER_BODY = r"[-+]?(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
+_NUMBER = re.compile(r"(?<![\d.])" + _NUMBER_BODY)
+_MAX_EXPONENT = 1000  # 1e99999999 is a number nobody means, and exact arithmetic on it would hang
 
 
 class BenchmarkError(ValueError):
@@ -90,21 +97,25 @@ class Benchmark:
 
 
 def parse_number(text: str) -> Fraction | None:
-    """`"1,234.5"` -> Fraction(2469, 2); None if `text` is not one number."""
-    text = text.strip().replace(",", "")
+    """`"1,234.5"` -> Fraction(2469, 2), `"1/2"` -> Fraction(1, 2); None if `text` is not one
+    number (or its exponent is beyond +-1000)."""
+    text = text.strip()
+    if not re.fullmatch(_NUMBER_BODY, text):
+        return None
+    text = text.replace(",", "")
+    exponent = re.search(r"[eE]([-+]?\d+)$", text)
+    if exponent and abs(int(exponent.group(1))) > _MAX_EXPONENT:
+        return None
     try:
         return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        try:
-            return Fraction(float(text)) if re.fullmatch(r"[-+]?[\d.]+[eE][-+]?\d+", text) else None
-        except (ValueError, OverflowError):
-            return None
+    except ZeroDivisionError:
+        return None
 
 
 def last_number(text: str) -> Fraction | None:
-    """The last number written in `text` (commas as thousands separators allowed)."""
+    """The last number written in `text` (see `_NUMBER`)."""
     for m in reversed(_NUMBER.findall(text)):
-        value = parse_number(m.rstrip(",").rstrip("."))
+        value = parse_number(m)
         if value is not None:
             return value
     return None

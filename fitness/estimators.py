@@ -42,7 +42,36 @@ def _rows(responses: Sequence | Array) -> tuple[Array, bool]:
     y = np.asarray(responses, dtype=np.float64)
     if y.ndim not in (1, 2):
         raise ValueError("responses must be [n] or [models, n]")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("responses must be 0/1 answers (no NaN, no other values)")
     return np.atleast_2d(y), y.ndim == 1
+
+
+def _indices(subset_idx, n: int) -> Array:
+    """Subset item indices as integers, one per answer; floats that are not whole numbers refused."""
+    raw = np.asarray(subset_idx).reshape(-1)
+    if raw.size and not (np.issubdtype(raw.dtype, np.integer) or np.array_equal(raw, np.round(raw))):
+        raise ValueError("subset_idx must be integer item indices")
+    idx = raw.astype(int)
+    if idx.shape[0] != n:
+        raise ValueError(f"{n} responses for {idx.shape[0]} subset items")
+    return idx
+
+
+def _endpoint_thetas(endpoint_thetas, dims: int) -> Array:
+    """Endpoint abilities as [K, dims] ([K] is accepted for one dimension)."""
+    t = np.asarray(endpoint_thetas, dtype=np.float64)
+    if t.ndim == 1 and dims == 1:
+        t = t.reshape(-1, 1)
+    if t.ndim != 2 or t.shape[1] != dims or t.shape[0] == 0 or not np.isfinite(t).all():
+        raise ValueError(f"endpoint_thetas must be finite [K, {dims}] abilities, got shape {t.shape}")
+    return t
+
+
+def _share(value: float, name: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
 
 
 def _out(values: Array, single: bool) -> Estimate:
@@ -53,8 +82,8 @@ def _weights(weights: Sequence | Array | None, n: int) -> Array:
     """Subset item weights normalised to sum 1 (uniform when none are given)."""
     if weights is None:
         return np.full(n, 1.0 / n)
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.shape[0] != n or np.any(w < 0) or w.sum() <= 0:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] != n or not np.isfinite(w).all() or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be {n} non-negative numbers with a positive sum")
     return w / w.sum()
 
@@ -63,9 +92,7 @@ def _split(subset_idx: Sequence[int] | Array, item_params: ItemParams | None, n:
     """Seen indices, unseen indices and N; checks the subset against the item parameters."""
     if item_params is None:
         raise ValueError("this estimator needs item_params (fitness.irt.ItemParams)")
-    seen = np.asarray(subset_idx, dtype=int).reshape(-1)
-    if seen.shape[0] != n:
-        raise ValueError(f"{n} responses for {seen.shape[0]} subset items")
+    seen = _indices(subset_idx, n)
     N = item_params.n_items
     if np.any(seen < 0) or np.any(seen >= N) or np.unique(seen).size != seen.size:
         raise ValueError("subset_idx must be distinct item indices into the item parameters")
@@ -89,6 +116,8 @@ def subset_mean(responses, subset_idx=None, weights=None, item_params=None, endp
     w_i is the share of the benchmark in anchor i's cluster (``tutorials/anchor_points.ipynb``).
     """
     y, single = _rows(responses)
+    if subset_idx is not None:
+        _indices(subset_idx, y.shape[1])
     return _out(y @ _weights(weights, y.shape[1]), single)
 
 
@@ -123,6 +152,7 @@ def gp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_theta
     lam = b^2 / (b^2 + v / (4n)), large when IRT is biased, small when the subset is noisy);
     without a calibrated value we take 0.5, the delta MERGE^3 uses for the same blend.
     """
+    _share(lam, "lam")
     observed = subset_mean(responses, subset_idx, weights)
     pirt = p_irt(responses, subset_idx, weights, item_params, theta_method=theta_method, prior_sd=prior_sd)
     return lam * observed + (1.0 - lam) * pirt
@@ -138,9 +168,7 @@ def fit_lambdas(responses, subset_idx, item_params: ItemParams, endpoint_thetas)
     """
     y, single = _rows(responses)
     seen = np.asarray(subset_idx, dtype=int)
-    thetas = np.atleast_2d(np.asarray(endpoint_thetas, dtype=np.float64))
-    if thetas.shape[1] != item_params.dims:
-        thetas = thetas.reshape(-1, item_params.dims)
+    thetas = _endpoint_thetas(endpoint_thetas, item_params.dims)
     K = thetas.shape[0]
     g = thetas @ item_params.a[seen].T          # [K, n]: each endpoint's a_i . theta_k
     b = item_params.b[seen]
@@ -169,7 +197,7 @@ def mp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_theta
         raise ValueError("mp_irt needs endpoint_thetas [K, dims]")
     y, single = _rows(responses)
     seen, unseen, N = _split(subset_idx, item_params, y.shape[1])
-    thetas = np.asarray(endpoint_thetas, dtype=np.float64).reshape(-1, item_params.dims)
+    thetas = _endpoint_thetas(endpoint_thetas, item_params.dims)
     if thetas.shape[0] == 1:
         theta_m = np.repeat(thetas, y.shape[0], axis=0)
     else:
@@ -182,6 +210,7 @@ def gmp_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thet
             delta: float = 0.5) -> Estimate:
     """gmp-IRT (MERGE^3; Mergenetic ``estimate_fitness``): delta * sum_i w_i y_i + (1 - delta) * mp-IRT,
     delta = 0.5 by default (Mergenetic's default)."""
+    _share(delta, "delta")
     observed = subset_mean(responses, subset_idx, weights)
     return delta * observed + (1.0 - delta) * mp_irt(responses, subset_idx, weights, item_params, endpoint_thetas)
 

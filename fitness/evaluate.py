@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,6 +56,10 @@ class EvalSettings:
             raise ValueError(f"mc_norm must be 'sum' or 'mean', got {self.mc_norm!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -283,6 +288,8 @@ def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: 
     model is moved there too.
     """
     items = list(benchmark.items if isinstance(benchmark, Benchmark) else benchmark)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device if device is None else resolve_device(device)
     model.to(device).eval()
     correct = np.zeros(len(items), dtype=np.uint8)
@@ -307,8 +314,28 @@ def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: 
 # --- folders and the response cache ---------------------------------------------------
 
 def model_hash(path: str | os.PathLike) -> str:
-    """sha256 over a model folder's weights, configs and tokenizer files (names and bytes), remembered per machine."""
-    return content_hash(path, ("*.safetensors", "*.json", "*.bin", "*.model"))
+    """sha256 over a model folder's weights, configs and tokenizer files (names and bytes), remembered
+    per machine; for a PEFT adapter, over the adapter and the base it is applied to."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    own = content_hash(path, ("*.safetensors", "*.json", "*.bin", "*.model"))
+    base = _adapter_base(path)
+    return own if base is None else hashlib.sha256(f"{own}+{model_hash(base)}".encode()).hexdigest()
+
+
+def _adapter_base(path: Path) -> Path | None:
+    """The base folder a PEFT adapter folder names (relative to the adapter, as the zoo writes it,
+    or as given); None for a full model."""
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path") or ""
+    if (path / base).is_dir():
+        return path / base
+    if Path(base).is_dir():
+        return Path(base)
+    raise FileNotFoundError(f"{cfg}: its base_model_name_or_path {base!r} is not a folder here")
 
 
 def default_cache_dir() -> Path:
@@ -327,12 +354,12 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device="auto"):
 
     path = Path(path)
     device = resolve_device(device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        if (path / base).is_dir():  # a base path relative to the adapter folder (as the zoo writes it)
-            base = path / base
+        base = _adapter_base(path)
         # Folding the adapter into the weights gives the same function and a plain, faster model.
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]), path)
         model = model.merge_and_unload()
@@ -358,8 +385,11 @@ def cached_responses(model_digest: str, benchmark: Benchmark, settings: EvalSett
     """
     cache_file = cached_responses_path(model_digest, benchmark, settings, device, cache_dir)
     if cache_file.exists():
-        cached = Responses.load(cache_file)
-        if cached.item_ids == benchmark.ids:
+        try:
+            cached = Responses.load(cache_file)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: a miss, then overwritten
+            cached = None
+        if cached is not None and cached.item_ids == benchmark.ids:
             return cached
     responses = compute()
     responses.save(cache_file)

@@ -415,6 +415,14 @@ def estimate_theta(
     """
     if method not in ("mle", "map"):
         raise ValueError("method must be 'mle' or 'map'")
+    if method == "map" and not prior_sd > 0:
+        raise ValueError(f"prior_sd must be positive, got {prior_sd}")
+    if items is not None:
+        idx = np.asarray(items).reshape(-1)
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError("items must be integer item indices")
+        if np.any(idx < 0) or np.any(idx >= item_params.n_items) or np.unique(idx).size != idx.size:
+            raise ValueError(f"items must be distinct indices in 0..{item_params.n_items - 1}")
     y = np.asarray(responses, dtype=np.float64)
     single = y.ndim == 1
     y = np.atleast_2d(y)
@@ -422,6 +430,8 @@ def estimate_theta(
     if y.shape[1] != ip.n_items:
         raise ValueError(f"{y.shape[1]} responses for {ip.n_items} items")
     mask = ~np.isnan(y)
+    if not np.isin(y[mask], (0.0, 1.0)).all():
+        raise ValueError("responses must be 0/1 answers (NaN: not answered)")
     y = np.where(mask, y, 0.0)
     rows, dims = y.shape[0], ip.dims
     prior = prior_sd if method == "map" else None

@@ -38,9 +38,24 @@ def is_adapter(path: str | os.PathLike) -> bool:
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rule: a pattern key applies when the module name ends with it (regex)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise ValueError(f"pattern {key!r} is not a regular expression ({e})") from None
+        if hit:
             return value
     return default
+
+
+def _positive_int(value) -> int | None:
+    """A rank: a positive integer (an integral float such as 8.0 too); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) and value >= 1 else None
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -88,18 +103,23 @@ class LoraAdapter:
             target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
             target = target.replace(".base_layer.", ".")
             self.replaced[target] = key
-        r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        r, alpha = _positive_int(cfg.get("r")), cfg.get("lora_alpha", cfg.get("r"))
+        if r is None:
+            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {cfg.get('r')!r}")
+        if not _finite(alpha):
             raise CheckpointError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
         for module, f in factors.items():
             if "A" not in f or "B" not in f:
                 raise CheckpointError(f"{self.path}: {module} has only one LoRA factor")
-            rank = _pattern_value(cfg.get("rank_pattern") or {}, module, r)
-            a = _pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
-            if not isinstance(rank, int) or rank < 1:
-                raise CheckpointError(f"{cfg_path}: rank_pattern gives {module} rank {rank!r}, not a positive integer")
+            try:
+                rank = _positive_int(given := _pattern_value(cfg.get("rank_pattern") or {}, module, r))
+                if rank is None:
+                    raise ValueError(f"gives {module} rank {given!r}, not a positive integer")
+                a = _pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
+                if not _finite(a):
+                    raise ValueError(f"gives {module} alpha {a!r}, not a finite number")
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_path}: rank_pattern / alpha_pattern: {e}") from None
             scale = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
             transpose = bool(f["embedding"]) or bool(cfg.get("fan_in_fan_out"))
             self.loras[f"{module}.weight"] = _Lora(f["A"], f["B"], scale, transpose)

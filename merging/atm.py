@@ -461,13 +461,14 @@ def _save_task_model(model, folder: Path, base_infos: dict, is_lora: bool) -> No
     tensor names, or the LoRA adapter (the delta is then scale * B @ A, as peft merges it)."""
     import tempfile
 
-    from .checkpoint import write_checkpoint
+    from .checkpoint import publish_permissions, write_checkpoint
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     if is_lora:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
             model.save_pretrained(tmp)
+            publish_permissions(tmp)
             os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

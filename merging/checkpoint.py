@@ -220,6 +220,8 @@ def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetens
     Remembered per machine by (file name, size, mtime), so a large model is hashed once.
     """
     root = Path(path).resolve()
+    if not root.is_dir():
+        raise CheckpointError(f"{path}: no such model folder")
     files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     key = hashlib.sha256(json.dumps([str(root), stamp]).encode()).hexdigest()
@@ -414,12 +416,24 @@ def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
     config.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once at import: os.umask is process-wide, not per thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def publish_permissions(folder: str | os.PathLike) -> None:
+    """Gives a folder made by `tempfile.mkdtemp` (mode 0700) the mode a plain mkdir would have."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+
+
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Renames `tmp` to `out`; an existing `out` (overwrite) is moved aside first, then removed.
     The folder gets the usual permissions (mkdtemp makes it private to its owner)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    publish_permissions(tmp)
     if out.exists():
         if not overwrite:
             raise CheckpointError(f"{out}: output folder exists")

@@ -84,7 +84,8 @@ def check_output_apart(out_dir: str | os.PathLike, spec: MergeSpec) -> None:
     overwrite) would replace the models being merged."""
     out = Path(out_dir).resolve()
     named = [("base", spec.base)] + [(f"models[{i}].path", m.path) for i, m in enumerate(spec.models)] + [
-        (f"models[{i}].train", m.train) for i, m in enumerate(spec.models)]
+        (f"models[{i}].train", m.train) for i, m in enumerate(spec.models)] + [
+        (f"params.{k}", spec.params.get(k)) for k in ("data", "spec") if isinstance(spec.params.get(k), (str, Path))]
     for field, p in named:
         if p is not None and (Path(p).resolve() == out or Path(p).resolve().is_relative_to(out)):
             raise CheckpointError(f"{out_dir}: the output would replace {field} ({p}); choose another folder")

@@ -214,7 +214,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         user = user_of(request)
         limiter.check(owner_of(user) or (request.client.host if request.client else "-"))
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media and media != "application/json" and not media.endswith("+json"):
+        if media and media not in ("application/json", "text/json") and not media.endswith("+json"):
             raise ApiError(415, f"content-type: a job spec is sent as application/json, not {media}", "content-type")
         raw = await read_body(request, settings.max_body_bytes, "a job spec")
         spec = parse_spec(parse_json(raw))

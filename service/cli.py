@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from merging.checkpoint import CheckpointError
 
-    if args.func in (cmd_merge, cmd_evolve, cmd_export, cmd_zoo_build):  # SIGTERM (timeout, docker, systemd) cleans up like ^C
+    if args.func in (cmd_merge, cmd_evolve, cmd_export):  # SIGTERM (timeout, docker, systemd) cleans up like ^C
         import signal
 
         signal.signal(signal.SIGTERM, _interrupt)

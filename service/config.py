@@ -70,6 +70,11 @@ class Settings:
         object.__setattr__(self, "artifacts", Path(self.artifacts))
         object.__setattr__(self, "model_roots", tuple(Path(p) for p in (self.model_roots or (Path.cwd(),))))
         object.__setattr__(self, "devices", tuple(self.devices))
+        art = self.artifacts.resolve()
+        for root in self.model_roots:  # paths in the artifacts folder are never inputs (service.schemas)
+            if root.resolve() == art or root.resolve().is_relative_to(art):
+                raise ValueError(f"model root {root} lies in the artifacts folder {self.artifacts}: "
+                                 "no model under it could be used; keep models outside the artifacts")
 
     @property
     def database_url(self) -> str:

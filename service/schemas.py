@@ -156,12 +156,12 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     if not device_accepted(spec.device, devices):
         raise SpecError("device", f"no worker serves {spec.device} (served: {', '.join(devices)})")
     if spec.base is None:  # c2m3, weight_matching: no base; the models share names and shapes
-        return _check_baseless(spec, roots, ex)
+        return _check_baseless(spec, roots, ex, uploaded_benchmark)
     base = resolve_path(spec.base, "base", roots, excluded=ex)
     paths = [None if m.path is None else resolve_path(m.path, f"models[{i}].path", roots, excluded=ex)
              for i, m in enumerate(spec.models)]  # method atm may train from data alone
     present = [i for i, p in enumerate(paths) if p is not None]
-    trains = [None if m.train is None else _check_train(m.train, f"models[{i}].train", roots, ex)
+    trains = [None if m.train is None else _benchmark_file(m.train, f"models[{i}].train", roots, uploaded_benchmark, ex)
               for i, m in enumerate(spec.models)]
     try:
         CheckpointReader(base)
@@ -191,8 +191,9 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     return spec.model_copy(update=update)
 
 
-def _check_baseless(spec: Any, roots: list[Path], ex: list[Path]) -> Any:
-    """Whole-model methods: models inside the roots and alike; params.data / params.spec files too."""
+def _check_baseless(spec: Any, roots: list[Path], ex: list[Path], uploaded: Callable[[str], Path | None]) -> Any:
+    """Whole-model methods: models inside the roots and alike; params.data / params.spec files too
+    (a JSONL params.data may name an uploaded benchmark)."""
     from merging.permutation.merge import open_models
 
     paths = [resolve_path(m.path, f"models[{i}].path", roots, excluded=ex) for i, m in enumerate(spec.models)]
@@ -203,8 +204,11 @@ def _check_baseless(spec: Any, roots: list[Path], ex: list[Path]) -> Any:
         raise SpecError(f"models[{int(m.group(1)) if m else 0}].path", str(e)) from None
     params = dict(spec.params)
     for key in ("data", "spec"):
-        if params.get(key):
-            params[key] = str(resolve_path(params[key], f"params.{key}", roots, "file", ex))
+        given = params.get(key)
+        if given and key == "data" and len(Path(given).parts) == 1 and uploaded(str(given)) is not None:
+            params[key] = str(_benchmark_file(Path(given), "params.data", roots, uploaded, ex))
+        elif given:
+            params[key] = str(resolve_path(given, f"params.{key}", roots, "file", ex))
     return spec.model_copy(update={"params": params,
                                    "models": [m.model_copy(update={"path": p}) for m, p in zip(spec.models, paths)]})
 
@@ -214,7 +218,19 @@ def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable
     """An objective's benchmark: an uploaded name or a JSONL file under the roots, and valid."""
     from fitness.benchmarks import BenchmarkError, load_benchmark
 
-    field, given = f"{where}.benchmark", Path(obj.benchmark)
+    path = _benchmark_file(Path(obj.benchmark), f"{where}.benchmark", roots, uploaded, ex)
+    update: dict[str, Any] = {"benchmark": path}
+    if obj.name is None and re.fullmatch(r"[A-Za-z0-9_.:-]+", obj.label):
+        update["name"] = obj.label  # keep the label the user's spec implies, whatever the real file name
+    return obj.model_copy(update=update)
+
+
+def _benchmark_file(given: Path, field: str, roots: list[Path], uploaded: Callable[[str], Path | None],
+                    ex: list[Path]) -> Path:
+    """A JSONL file in the benchmark format: a benchmark uploaded under that name, or a file under
+    the roots; loaded once to check it."""
+    from fitness.benchmarks import BenchmarkError, load_benchmark
+
     path = uploaded(str(given)) if len(given.parts) == 1 else None
     if path is None:
         try:
@@ -224,21 +240,6 @@ def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable
                 raise SpecError(field, f"no benchmark named {str(given)!r} was uploaded, "
                                        "and no such file is under the model roots") from None
             raise
-    try:
-        load_benchmark(path)
-    except BenchmarkError as e:
-        raise SpecError(field, str(e).replace(str(path), str(given))) from None
-    update: dict[str, Any] = {"benchmark": path}
-    if obj.name is None and re.fullmatch(r"[A-Za-z0-9_.:-]+", obj.label):
-        update["name"] = obj.label  # keep the label the user's spec implies, whatever the real file name
-    return obj.model_copy(update=update)
-
-
-def _check_train(given: Path, field: str, roots: list[Path], ex: list[Path]) -> Path:
-    """An ATM training file: a JSONL in the benchmark format under the model roots."""
-    from fitness.benchmarks import BenchmarkError, load_benchmark
-
-    path = resolve_path(given, field, roots, "file", ex)
     try:
         load_benchmark(path)
     except BenchmarkError as e:

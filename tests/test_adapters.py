@@ -67,13 +67,29 @@ def test_adapter_targets_and_zero_elsewhere(tmp_path):
     (lambda text: text.replace('"r": 2', '"r": 0'), "r must be a positive integer, got 0"),
     (lambda text: text.replace('"lora_alpha": 2', '"lora_alpha": "x"'), "lora_alpha must be a finite number"),
     (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: text.replace('"r": 2', '"r": true'), "r must be a positive integer, got True"),
+    (lambda text: text.replace('"alpha_pattern": {}', '"alpha_pattern": {"k_proj": "x"}'), "gives model.layers.0.self_attn.k_proj alpha 'x'"),
+    (lambda text: text.replace('"rank_pattern": {}', '"rank_pattern": {"k_proj(": 2}'), "is not a regular expression"),
+    (lambda text: text.replace('"rank_pattern": {}', '"rank_pattern": {"k_proj": 0}'), "rank 0, not a positive integer"),
 ])
 def test_broken_adapter_configs_are_named(tmp_path, edit, words):
     from merging.checkpoint import CheckpointError
 
     make_adapter(tiny_llama(), tmp_path / "lora", r=2, lora_alpha=2, target_modules=["k_proj"])
     cfg = tmp_path / "lora" / "adapter_config.json"
-    cfg.write_text(edit(cfg.read_text()))
+    text = cfg.read_text()
+    assert edit(text) != text  # the case really breaks the config
+    cfg.write_text(edit(text))
     with pytest.raises(CheckpointError) as e:
         LoraAdapter(tmp_path / "lora")
     assert str(e.value).startswith(str(cfg)) and words in str(e.value)
+
+
+def test_integral_float_rank_is_a_rank(tmp_path):
+    make_adapter(tiny_llama(), tmp_path / "lora", r=2, lora_alpha=2, target_modules=["k_proj"])
+    ref = LoraAdapter(tmp_path / "lora")
+    cfg = tmp_path / "lora" / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"r": 2', '"r": 2.0'))
+    base = torch.randn(32, 32)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(LoraAdapter(tmp_path / "lora").delta(name, base), ref.delta(name, base))

@@ -220,6 +220,11 @@ def test_service_checks_training_files_and_the_worker_runs_atm(tiny_zoo, data, t
     with pytest.raises(SpecError) as e:
         check_spec(parse_spec(bad), roots)
     assert e.value.field == "models[0].train"
+    by_name = {**spec, "models": [{**spec["models"][0], "train": "uploaded-cip"}]}  # a benchmark uploaded by name
+    named = check_spec(parse_spec(by_name), roots, uploaded_benchmark={"uploaded-cip": data["cip"]}.get)
+    assert named.models[0].train == data["cip"]
+    with pytest.raises(SpecError, match="no benchmark named 'uploaded-cip' was uploaded"):
+        check_spec(parse_spec(by_name), roots)
     checked = check_spec(parse_spec(spec), roots)
     settings = Settings(artifacts=tmp_path / "artifacts")
     store = Store(settings.database_url)

@@ -1,4 +1,5 @@
 """Benchmark loading (validation errors name file and line) and the answer match rules."""
+from fractions import Fraction
 import json
 
 import pytest
@@ -119,9 +120,21 @@ def test_number_match(answer, output, ok):
     assert is_correct(gen(answer, "number"), output) is ok
 
 
-def test_last_number():
-    assert last_number("a 1 b 2.5 c") == 2.5
-    assert last_number("x") is None
+@pytest.mark.parametrize("text,value", [
+    ("a 1 b 2.5 c", Fraction(5, 2)), ("x", None), ("numbers 1,2,3", 3), ("1,234.5", Fraction(2469, 2)),
+    ("3-5", 5), ("10-2", 2), ("x=-5", -5), ("+3", 3), ("42.", 42), (".5", Fraction(1, 2)), ("-.5", Fraction(-1, 2)),
+    ("1e3", 1000), ("1/2", Fraction(1, 2)), ("rev42", 42), ("1e99999999", None), ("2 then 1e99999999", 2),
+])
+def test_last_number(text, value):
+    """Commas group thousands only in groups of three, a minus sign right after a digit is a
+    hyphen, fractions are numbers, and absurd exponents are no number (exact arithmetic on
+    them would not finish)."""
+    assert last_number(text) == value
+
+
+def test_fraction_answers_match_fraction_outputs():
+    assert is_correct(gen("1/2", "number"), "it is 1/2") and is_correct(gen("0.5", "number"), "1/2")
+    assert not is_correct(gen("3", "number"), "numbers 1,2") and is_correct(gen("2", "number"), "numbers 1,2")
 
 
 def test_regex_match():

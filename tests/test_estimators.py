@@ -207,3 +207,31 @@ def test_a_job_scores_map_irt_under_the_endpoint_prior():
     y = candidate.correct[fit.subset.indices].astype(float)
     assert got == pytest.approx(map_irt(y, fit.subset.indices, None, fit.item_params, prior=fit.prior))
     assert got != pytest.approx(p_irt(y, fit.subset.indices, None, fit.item_params))
+
+
+@pytest.mark.parametrize("case,call,words", [
+    ("answers other than 0/1", lambda w, y, i: subset_mean(y * 2, i), "0/1 answers"),
+    ("a NaN answer", lambda w, y, i: p_irt(np.where(i == 3, np.nan, y), i, None, w["items"]), "0/1 answers"),
+    ("fewer indices than answers", lambda w, y, i: subset_mean(y, i[:10]), "20 responses for 10 subset items"),
+    ("fractional indices", lambda w, y, i: p_irt(y, i + 0.7, None, w["items"]), "integer item indices"),
+    ("NaN weights", lambda w, y, i: subset_mean(y, i, np.full(20, np.nan)), "weights must be"),
+    ("2-D weights", lambda w, y, i: subset_mean(y, i, np.ones((4, 5))), "weights must be"),
+    ("lam above 1", lambda w, y, i: gp_irt(y, i, None, w["items"], lam=2.0), "lam must lie in [0, 1]"),
+    ("negative delta", lambda w, y, i: gmp_irt(y, i, None, w["items"], w["endpoints"], delta=-1.0),
+     "delta must lie in [0, 1]"),
+    ("endpoint thetas of other dims", lambda w, y, i: mp_irt(y, i, None, w["items"], np.zeros((3, 3))),
+     "endpoint_thetas must be finite [K, 2]"),
+    ("no endpoint thetas", lambda w, y, i: mp_irt(y, i, None, w["items"], np.zeros((0, 2))), "endpoint_thetas"),
+    ("theta from 0/2 answers", lambda w, y, i: estimate_theta(y * 2, w["items"], i), "0/1 answers"),
+    ("negative item index", lambda w, y, i: estimate_theta(y[:3], w["items"], [0, 1, -1]), "distinct indices"),
+    ("repeated item index", lambda w, y, i: estimate_theta(y[:3], w["items"], [0, 0, 0]), "distinct indices"),
+    ("item index past the end", lambda w, y, i: estimate_theta(y[:3], w["items"], [0, 1, 600]), "distinct indices"),
+    ("non-positive prior sd", lambda w, y, i: estimate_theta(y, w["items"], i, method="map", prior_sd=0),
+     "prior_sd must be positive"),
+])
+def test_bad_inputs_are_refused_not_turned_into_numbers(world, case, call, words):
+    idx = np.arange(20)
+    y = world["y"][10, idx]
+    with pytest.raises(ValueError) as e:
+        call(world, y, idx)
+    assert words in str(e.value)

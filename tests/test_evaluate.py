@@ -155,6 +155,40 @@ def test_response_cache(model, tok, tmp_path):
     assert len(list(cache.glob("*.npz"))) == 3
     m = response_matrix([first, tampered])
     assert m.shape == (2, len(bench)) and m.sum() == len(bench)
+    files[0].write_bytes(b"not an npz")  # a damaged cache file is a miss, recomputed and rewritten
+    again = evaluate_folder(folder, bench, settings, device="cpu", cache_dir=cache)
+    assert np.array_equal(again.correct, first.correct) and Responses.load(files[0]).outputs == first.outputs
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        evaluate_folder(tmp_path / "nope", bench, settings, device="cpu", cache_dir=cache)
+
+
+def test_adapter_cache_key_covers_its_base(tiny_zoo, tmp_path):
+    """An adapter's answers depend on the base it is applied to: a changed base is a cache miss."""
+    import shutil
+
+    from fitness.benchmarks import load_benchmark
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo / "models" / "base", root / "models" / "base")
+    shutil.copytree(tiny_zoo / "adapters" / "cip-lora", root / "adapters" / "cip-lora")
+    bench = load_benchmark(tiny_zoo / "benchmarks" / "cip.jsonl").subset(range(0, 400, 40))
+    kw = dict(device="cpu", cache_dir=tmp_path / "cache")
+    before = evaluate_folder(root / "adapters" / "cip-lora", bench, **kw)
+    shutil.copy(tiny_zoo / "models" / "rev" / "model.safetensors", root / "models" / "base" / "model.safetensors")
+    after = evaluate_folder(root / "adapters" / "cip-lora", bench, **kw)
+    fresh = evaluate_folder(root / "adapters" / "cip-lora", bench, use_cache=False, **kw)
+    assert np.array_equal(after.correct, fresh.correct) and after.outputs == fresh.outputs
+    assert after.outputs != before.outputs
+
+
+def test_bad_settings_and_batch_sizes_are_refused(model, tok):
+    assert EvalSettings(stop="END").stop == ("END",)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        EvalSettings(max_new_tokens=2.5)
+    bench = from_items("t", items())
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            evaluate(model, tok, bench, EvalSettings(max_new_tokens=4), batch_size=size, device="cpu")
 
 
 def test_choice_scores_shared_prompt_varied_choices(model, tok):

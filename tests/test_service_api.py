@@ -122,6 +122,8 @@ def test_bad_bodies(server):
     assert r.status_code == 422 and r.json()["detail"] == "body: nested too deeply"
     r = c.post("/v1/jobs", content=json.dumps(spec()).encode(), headers={"Content-Type": "text/plain"})
     assert r.status_code == 415 and r.json()["field"] == "content-type"
+    r = c.post("/v1/jobs", content=json.dumps(spec(kind="train")).encode(), headers={"Content-Type": "text/json"})
+    assert r.status_code == 422 and r.json()["field"] == "kind"  # text/json is JSON: read, then judged
     assert snapshot(c) == before
 
 
@@ -301,3 +303,11 @@ def test_non_finite_numbers_are_refused_from_any_entry_point():
             parse_spec(data)
         assert e.value.field == field and e.value.status == 422 and "finite" in str(e.value)
     assert parse_spec(spec(method="task_arithmetic", params={"weights": [1.0, 0.5]})).params["weights"] == [1.0, 0.5]
+
+
+def test_a_model_root_inside_the_artifacts_is_a_configuration_error(tmp_path):
+    with pytest.raises(ValueError, match="lies in the artifacts folder"):
+        Settings(artifacts=tmp_path, model_roots=(tmp_path / "models",))
+    with pytest.raises(ValueError, match="lies in the artifacts folder"):
+        Settings(artifacts=tmp_path, model_roots=(tmp_path,))
+    assert Settings(artifacts=tmp_path / "art", model_roots=(tmp_path,)).model_roots == (tmp_path,)

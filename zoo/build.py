@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from fitness.benchmarks import load_benchmark
-from merging.checkpoint import file_sha256 as file_hash
+from merging.checkpoint import file_sha256 as file_hash, publish_permissions
 from fitness.evaluate import EvalSettings, evaluate, load_model
 
 from .benchmarks import held_out_prompts, write_task_benchmark
@@ -475,6 +475,7 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
         _write_manifest(work, manifest)
         if out.exists():
             shutil.rmtree(out)
+        publish_permissions(work)
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
