@@ -38,7 +38,7 @@ from merging.engine import resolve_device
 
 from .benchmarks import Benchmark, Item, is_correct
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the number match rule changed (thousands groups, hyphens, fractions)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
