@@ -263,6 +263,8 @@ def _checked(responses: np.ndarray, model: str, dims: int, item_ids) -> tuple[np
     py_model = PY_IRT_MODELS.get(model)
     if py_model is None:
         raise ValueError(f"unknown IRT model {model!r}; choose from {sorted(PY_IRT_MODELS)}")
+    if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
+        raise ValueError(f"dims must be a positive integer, got {dims!r}")
     if dims != 1 and py_model != "multidim_2pl":
         raise ValueError("dims > 1 needs model='multidim_2pl'")
     ids = [str(x) for x in item_ids] if item_ids is not None else [f"q{j}" for j in range(y.shape[1])]
@@ -307,6 +309,8 @@ def fit_item_params(
         params.meta = {"fitter": "map", "seed": seed, "dims": dims, "prior_sd": dict(MAP_PRIOR_SD),
                        "n_observations": int(observed.sum()), **params.meta}
     elif fitter == "py-irt":
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         params = _fit_py_irt(y, ids, py_model, dims, epochs, lr, priors, seed, device, use_best, threads)
         params.meta = {"epochs": epochs, "lr": lr, "priors": priors, "seed": seed, "dims": dims,
                        "n_observations": int(observed.sum()), "fitter": "py-irt",

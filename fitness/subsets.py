@@ -117,6 +117,13 @@ def _stratified(k: int, labels: Array, pick: Callable[[Array, int, np.random.Gen
     return np.concatenate(chosen), np.concatenate(weights)
 
 
+def _seed(seed) -> int:
+    """A subset is deterministic for its seed, so there must be one: a non-negative integer."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 def success_rate(responses) -> Array:
     """Share of known models ([models, items], NaN = not run) answering each item right; 0 for an
     item no model ran."""
@@ -145,8 +152,12 @@ def difficulty_strata(groups, responses, k: int) -> Array:
 # ---- strategies ------------------------------------------------------------------------------
 def random_subset(n_items: int, k: int, seed: int = 0, groups=None) -> Subset:
     """k items drawn uniformly without replacement (per group when ``groups``); weights 1/k."""
+    if not isinstance(n_items, (int, np.integer)) or n_items < 1:
+        raise ValueError(f"n_items must be a positive integer, got {n_items!r}")
+    if not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer, got {k!r}")
     labels = _groups(groups, n_items)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_seed(seed))
     idx, w = _stratified(k, labels, lambda members, k_g, r: r.choice(members, k_g, replace=False), rng)
     return Subset(idx, w, "random")
 
@@ -171,7 +182,7 @@ def entropy_subset(probe_responses, k: int, seed: int = 0, groups=None) -> Subse
     y = np.atleast_2d(np.asarray(probe_responses, dtype=np.float64))
     score = binary_entropy(success_rate(y))
     labels = _groups(groups, y.shape[1])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_seed(seed))
 
     def pick(members: Array, k_g: int, r: np.random.Generator) -> Array:
         tiebreak = r.random(members.size)
@@ -234,7 +245,7 @@ def anchor_subset(k: int, item_params: ItemParams | None = None, responses=None,
             shares.append(np.full(order.size, sizes[c] / members.size / order.size))
         return np.concatenate(anchors), np.concatenate(shares)
 
-    idx, w = _stratified(k, _groups(groups, X.shape[0]), anchors_of, np.random.default_rng(seed))
+    idx, w = _stratified(k, _groups(groups, X.shape[0]), anchors_of, np.random.default_rng(_seed(seed)))
     return Subset(idx, w, "anchor")
 
 

@@ -177,3 +177,15 @@ def test_a_jobs_irt_fit_is_cached_per_machine(tmp_path, monkeypatch):
                   (Y, IrtSpec(epochs=30))):
         with pytest.raises(AssertionError, match="refitted"):
             ff.fitted_item_params(*other)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"model": "multidim_2pl", "dims": 0}, "dims must be a positive integer"),
+    ({"model": "multidim_2pl", "dims": -1}, "dims must be a positive integer"),
+    ({"model": "multidim_2pl", "dims": 1.5}, "dims must be a positive integer"),
+    ({"fitter": "py-irt", "epochs": 0}, "epochs must be a positive integer"),
+])
+def test_bad_fit_arguments_are_named(kwargs, words):
+    y = (np.random.default_rng(0).random((6, 10)) < 0.5).astype(float)
+    with pytest.raises(ValueError, match=words):
+        fit_item_params(y, **kwargs)

@@ -193,3 +193,16 @@ def test_fitness_subsets_are_stratified_by_item_kind():
         assert taken == {"generation:exact": 7, "generation:number": 1, "choice": 2}, strategy
         for k, n in taken.items():
             assert sub.weights[kinds[sub.indices] == k].sum() == pytest.approx((kinds == k).mean())
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: random_subset(-5, 1), "n_items must be a positive integer"),
+    (lambda: random_subset(100, 2.5), "k must be an integer"),
+    (lambda: random_subset(100, 5, seed=None), "seed must be a non-negative integer"),
+    (lambda: random_subset(100, 5, seed=-1), "seed must be a non-negative integer"),
+    (lambda: entropy_subset(np.zeros((3, 10)), 2, seed=1.5), "seed must be a non-negative integer"),
+])
+def test_bad_subset_arguments_are_named(call, words):
+    """A subset is deterministic for its seed: no seedless (differing every run) or malformed draws."""
+    with pytest.raises(ValueError, match=words):
+        call()
