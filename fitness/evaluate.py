@@ -280,6 +280,18 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     return texts, counts
 
 
+def _check_distinct_choices(tokenizer, items: Sequence[Item]) -> None:
+    """Choices that differ as text but encode to the same tokens (characters the tokenizer maps to
+    <unk>) always tie, and the first would always win: refused, naming the item."""
+    for it in items:
+        seen: dict[tuple[int, ...], int] = {}
+        for j, ids in enumerate(_encode(tokenizer, list(it.choices), special=False)):
+            if tuple(ids) in seen:
+                raise ValueError(f"item {it.id}: choices {seen[tuple(ids)]} and {j} encode to the same tokens "
+                                 f"for this tokenizer, so they cannot be told apart")
+            seen[tuple(ids)] = j
+
+
 def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: EvalSettings = EvalSettings(),
              *, batch_size: int = 64, device=None) -> Responses:
     """Evaluates an in-memory model on every item; no caching (see `evaluate_folder`).
@@ -298,6 +310,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: 
     mc = [i for i, it in enumerate(items) if it.is_choice]
     gen = [i for i, it in enumerate(items) if not it.is_choice]
     if mc:
+        _check_distinct_choices(tokenizer, [items[i] for i in mc])
         scores, lengths = choice_scores(model, tokenizer, [items[i].prompt for i in mc],
                                         [items[i].choices for i in mc], batch_size=batch_size, device=device)
         for i, s, n in zip(mc, scores, lengths):

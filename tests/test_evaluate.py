@@ -200,3 +200,14 @@ def test_choice_scores_shared_prompt_varied_choices(model, tok):
         for p, cs, s, n in zip(PROMPTS, choices, scores, lengths):
             assert list(n) == [len(tok(c, add_special_tokens=False)["input_ids"]) for c in cs]
             np.testing.assert_allclose(s, [logprob_oracle(model, tok, p, c) for c in cs], rtol=1e-4, atol=1e-4)
+
+
+def test_choices_the_tokenizer_cannot_tell_apart_are_refused(model, tok):
+    from fitness.benchmarks import Item
+
+    ok = from_items("t", items())
+    bad = Item("x", "rev:ab=", 1, ("\u0431\u0430", "\u0436\u0436"))  # Cyrillic: <unk> <unk> both
+    assert tok(["\u0431\u0430", "\u0436\u0436"], add_special_tokens=False)["input_ids"][0] == \
+        tok(["\u0436\u0436"], add_special_tokens=False)["input_ids"][0]
+    with pytest.raises(ValueError, match="item x: choices 0 and 1 encode to the same tokens"):
+        evaluate(model, tok, list(ok.items) + [bad], EvalSettings(max_new_tokens=4), device="cpu")
