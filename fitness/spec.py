@@ -1,10 +1,11 @@
 """The fitness part of a job spec: objectives, subsets, evaluation and IRT settings."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from merging.spec import GivenPath
 
 ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "full")
 
@@ -64,7 +65,7 @@ class SubsetSpec(BaseModel):
 class ObjectiveSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    benchmark: Path = Field(..., description="JSONL benchmark file")
+    benchmark: GivenPath = Field(..., description="JSONL benchmark file")
     metric: Literal["accuracy", "mean_output_tokens"] = "accuracy"
     estimator: Literal[ESTIMATOR_NAMES] = "gmp_irt"  # type: ignore[valid-type]
     subset: SubsetSpec = Field(default_factory=SubsetSpec)
@@ -102,7 +103,7 @@ class IrtSpec(BaseModel):
     probes: int = Field(11, ge=0, le=200, description="probe merges evaluated in full to enrich the IRT fit: random merges of the "
                                                           "job's method, a Latin hypercube over its search space")
     seed: int = Field(42, ge=0, le=2**32 - 1)
-    params_file: Path | None = Field(None, description="import fitted item parameters instead of fitting")
+    params_file: GivenPath | None = Field(None, description="import fitted item parameters instead of fitting")
 
 
 class EvaluationSpec(BaseModel):

@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .checkpoint import parse_size
 from .methods import MethodParams, get_method
+
+
+def _not_empty(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")  # Path("") would silently be "." (the working folder)
+    return value
+
+
+# A path given as text: "" is refused instead of becoming ".".
+GivenPath = Annotated[Path, BeforeValidator(_not_empty)]
 
 
 class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: Path | None = Field(None, description="fine-tuned folder or LoRA adapter; optional for method atm")
-    train: Path | None = Field(None, description="method atm: training JSONL (benchmark format) for this model's task")
+    path: GivenPath | None = Field(None, description="fine-tuned folder or LoRA adapter; optional for method atm")
+    train: GivenPath | None = Field(None, description="method atm: training JSONL (benchmark format) for this model's task")
 
 
 class OutputSpec(BaseModel):
@@ -50,7 +60,7 @@ class JobBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: Path | None = Field(None, description="required except for methods that align whole models (c2m3, ...)")
+    base: GivenPath | None = Field(None, description="required except for methods that align whole models (c2m3, ...)")
     models: list[ModelRef] = Field(..., min_length=1)
     method: str
     params: dict[str, Any] = Field(default_factory=dict)

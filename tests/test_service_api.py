@@ -88,6 +88,7 @@ BAD_SPECS = [
     ("not a model folder", spec(base="."), 400, "base", "no model.safetensors"),
     ("mismatched model", spec(models=MODELS("math", "narrow")), 400, "models[1].path", "does not match the base"),
     ("NUL in a path", spec(models=MODELS("math", "ja\x00x")), 400, "models[1].path", "NUL"),
+    ("empty path", spec(models=MODELS("math", "")), 422, "models[1].path", "must not be empty"),
     ("overlong path", spec(models=MODELS("math", "a" * 300)), 400, "models[1].path", "too long"),
     ("weights of the wrong length", spec(method="task_arithmetic", params={"weights": [1, 2, 3]}), 422,
      "params.weights", "3 values for 2 models"),
