@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -364,16 +364,24 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     # -- the page ---------------------------------------------------------------------------
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, summary="The job's page: progress and Pareto front")
     def page(job_id: str, request: Request, token: str | None = None):
-        from .page import job_page
+        from .page import error_page, job_page
 
-        if token is not None:  # move the token into a cookie and off the address bar
-            resp = RedirectResponse(f"/jobs/{quote(job_id, safe='')}", 303)
-            if settings.auth:
-                known_user(token)
-                resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
-            return resp
-        visible_job(job_id, user_of(request))
+        try:
+            if token is not None:  # move the token into a cookie and off the address bar
+                resp = RedirectResponse(f"/jobs/{quote(job_id, safe='')}", 303)
+                if settings.auth:
+                    known_user(token)
+                    resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+                return resp
+            visible_job(job_id, user_of(request))
+        except ApiError as e:  # a person reads this one: a page, not JSON
+            hint = " Open the page as /jobs/ID?token=YOUR_TOKEN." if e.status_code == 401 else ""
+            return HTMLResponse(error_page(e.status_code, f"{e.detail}.{hint}"), e.status_code, headers=e.headers)
         return HTMLResponse(job_page(job_id))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
 
     return app
 

@@ -9,7 +9,9 @@ Every non-2xx answer raises `ApiError` with the server's one-line message.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -17,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import quote
 
 import httpx
 
@@ -36,7 +39,10 @@ class Client:
         self.url = (url or os.environ.get("EVOMERGE_URL") or DEFAULT_URL).rstrip("/")
         token = token or os.environ.get("EVOMERGE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ApiError(f"--url {self.url}: not a usable address ({e})") from None
 
     def close(self) -> None:
         self.http.close()
@@ -65,17 +71,17 @@ class Client:
         return self._request("POST", "/v1/jobs", json=spec).json()
 
     def job(self, job_id: str) -> dict:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()
+        return self._request("GET", f"/v1/jobs/{_id(job_id)}").json()
 
     def jobs(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict:
         params = {"limit": limit, "offset": offset} | ({"status": status} if status else {})
         return self._request("GET", "/v1/jobs", params=params).json()
 
     def cancel(self, job_id: str) -> dict:
-        return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+        return self._request("DELETE", f"/v1/jobs/{_id(job_id)}").json()
 
     def front(self, job_id: str) -> dict:
-        return self._request("GET", f"/v1/jobs/{job_id}/front").json()
+        return self._request("GET", f"/v1/jobs/{_id(job_id)}/front").json()
 
     def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[dict]:
         """The job's events as dicts (with `id`), from the start or after `last_event_id`, until it ends.
@@ -85,7 +91,7 @@ class Client:
         while True:
             headers = {"Last-Event-ID": str(last)} if last is not None else {}
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                with self.http.stream("GET", f"/v1/jobs/{_id(job_id)}/events", headers=headers,
                                       timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as r:
                     if r.status_code >= 400:
                         r.read()
@@ -117,9 +123,9 @@ class Client:
         Waits while the server builds the tar (202 + Retry-After)."""
         dest = Path(dest)
         extract = not dest.name.endswith(".tar") if extract is None else extract
-        if extract and dest.exists():
+        if dest.exists():
             raise ApiError(f"{dest}: already exists")
-        url, deadline = f"/v1/jobs/{job_id}/candidates/{cid}/checkpoint", time.monotonic() + timeout
+        url, deadline = f"/v1/jobs/{_id(job_id)}/candidates/{cid}/checkpoint", time.monotonic() + timeout
         while True:
             try:
                 with self.http.stream("GET", url, timeout=httpx.Timeout(self.http.timeout.connect, read=600)) as r:
@@ -150,14 +156,20 @@ class Client:
         return self._request("GET", "/healthz").json()
 
 
+def _id(job_id: str) -> str:
+    """A job id as one path segment ('../healthz' must not become another route)."""
+    return quote(str(job_id), safe="")
+
+
 def _raise_for(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
     try:
         body = r.json()
         detail, field = body.get("detail", r.reason_phrase), body.get("field")
-    except ValueError:
-        detail, field = r.text.strip()[:200] or r.reason_phrase, None
+    except ValueError:  # not our API (another server at that address): its first line only
+        first = (r.text.strip().splitlines() or [""])[0][:200]
+        detail, field = f"{r.reason_phrase}; is this an evomerge server? ({first})" if first else r.reason_phrase, None
     raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code, field)
 
 
@@ -202,15 +214,33 @@ def load_spec_file(path: str | os.PathLike) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ApiError(f"{path}: a folder, not a spec file")
     if not p.is_file():
         raise ApiError(f"{path}: no such spec file")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise ApiError(f"{path}: not a text file (a spec is YAML or JSON)") from None
     except yaml.YAMLError as e:
         raise ApiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ApiError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
-    return data
+    return _plain(data, path)
+
+
+def _plain(value: Any, path, loc: str = "") -> Any:
+    """YAML's dates become their ISO text (a name such as 2024-05-01 is meant as text); NaN and
+    infinities are refused naming the field (JSON has no such numbers)."""
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(f"{path}: {loc or 'spec'}: must be a finite number (not NaN or infinity)", field=loc or None)
+    if isinstance(value, dict):
+        return {k: _plain(v, path, f"{loc}.{k}" if loc else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, path, f"{loc}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 # -- command line: `evomerge serve | worker | submit | status | cancel | download | benchmark` ----
@@ -330,7 +360,8 @@ def cmd_status(args) -> None:
 
 def cmd_cancel(args) -> None:
     with Client(args.url, args.token) as c:
-        print(c.cancel(args.id)["status"])
+        status = c.cancel(args.id)["status"]
+        print("cancel requested (the job stops at its next check)" if status == "running" else status)
 
 
 def cmd_download(args) -> None:

@@ -131,3 +131,12 @@ def job_page(job_id: str) -> str:
     import html
 
     return _PAGE.replace("__JOB_JSON__", json.dumps(job_id).replace("<", "\\u003c")).replace("__JOB__", html.escape(job_id))
+
+
+def error_page(status: int, message: str) -> str:
+    """A small page for a job page that cannot be shown (unknown job, no or wrong token)."""
+    import html
+
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>evomerge: {status}</title></head>"
+            f"<body style='font-family:sans-serif;margin:2em'><h1>evomerge</h1><p>{html.escape(message)}</p>"
+            f"<p style='color:#666'>HTTP {status}</p></body></html>")

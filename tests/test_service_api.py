@@ -224,10 +224,16 @@ def test_artifacts_are_never_inputs(models, tmp_path):
 def test_auth(server):
     url = server[0]
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"  # open
-    for path in ("/v1/jobs", "/v1/benchmarks", "/metrics", "/jobs/x"):
+    for path in ("/v1/jobs", "/v1/benchmarks", "/metrics"):
         r = httpx.get(url + path)
         assert r.status_code == 401 and r.json()["detail"].startswith("authorization:"), path
         assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(url + "/jobs/x")  # a person reads the page: HTML, telling how to pass the token
+    assert r.status_code == 401 and r.headers["content-type"].startswith("text/html")
+    assert "bearer token is required" in r.text and "?token=" in r.text
+    r = httpx.get(url + "/jobs/x", params={"token": "wrong"}, follow_redirects=False)
+    assert r.status_code == 401 and "unknown token" in r.text
+    assert httpx.get(url + "/favicon.ico").status_code == 204
     r = httpx.post(f"{url}/v1/jobs", json=spec())
     assert r.status_code == 401
     r = client(server, "wrong").get("/v1/jobs")
@@ -237,9 +243,11 @@ def test_auth(server):
     job = alice.post("/v1/jobs", json=spec()).json()
     assert job["owner"] == "alice"
     for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/front", f"/v1/jobs/{job['id']}/events",
-                 f"/jobs/{job['id']}", f"/v1/jobs/{job['id']}/candidates/0/checkpoint"):
+                 f"/v1/jobs/{job['id']}/candidates/0/checkpoint"):
         r = bob.get(path)
         assert r.status_code == 404 and r.json()["detail"] == f"no job {job['id']}", path
+    r = bob.get(f"/jobs/{job['id']}")
+    assert r.status_code == 404 and f"no job {job['id']}" in r.text and "<svg" not in r.text
     assert bob.delete(f"/v1/jobs/{job['id']}").status_code == 404
     assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["jobs"]]
     assert job["id"] in [j["id"] for j in root.get("/v1/jobs").json()["jobs"]]  # admins see all
@@ -312,3 +320,29 @@ def test_a_model_root_inside_the_artifacts_is_a_configuration_error(tmp_path):
     with pytest.raises(ValueError, match="lies in the artifacts folder"):
         Settings(artifacts=tmp_path, model_roots=(tmp_path,))
     assert Settings(artifacts=tmp_path / "art", model_roots=(tmp_path,)).model_roots == (tmp_path,)
+
+
+def test_client_refuses_bad_input_without_tracebacks(server, tmp_path):
+    from service.client import ApiError, Client, load_spec_file
+
+    p = tmp_path / "s.yaml"
+    p.write_text("kind: merge\nname_like: 2024-05-01\nparams: {weights: [.nan]}\n")
+    with pytest.raises(ApiError, match=r"params.weights\[0\]: must be a finite number"):
+        load_spec_file(p)
+    p.write_text("kind: merge\nwhen: 2024-05-01\n")
+    assert load_spec_file(p) == {"kind": "merge", "when": "2024-05-01"}  # YAML dates are text
+    p.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ApiError, match="not a text file"):
+        load_spec_file(p)
+    with pytest.raises(ApiError, match="a folder, not a spec file"):
+        load_spec_file(tmp_path)
+    with pytest.raises(ApiError, match="not a usable address"):
+        Client("http://[::1")
+    with Client(server[0], "a-token") as c:
+        with pytest.raises(ApiError) as e:
+            c.job("../../healthz")  # one path segment, not another route
+        assert e.value.status == 404
+        (tmp_path / "x.tar").write_bytes(b"keep")
+        with pytest.raises(ApiError, match="already exists"):
+            c.download("any", 0, tmp_path / "x.tar")
+        assert (tmp_path / "x.tar").read_bytes() == b"keep"
