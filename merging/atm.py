@@ -130,6 +130,10 @@ class AtmParams(BaseModel):
 
         if v == "atm":
             raise ValueError("atm cannot combine with itself; name a merge method such as task_arithmetic")
+        from .methods.registry import WHOLE_MODEL_METHODS
+
+        if v in WHOLE_MODEL_METHODS:
+            raise ValueError(f"{v} aligns whole models; atm combines per tensor (task_arithmetic, ties, ...)")
         get_method(v)
         return v
 

@@ -6,6 +6,7 @@ parameter model, so an unknown key or an out-of-range value names its field.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +15,26 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .checkpoint import parse_size
 from .methods import MethodParams, get_method
+
+
+def non_finite(data: Any, loc: tuple = ()) -> tuple | None:
+    """Where the first NaN or infinite number sits in nested dicts and lists (None if nowhere)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return loc
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite(v, loc + (k,))
+        if found is not None:
+            return found
+    return None
+
+
+def field_path(loc) -> str:
+    """('models', 1, 'path') -> 'models[1].path'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _not_empty(value: Any) -> Any:
@@ -71,6 +92,14 @@ class JobBase(BaseModel):
     @classmethod
     def _device(cls, v: str) -> str:
         return check_device(v)
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = non_finite(v)
+        if bad is not None:
+            raise ValueError(f"{field_path(('params',) + bad)}: must be a finite number (not NaN or infinity)")
+        return v
 
     @field_validator("method")
     @classmethod

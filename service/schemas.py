@@ -12,7 +12,6 @@ starts with the field, e.g. `models[1].path: resolves outside the allowed model 
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Union
@@ -20,7 +19,7 @@ from typing import Annotated, Any, Callable, Iterable, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from merging.checkpoint import CheckpointError, CheckpointReader
-from merging.spec import MergeSpec
+from merging.spec import MergeSpec, field_path, non_finite
 
 try:  # evolve jobs arrive with the evolve package; until then only merges are accepted
     from evolve.spec import EvolveSpec
@@ -48,12 +47,7 @@ class SpecError(ValueError):
         self.field, self.message, self.status = field, message, status
 
 
-def field_name(loc: Iterable[Any]) -> str:
-    """('models', 1, 'path') -> 'models[1].path'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+field_name = field_path  # ('models', 1, 'path') -> 'models[1].path'
 
 
 def _from_validation_error(e: ValidationError) -> SpecError:
@@ -79,7 +73,7 @@ def parse_spec(data: Any) -> Any:
         return data
     if not isinstance(data, dict):
         raise SpecError("spec", "a job spec is a JSON object (kind, base, models, method, ...)", 422)
-    bad = _non_finite(data)
+    bad = non_finite(data)
     if bad is not None:
         raise SpecError(field_name(bad) or "spec", "must be a finite number (not NaN or infinity)", 422)
     if data.get("kind") == "evolve" and EvolveSpec is None:
@@ -119,18 +113,6 @@ def resolve_path(value: Path, field: str, roots: Iterable[Path], what: str = "mo
                 "is too long" if getattr(e, "errno", None) == 36 else "is not a usable path")
             raise SpecError(field, f"the path {reason}") from None
     raise SpecError(field, f"{value}: no such {what} under the model roots")
-
-
-def _non_finite(data: Any, loc: tuple = ()) -> tuple | None:
-    """Where the first NaN or infinite number sits in a parsed spec (None if nowhere)."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return loc
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
-    for k, v in items:
-        found = _non_finite(v, loc + (k,))
-        if found is not None:
-            return found
-    return None
 
 
 def device_accepted(device: str, devices: Iterable[str]) -> bool:

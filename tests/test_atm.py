@@ -237,3 +237,15 @@ def test_service_checks_training_files_and_the_worker_runs_atm(tiny_zoo, data, t
     assert steps and {"iteration", "task", "loss"} <= set(steps[-1]) and steps[-1]["fraction"] == 1.0
     expected = merge(spec, tmp_path / "local", progress=False)
     assert_same_weights(settings.job_dir(job.id) / "model", expected)
+
+
+def test_whole_model_methods_cannot_be_atm_combiners():
+    """c2m3 and weight_matching align whole models; refused before any training, not after a round."""
+    from pydantic import ValidationError
+
+    from merging.atm import AtmParams
+
+    for name in ("c2m3", "weight_matching"):
+        with pytest.raises(ValidationError, match=f"{name} aligns whole models"):
+            AtmParams.model_validate({"combine": name})
+    assert AtmParams.model_validate({"combine": "ties"}).combine == "ties"

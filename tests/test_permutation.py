@@ -347,6 +347,26 @@ def test_cli_errors_name_the_field(tmp_path, capsys):
     assert "params.bogus" in err({"models": models, "method": "weight_matching", "params": {"bogus": 1}})
     other = digits.save_model(MLP(64, [8], 10), "mlp", tmp_path / "narrow")
     assert "models[1]" in err({"models": [models[0], {"name": "n", "path": str(other)}], "method": "c2m3"})
+    # a config.json of fewer layers than the weights would leave the extra layers unaligned
+    import json
+    import shutil
+
+    lying = tmp_path / "lying"
+    shutil.copytree(folders[0], lying)
+    cfg = json.loads((lying / "config.json").read_text())
+    cfg["evomerge_arch"]["hidden"] = cfg["evomerge_arch"]["hidden"][:-1]
+    (lying / "config.json").write_text(json.dumps(cfg))
+    msg = err({"models": [{"name": "l", "path": str(lying)}, models[1]], "method": "weight_matching"})
+    assert "models[0]" in msg and "do not fit config.json" in msg
+    (tmp_path / "empty.json").write_text(json.dumps({"axes": {}, "sizes": {}}))
+    assert "permutes nothing" in err({"models": models, "method": "c2m3", "params": {"spec": str(tmp_path / "empty.json")}})
+    bad_inputs = tmp_path / "x5.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(32, 5)}, str(bad_inputs))
+    assert "params.data" in err({"models": models, "method": "c2m3", "params": {"repair": True, "data": str(bad_inputs)}})
+    assert "params.weights[0]: must be a finite number" in err(
+        {"models": models, "method": "weight_matching", "params": {"weights": [float("nan"), 1.0]}})
 
 
 def test_merge_aligns_independent_llamas(tmp_path):

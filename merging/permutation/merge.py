@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from .. import __version__
 from ..checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, content_hash
@@ -71,6 +72,22 @@ def build_module(config: Mapping[str, Any]) -> torch.nn.Module | None:
 
         return LlamaForCausalLM(LlamaConfig.from_dict(config))
     return None
+
+
+def check_fits_config(folder: Path, names, where: str) -> None:
+    """The checkpoint holds exactly the tensors its config.json's model has (built on the meta
+    device: no memory): a config of fewer layers would leave the extra ones unaligned."""
+    cfg = _config(folder)
+    with torch.device("meta"):
+        module = build_module(cfg)
+    if module is None:
+        return
+    expected = set(module.state_dict())
+    extra = sorted(set(names) - expected)
+    missing = sorted(expected - set(names) - {"lm_head.weight"})  # tied heads are not stored
+    if extra or missing:
+        what = f"has {extra[0]}, which its config's model does not" if extra else f"lacks {missing[0]}"
+        raise CheckpointError(f"{where} ({folder}): the weights do not fit config.json (the checkpoint {what})")
 
 
 def resolve_spec(folder: Path, names: set[str], spec_file: str | None) -> PermutationSpec:
@@ -152,6 +169,8 @@ def merge_permutation(spec, out_dir: str | os.PathLike, *, overwrite: bool = Fal
     readers = open_models(paths)
     device = resolve_device(spec.device)
     names = readers[0].names()
+    for i, (path, reader) in enumerate(zip(paths, readers)):
+        check_fits_config(path, reader.names(), f"models[{i}]")
     pspec = resolve_spec(paths[0], set(names), params.spec)
     states = [{n: r.get(n, device) for n in names} for r in readers]
     for i, s in enumerate(states):
@@ -193,10 +212,16 @@ def _repaired(pspec, merged, states, perms, params, folder0: Path, device) -> di
             m.tie_weights()
         return m.to(device).eval()
 
-    batches = repair_batches(params.data, params.repair_examples, params.batch_size, folder0, device)
     ends = [module(permute_state(pspec, s, p)) for s, p in zip(states, perms)]
     m = module(merged)
-    repair(m, ends, pspec.repair_layers, batches, params.weights)
+    try:
+        batches = repair_batches(params.data, params.repair_examples, params.batch_size, folder0, device)
+        repair(m, ends, pspec.repair_layers, batches, params.weights)
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:  # unreadable file, inputs the model cannot take
+        if isinstance(e, CheckpointError) or str(e).startswith("params."):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"params.data: {params.data}: not inputs this model can run ({first})") from None
     sd = m.state_dict()
     return {n: sd[n].detach() for n in merged}
 

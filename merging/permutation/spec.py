@@ -67,6 +67,8 @@ class PermutationSpec:
 
     def validate(self, state: Mapping[str, torch.Tensor], where: str = "model") -> None:
         """Raises ValueError naming the parameter if the spec does not fit `state`."""
+        if not self.axes or not self.sizes:
+            raise ValueError("permutation spec: it permutes nothing (no axes or no groups)")
         for g, n in self.sizes.items():
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"permutation spec: group {g} has invalid size {n!r}")
