@@ -27,13 +27,18 @@ def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
 
 
 def knee_point(F: np.ndarray) -> int:
-    """Index (into F) of the front member farthest from the line/plane through the extremes,
-    after scaling each objective to [0, 1] (the "maximum distance to the hyperplane" knee,
-    Das 1999); for one objective, the best point."""
+    """Index (into F) of the front's knee, after scaling each objective to [0, 1]: the member
+    farthest below the line/plane through the extremes (the "maximum distance to the hyperplane"
+    knee, Das 1999). A concave front (merges often trade one task for another worse than
+    linearly) has no member below that plane, and the rule would return an extreme, one task's
+    specialist; there the knee is the member nearest the ideal point (every objective at its best
+    on the front; compromise programming, Zeleny 1973). For one objective, the best point."""
     F = np.asarray(F, dtype=float)
     if F.shape[1] == 1 or len(F) <= 2:
         return int(np.argmin(F.sum(1)))
     lo, hi = F.min(0), F.max(0)
     Z = (F - lo) / np.where(hi > lo, hi - lo, 1.0)
-    # hyperplane sum(z) = 1 through the unit points; distance below it
-    return int(np.argmax((1.0 - Z.sum(1)) / np.sqrt(F.shape[1])))
+    below = 1.0 - Z.sum(1)  # times sqrt(m): distance below the hyperplane sum(z) = 1
+    if below.max() > 1e-12:
+        return int(np.argmax(below))
+    return int(np.argmin(np.linalg.norm(Z, axis=1)))

@@ -93,3 +93,19 @@ def test_token_objectives_default_to_the_subset_mean():
     spec["objectives"][1]["estimator"] = "gmp_irt"
     with pytest.raises(ValidationError, match="mean_output_tokens is estimated by subset_mean or full"):
         EvolveSpec.model_validate(spec)
+
+
+def test_knee_point_on_convex_and_concave_fronts():
+    """Closed-form fronts (minimization, already on [0, 1]): on the convex z2 = (1 - z1)^2 the
+    distance below the line z1 + z2 = 1 is z1 (1 - z1), largest at z1 = 0.5; on the concave
+    z2 = 1 - z1^2 no point lies below that line, and the distance to the ideal (0, 0),
+    z1^2 + (1 - z1^2)^2, is smallest at z1 = 1/sqrt(2): on the grid, 0.7 (not an extreme)."""
+    from evolve.pareto import knee_point, non_dominated
+
+    z = np.linspace(0, 1, 11)
+    convex, concave = np.column_stack([z, (1 - z) ** 2]), np.column_stack([z, 1 - z ** 2])
+    for F in (convex, concave):
+        assert len(non_dominated(F)) == len(F)
+    assert knee_point(convex) == 5 and knee_point(concave) == 7
+    assert knee_point(concave * [2.0, 10.0] + 3.0) == 7  # scaled per objective first
+    assert knee_point(np.array([[3.0], [1.0], [2.0]])) == 1
