@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
 import tarfile
@@ -226,20 +225,22 @@ def load_spec_file(path: str | os.PathLike) -> dict:
         raise ApiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ApiError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
-    return _plain(data, path)
+    from merging.spec import field_path, non_finite
+
+    bad = non_finite(data)  # JSON has no NaN or infinities
+    if bad is not None:
+        raise ApiError(f"{path}: {field_path(bad)}: must be a finite number (not NaN or infinity)", field=field_path(bad))
+    return _dates_as_text(data)
 
 
-def _plain(value: Any, path, loc: str = "") -> Any:
-    """YAML's dates become their ISO text (a name such as 2024-05-01 is meant as text); NaN and
-    infinities are refused naming the field (JSON has no such numbers)."""
+def _dates_as_text(value: Any) -> Any:
+    """YAML reads 2024-05-01 as a date; in a spec it is meant as text (a name, say)."""
     if isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ApiError(f"{path}: {loc or 'spec'}: must be a finite number (not NaN or infinity)", field=loc or None)
     if isinstance(value, dict):
-        return {k: _plain(v, path, f"{loc}.{k}" if loc else str(k)) for k, v in value.items()}
+        return {k: _dates_as_text(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v, path, f"{loc}[{i}]") for i, v in enumerate(value)]
+        return [_dates_as_text(v) for v in value]
     return value
 
 
