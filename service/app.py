@@ -288,6 +288,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     def front(job_id: str, request: Request):
         job = visible_job(job_id, user_of(request))
         cands = [c.to_json() for c in store.candidates(job_id)]
+        if not cands and job.kind == "evolve" and job.status not in TERMINAL:
+            cands = _live_candidates(settings.job_dir(job.id) / "search")
         result = job.result or {}
         names = result.get("objectives") or sorted({k for c in cands for k in c["objectives"]})
         return {"job_id": job.id, "kind": job.kind, "status": job.status, "objectives": names,
@@ -405,6 +407,15 @@ def _document_job_spec(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _live_candidates(run_dir: Path) -> list[dict[str, Any]]:
+    """A running search's candidates so far (its candidates.jsonl, written as they are scored):
+    estimated objectives only; the front and true objectives come when the job ends."""
+    from evolve.search import CANDIDATES_FILE, read_candidates
+
+    return [{"id": c.id, "params": c.params, "objectives": c.objectives, "true_objectives": None, "on_front": False}
+            for c in read_candidates(run_dir / CANDIDATES_FILE)]
 
 
 def _summary(job: Job) -> dict[str, Any]:

@@ -346,3 +346,25 @@ def test_client_refuses_bad_input_without_tracebacks(server, tmp_path):
         with pytest.raises(ApiError, match="already exists"):
             c.download("any", 0, tmp_path / "x.tar")
         assert (tmp_path / "x.tar").read_bytes() == b"keep"
+
+
+def test_front_of_an_unfinished_search_lists_its_candidates_so_far(server):
+    """The page plots a running search: /front serves the candidates scored so far (estimated
+    objectives; a torn last line, a crash mid-write, is skipped), before the job's front exists."""
+    from evolve.problem import Candidate
+
+    c = client(server)
+    job = c.post("/v1/jobs", json=spec(kind="evolve", params={}, method="task_arithmetic",
+                                       objectives=[{"benchmark": "bench.jsonl", "estimator": "subset_mean"}])).json()
+    assert c.get(f"/v1/jobs/{job['id']}/front").json()["candidates"] == []
+    run = server[1].job_dir(job["id"]) / "search"
+    run.mkdir(parents=True)
+    written = [Candidate(i, f"k{i}", 0, [0.1 * i, 0.2], [{"weights": [0.1 * i, 0.2]}], {"bench:accuracy": 0.5 + 0.1 * i})
+               for i in range(2)]
+    (run / "candidates.jsonl").write_text("".join(json.dumps(w.to_json()) + "\n" for w in written) + '{"id": 2, "ke')
+    front = c.get(f"/v1/jobs/{job['id']}/front").json()
+    assert [(x["id"], x["objectives"], x["on_front"]) for x in front["candidates"]] == [
+        (0, {"bench:accuracy": 0.5}, False), (1, {"bench:accuracy": 0.6}, False)]
+    assert front["knee"] is None and front["status"] == "queued"
+    assert c.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert c.get(f"/v1/jobs/{job['id']}/front").json()["candidates"] == []  # ended: only what the job stored
