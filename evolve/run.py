@@ -92,21 +92,22 @@ def recipe_digest(recipe: Mapping[str, Any], inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps({**recipe, "inputs": inputs}).encode()).hexdigest()
 
 
-def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None) -> list[tuple[np.ndarray, str]]:
-    """The job's probe merges: (genome, digest naming their answers in the response cache);
-    `space`: the job's search space when the caller has built it already."""
-    space, n = space or search_space(spec), spec.evaluation.irt.probes
-    inputs = [content_hash(spec.base), *(content_hash(m.path) for m in spec.models)]
-    return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
-            for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
-
-
 INPUTS_FILE = "inputs.json"
 
 
 def input_hashes(spec: EvolveSpec) -> dict[str, Any]:
     """Content hashes of the base and the models (memoized per machine, see content_hash)."""
     return {"base": content_hash(spec.base), "models": [content_hash(m.path) for m in spec.models]}
+
+
+def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None) -> list[tuple[np.ndarray, str]]:
+    """The job's probe merges: (genome, digest naming their answers in the response cache);
+    `space`: the job's search space when the caller has built it already."""
+    space, n = space or search_space(spec), spec.evaluation.irt.probes
+    hashes = input_hashes(spec)
+    inputs = [hashes["base"], *hashes["models"]]
+    return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
+            for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
 
 
 def check_inputs_unchanged(out: Path, spec: EvolveSpec) -> None:

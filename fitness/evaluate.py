@@ -187,7 +187,8 @@ def _item_batches(order: Sequence[int], sizes: Sequence[int], rows: int) -> list
 
 @torch.inference_mode()
 def choice_scores(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
-                  *, batch_size: int = 64, device="cpu") -> tuple[list[np.ndarray], list[np.ndarray]]:
+                  *, batch_size: int = 64, device="cpu", ids: Sequence[str] | None = None
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per item, the summed log-probability of each choice given its prompt, and each choice's token count.
 
     The prompt is shared by the item's choices, so it runs once: a batch of prompts (left padded)
@@ -195,7 +196,8 @@ def choice_scores(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
     then repeated once per choice and the choices' tokens (right padded, after the prompt) are
     scored in a second pass. A batch holds at most `batch_size` choice rows. Same values as
     scoring each prompt + choice sequence on its own, up to float rounding, at about half the
-    tokens when choices are as long as prompts (far fewer when prompts are longer).
+    tokens when choices are as long as prompts (far fewer when prompts are longer). `ids` name the
+    items in errors (an item whose choices encode alike is refused).
     """
     prompt_ids = _encode(tokenizer, prompts, special=True)
     flat = [c for cs in choices for c in cs]
@@ -204,6 +206,12 @@ def choice_scores(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
         raise ValueError("a choice encodes to no tokens")
     starts = np.cumsum([0] + [len(cs) for cs in choices])
     choice_ids = [flat_ids[starts[i]:starts[i + 1]] for i in range(len(choices))]
+    for i, cs in enumerate(choice_ids):  # text-distinct choices the tokenizer maps alike (<unk>) always tie
+        first = {}
+        for j, c in enumerate(cs):
+            if first.setdefault(tuple(c), j) != j:
+                raise ValueError(f"item {ids[i] if ids else i}: choices {first[tuple(c)]} and {j} encode to the same "
+                                 "tokens for this tokenizer, so they cannot be told apart")
     scores = np.zeros(len(flat), dtype=np.float64)
     order = sorted((i for i in range(len(prompts)) if choices[i]), key=lambda i: -len(prompt_ids[i]))
     pad = _pad_id(tokenizer)
@@ -280,18 +288,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     return texts, counts
 
 
-def _check_distinct_choices(tokenizer, items: Sequence[Item]) -> None:
-    """Choices that differ as text but encode to the same tokens (characters the tokenizer maps to
-    <unk>) always tie, and the first would always win: refused, naming the item."""
-    for it in items:
-        seen: dict[tuple[int, ...], int] = {}
-        for j, ids in enumerate(_encode(tokenizer, list(it.choices), special=False)):
-            if tuple(ids) in seen:
-                raise ValueError(f"item {it.id}: choices {seen[tuple(ids)]} and {j} encode to the same tokens "
-                                 f"for this tokenizer, so they cannot be told apart")
-            seen[tuple(ids)] = j
-
-
 def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: EvalSettings = EvalSettings(),
              *, batch_size: int = 64, device=None) -> Responses:
     """Evaluates an in-memory model on every item; no caching (see `evaluate_folder`).
@@ -310,9 +306,9 @@ def evaluate(model, tokenizer, benchmark: Benchmark | Sequence[Item], settings: 
     mc = [i for i, it in enumerate(items) if it.is_choice]
     gen = [i for i, it in enumerate(items) if not it.is_choice]
     if mc:
-        _check_distinct_choices(tokenizer, [items[i] for i in mc])
         scores, lengths = choice_scores(model, tokenizer, [items[i].prompt for i in mc],
-                                        [items[i].choices for i in mc], batch_size=batch_size, device=device)
+                                        [items[i].choices for i in mc], batch_size=batch_size, device=device,
+                                        ids=[items[i].id for i in mc])
         for i, s, n in zip(mc, scores, lengths):
             pick = int(np.argmax(s / n if settings.mc_norm == "mean" else s))
             outputs[i], n_tokens[i], correct[i] = str(pick), n[pick], is_correct(items[i], pick)

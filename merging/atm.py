@@ -284,15 +284,13 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, content_hash, file_sha256
+    from .checkpoint import DTYPES, CheckpointReader, CheckpointWriter, TensorInfo, content_hash, file_sha256
     from .engine import model_card, resolve_device
     from .methods import get_method
     from .task_vectors import open_source
     from .training import LoraSpec, train
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
+    out = Path(out_dir)  # merge() has refused an existing folder unless overwrite
     p: AtmParams = spec.method_params()
     n = len(spec.models)
     check_models(p, spec.models)

@@ -79,15 +79,17 @@ def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, A
     )
 
 
-def check_output_apart(out_dir: str | os.PathLike, spec: MergeSpec) -> None:
-    """Refuses an output folder that is, or holds, one of the spec's inputs: writing it (with
-    overwrite) would replace the models being merged."""
+def check_output(out_dir: str | os.PathLike, spec: MergeSpec, overwrite: bool) -> None:
+    """Refuses, before any work, an existing output folder unless `overwrite`, and an output folder
+    that is, or holds, one of the spec's inputs: writing it would replace the models being merged."""
+    if Path(out_dir).exists() and not overwrite:
+        raise CheckpointError(f"{out_dir}: output folder exists (choose another or allow overwrite: --overwrite)")
     out = Path(out_dir).resolve()
     named = [("base", spec.base)] + [(f"models[{i}].path", m.path) for i, m in enumerate(spec.models)] + [
         (f"models[{i}].train", m.train) for i, m in enumerate(spec.models)] + [
         (f"params.{k}", spec.params.get(k)) for k in ("data", "spec") if isinstance(spec.params.get(k), (str, Path))]
     for field, p in named:
-        if p is not None and (Path(p).resolve() == out or Path(p).resolve().is_relative_to(out)):
+        if p is not None and Path(p).resolve().is_relative_to(out):
             raise CheckpointError(f"{out_dir}: the output would replace {field} ({p}); choose another folder")
 
 
@@ -104,7 +106,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir` resumes.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
-    check_output_apart(out_dir, spec)
+    check_output(out_dir, spec, overwrite)
     if spec.method == "atm":
         from .atm import run_atm
 
@@ -115,8 +117,6 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
 
         return merge_permutation(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=card_extra)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None

@@ -72,7 +72,7 @@ class Settings:
         object.__setattr__(self, "devices", tuple(self.devices))
         art = self.artifacts.resolve()
         for root in self.model_roots:  # paths in the artifacts folder are never inputs (service.schemas)
-            if root.resolve() == art or root.resolve().is_relative_to(art):
+            if root.resolve().is_relative_to(art):
                 raise ValueError(f"model root {root} lies in the artifacts folder {self.artifacts}: "
                                  "no model under it could be used; keep models outside the artifacts")
 

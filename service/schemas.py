@@ -96,23 +96,27 @@ def resolve_path(value: Path, field: str, roots: Iterable[Path], what: str = "mo
         raise SpecError(field, "must not contain '..'")
     tries = [Path(value)] if Path(value).is_absolute() else [r / value for r in roots]
     for p in tries:
-        try:
-            real = p.resolve()
-            inside = any(real == r or real.is_relative_to(r) for r in roots)
-            if inside and any(real == x or real.is_relative_to(x) for x in excluded):
-                raise SpecError(field, f"{value} lies in the service's artifacts folder; "
-                                       "use a model or benchmark of your own under the model roots")
-            if not inside:
-                raise SpecError(field, f"{value} lies outside the allowed model roots")
-            if real.is_file() if what == "file" else real.is_dir():
-                return real
-        except (OSError, ValueError) as e:
-            if isinstance(e, SpecError):
-                raise
-            reason = "contains a NUL character" if "null byte" in str(e) else (
-                "is too long" if getattr(e, "errno", None) == 36 else "is not a usable path")
-            raise SpecError(field, f"the path {reason}") from None
+        real, found = _look_up(p, field, what)
+        if not any(real.is_relative_to(r) for r in roots):
+            raise SpecError(field, f"{value} lies outside the allowed model roots")
+        if any(real.is_relative_to(x) for x in excluded):
+            raise SpecError(field, f"{value} lies in the service's artifacts folder; "
+                                   "use a model or benchmark of your own under the model roots")
+        if found:
+            return real
     raise SpecError(field, f"{value}: no such {what} under the model roots")
+
+
+def _look_up(p: Path, field: str, what: str) -> tuple[Path, bool]:
+    """`p` with symlinks resolved, and whether it is a file (what="file") or a folder; a path the
+    operating system refuses (a NUL byte, a name too long) is a SpecError, not a traceback."""
+    try:
+        real = p.resolve()
+        return real, real.is_file() if what == "file" else real.is_dir()
+    except (OSError, ValueError) as e:
+        reason = "contains a NUL character" if "null byte" in str(e) else (
+            "is too long" if getattr(e, "errno", None) == 36 else "is not a usable path")
+        raise SpecError(field, f"the path {reason}") from None
 
 
 def device_accepted(device: str, devices: Iterable[str]) -> bool:
@@ -198,8 +202,6 @@ def _check_baseless(spec: Any, roots: list[Path], ex: list[Path], uploaded: Call
 def _check_objective(obj: Any, where: str, roots: list[Path], uploaded: Callable[[str], Path | None],
                      ex: list[Path]) -> Any:
     """An objective's benchmark: an uploaded name or a JSONL file under the roots, and valid."""
-    from fitness.benchmarks import BenchmarkError, load_benchmark
-
     path = _benchmark_file(Path(obj.benchmark), f"{where}.benchmark", roots, uploaded, ex)
     update: dict[str, Any] = {"benchmark": path}
     if obj.name is None and re.fullmatch(r"[A-Za-z0-9_.:-]+", obj.label):

@@ -161,9 +161,7 @@ def merge_permutation(spec, out_dir: str | os.PathLike, *, overwrite: bool = Fal
     """Runs a `MergeSpec` whose method is c2m3 or weight_matching (see the module docstring)."""
     from ..engine import resolve_device
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists (choose another or allow overwrite: --overwrite)")
+    out = Path(out_dir)  # merge() has refused an existing folder unless overwrite
     params = spec.method_params()
     paths = [Path(m.path) for m in spec.models]
     readers = open_models(paths)
