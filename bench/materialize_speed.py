@@ -10,7 +10,7 @@ resident float32 base tensors, so the same bytes), also a median of R. Printed: 
 materialize, ms per copy, and their ratio (materialize / copy; 1.0 would be the floor).
 
 Two model families, both with 3 fine-tunes merged:
-- `tiny-zoo`: the tiny zoo's base with rev, cip, srt (334 k parameters);
+- `tiny-zoo`: the tiny zoo's base with rev, cip, srt (0.9 M parameters);
 - `llama-<hidden>x<layers>`: a random transformers Llama (LlamaConfig, default hidden 512,
   8 layers, intermediate 1376, vocab 4096, untied) saved with save_pretrained, and 3 copies
   perturbed with seeded Gaussian noise (as tests/factories.py `perturbed`), written under

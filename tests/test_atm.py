@@ -137,13 +137,14 @@ def test_a_changed_spec_does_not_reuse_old_state(tiny_zoo, data, tmp_path):
 
 
 def test_atm_beats_task_arithmetic_of_the_zoo_finetunes_at_equal_steps(tiny_zoo, tiny_zoo_manifest, tmp_path):
-    """cip + srt, 400 steps each either way: the zoo's fine-tunes merged by task arithmetic
-    (lambda 1 and the mean, lambda 1/2) against ATM with T = 8, alpha 1 (the sum, as lambda 1) and
-    the same fine-tuning recipe (measured: see the test's assertion message on failure)."""
+    """All five tasks, each trained as many steps either way: the zoo's fine-tunes merged by task
+    arithmetic (lambda 1, the sum, and 1/2) against ATM with T = 8 and the paper's alpha = 1/n on the
+    same fine-tuning recipe, as the README's small-zoo table (measured: see the assertion message)."""
     preset = get_preset("tiny")
-    data = write_train_data(tmp_path / "data", preset, 0, TASKS, replay=0.0)  # see zoo/train_data.py
+    tasks = list(preset.tasks)
+    data = write_train_data(tmp_path / "data", preset, 0, tasks, replay=0.0)  # see zoo/train_data.py
     base = str(tiny_zoo / "models" / "base")
-    benches = {t: from_items(t, load_benchmark(tiny_zoo / "benchmarks" / f"{t}.jsonl").items[::4]) for t in TASKS}
+    benches = {t: from_items(t, load_benchmark(tiny_zoo / "benchmarks" / f"{t}.jsonl").items[::4]) for t in tasks}
     settings = eval_settings(preset)
 
     def avg(folder: Path) -> float:
@@ -153,16 +154,16 @@ def test_atm_beats_task_arithmetic_of_the_zoo_finetunes_at_equal_steps(tiny_zoo,
     scores = {}
     for lam in (1.0, 0.5):
         out = merge({"base": base, "method": "task_arithmetic", "params": {"lambda": lam},
-                     "models": [{"name": t, "path": str(tiny_zoo / "models" / t)} for t in TASKS]},
+                     "models": [{"name": t, "path": str(tiny_zoo / "models" / t)} for t in tasks]},
                     tmp_path / f"ta-{lam}", progress=False)
         scores[f"ta {lam}"] = avg(out)
-    params = {"iterations": 8, "alpha": 1.0, "total_steps": [preset.steps_for(t) for t in TASKS], "lr": preset.lr_finetune,
-              "schedule": "cosine", "warmup": 0.05, "clip": 1.0, "batch_size": preset.batch_size}
+    params = {"iterations": 8, "total_steps": [preset.steps_for(t) for t in tasks], "lr": preset.lr_finetune,
+              "schedule": "cosine", "warmup": 0.05, "clip": 1.0, "batch_size": preset.finetune_batch}
     out = merge({"base": base, "method": "atm", "params": params, "device": "cpu",
-                 "models": [{"name": t, "train": str(data[t])} for t in TASKS]}, tmp_path / "atm", progress=False)
-    assert json.loads((out / "atm.json").read_text())["steps_per_task"] == {t: preset.steps_for(t) for t in TASKS}
+                 "models": [{"name": t, "train": str(data[t])} for t in tasks]}, tmp_path / "atm", progress=False)
+    assert json.loads((out / "atm.json").read_text())["steps_per_task"] == {t: preset.steps_for(t) for t in tasks}
     scores["atm"] = avg(out)
-    assert scores["atm"] > max(scores["ta 1.0"], scores["ta 0.5"]) + 0.05, scores
+    assert scores["atm"] > max(scores["ta 1.0"], scores["ta 0.5"]) + 0.1, scores
 
 
 # --- the spec ----------------------------------------------------------------------------

@@ -159,9 +159,9 @@ def finetune(base, tokenizer, preset: Preset, task_name: str, seed: int, lora: b
     if lora:
         spec = LoraSpec(r=preset.lora_r, alpha=2 * preset.lora_r)
         return train(copy.deepcopy(base), tokenizer, pairs, preset.lora_steps,
-                     batch_size=preset.batch_size, lr=preset.lr_lora, seed=seed + 101 + index, lora=spec)
+                     batch_size=preset.finetune_batch, lr=preset.lr_lora, seed=seed + 101 + index, lora=spec)
     return train(copy.deepcopy(base), tokenizer, pairs, preset.steps_for(task_name),
-                 batch_size=preset.batch_size, lr=preset.lr_finetune, seed=seed + 1 + index, anchor=preset.anchor)
+                 batch_size=preset.finetune_batch, lr=preset.lr_finetune, seed=seed + 1 + index, anchor=preset.anchor)
 
 
 def mixed_sampler(task_draw, replay_draw, replay: float, seed: int):

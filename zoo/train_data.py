@@ -5,7 +5,7 @@ preset, holding the pairs the zoo's own fine-tune of that task draws (`build.fin
 the task's `train_sampler`, which never returns a held-out benchmark prompt, mixed with
 a share `preset.replay` of the base corpus on the other tasks' formats, same seeds), as
 generation items `{"id", "prompt", "answer", "match": "exact"}`. By default a task gets
-`steps_for(task) * batch_size` pairs: exactly as many as its zoo fine-tune saw, so ATM
+`steps_for(task) * finetune_batch` pairs: exactly as many as its zoo fine-tune saw, so ATM
 and the zoo's fine-tunes train on the same data at the same budget.
 
 `replay=0` gives the task's pairs alone. ATM wants that: the zoo's replay answers the
@@ -46,7 +46,7 @@ def write_train_data(folder: str | Path, preset: str | Preset = "tiny", seed: in
     for t in tasks or list(p.tasks):
         if t not in p.tasks:
             raise ValueError(f"task {t!r} is not in the {p.name} preset ({', '.join(p.tasks)})")
-        n = pairs if pairs is not None else p.steps_for(t) * p.batch_size
+        n = pairs if pairs is not None else p.steps_for(t) * p.finetune_batch
         items = [Item(f"{t}-t{i:06d}", q, a) for i, (q, a) in enumerate(task_pairs(p, t, seed, n, replay))]
         out[t] = write_benchmark(folder / f"{t}.jsonl", items)
     return out
