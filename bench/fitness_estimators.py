@@ -61,13 +61,13 @@ from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpo
 from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
-from fitness.subsets import anchor_subset, difficulty_strata, entropy_subset, random_subset  # noqa: E402
+from fitness.subsets import anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset  # noqa: E402
 from merging.checkpoint import content_hash  # noqa: E402
 from merging.spec import method_params  # noqa: E402
 
 ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
-STRATEGIES = ["random", "random_kind", "anchor", "entropy", "adaptive", "adaptive_pop"]
-FIXED = ["random", "random_kind", "anchor", "entropy"]
+STRATEGIES = ["random", "balanced", "random_kind", "anchor", "entropy", "adaptive", "adaptive_pop"]
+FIXED = ["random", "balanced", "random_kind", "anchor", "entropy"]
 HELD_OUT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv"]
 
 
@@ -175,13 +175,15 @@ def main() -> None:
             for k in ks:
                 if k >= T.shape[1]:
                     continue
-                draws = range(args.seeds) if strategy.startswith("random") else [0]
+                draws = range(args.seeds) if strategy.startswith("random") or strategy == "balanced" else [0]
                 preds = {est: [] for est in ESTIMATORS}
                 for seed in draws:
                     if strategy in FIXED:
                         kinds = [it.kind for it in benches[t].items]  # strata, as fitness.Fitness draws them
                         if strategy == "random":  # as an evolve job draws it: strata by kind and difficulty
                             sub = random_subset(T.shape[1], k, seed=seed, groups=difficulty_strata(kinds, Y, k))
+                        elif strategy == "balanced":  # the same strata, balanced on endpoints and probes
+                            sub = balanced_subset(Y, k, seed=seed, groups=difficulty_strata(kinds, Y, k))
                         elif strategy == "random_kind":  # strata by item kind only
                             sub = random_subset(T.shape[1], k, seed=seed, groups=kinds)
                         elif strategy == "anchor":

@@ -5,10 +5,11 @@ and the models being merged) and of a few probe merges:
 1. per benchmark, IRT item parameters are fitted on that response matrix (`fitness.irt`), unless
    no objective needs them, or the spec imports a fitted parameter file;
 2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
-3. the subset of items each candidate will answer is extracted (random, IRT anchors, or
-   the highest-entropy items across endpoints and probes, Evo-L2S), stratified by item kind
-   (multiple choice, generation per match rule: each kind gets its proportional share of the
-   k items, weighted by its share of the benchmark; random subsets also by difficulty among
+3. the subset of items each candidate will answer is extracted (random, balanced: the random
+   draw on which endpoints and probes score as in full, IRT anchors, or the highest-entropy
+   items across endpoints and probes, Evo-L2S), stratified by item kind (multiple choice,
+   generation per match rule: each kind gets its proportional share of the k items, weighted
+   by its share of the benchmark; random and balanced subsets also by difficulty among
    endpoints and probes, `fitness.subsets.difficulty_strata`), or, with
    `subset: {strategy: adaptive}`, the prior on ability for computerized adaptive testing
    (`fitness.adaptive`) is taken from the endpoints' abilities.
@@ -43,7 +44,7 @@ from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .irt import ItemParams, estimate_theta, fit_item_params
 from .spec import EvaluationSpec, ObjectiveSpec
-from .subsets import Subset, anchor_subset, difficulty_strata, entropy_subset, random_subset
+from .subsets import Subset, anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,8 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     if sub.strategy == "random":
         subset = random_subset(len(bench), k, seed=sub.seed, groups=difficulty_strata(kinds, Y, k))
+    elif sub.strategy == "balanced":
+        subset = balanced_subset(Y, k, seed=sub.seed, groups=difficulty_strata(kinds, Y, k))
     elif sub.strategy == "anchor":
         subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed, groups=kinds)
     elif sub.strategy == "entropy":

@@ -1,9 +1,11 @@
 """Choose the few benchmark items a candidate merge is run on, and how much each one counts.
 
-Three strategies, each deterministic for a seed and returning a ``Subset`` (item indices, their
+Four strategies, each deterministic for a seed and returning a ``Subset`` (item indices, their
 weights summing to 1, the strategy name):
 
 * ``random_subset``: uniform sample, weights 1/n (MERGE^3's random subsets).
+* ``balanced_subset``: the random draw, among a few hundred, on which the known models (endpoints
+  and probes) score closest to their full accuracies (rejective balanced sampling).
 * ``anchor_subset``: tinyBenchmarks' anchor points (Polo et al. 2024, ``tutorials/
   anchor_points.ipynb``): KMeans on item embeddings, either the IRT parameters (a_j, b_j) or the
   items' response pattern over known models; one representative item per cluster, weighted by the
@@ -42,6 +44,7 @@ import numpy as np
 from fitness.irt import ItemParams
 
 Array = np.ndarray
+DEFAULT_DRAWS = 300  # balanced_subset: random draws to choose from
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,38 @@ def random_subset(n_items: int, k: int, seed: int = 0, groups=None) -> Subset:
     return Subset(idx, w, "random")
 
 
+def balanced_subset(known_responses, k: int, seed: int = 0, groups=None, draws: int = DEFAULT_DRAWS) -> Subset:
+    """Rejective balanced sampling: of ``draws`` seeded ``random_subset`` draws (same strata), the
+    one whose weighted mean best reproduces the known models' accuracies.
+
+        S* = argmin_{S_1..S_M} sum_m (sum_{i in S} w_i y_mi - (1/N) sum_j y_mj)^2
+
+    over the known models m (``known_responses`` [models, items]: endpoints and probes, no NaN).
+    The known models' answers act as auxiliary variables that a subset should balance (Deville &
+    Tille 2004, "Efficient balanced sampling: the cube method", Biometrika 91; Fuller 2009,
+    "Some design properties of a rejective sampling procedure", Biometrika 96: redraw until
+    balanced). Candidates of a search are merges like the probes, so a subset on which the probes
+    score what they score in full is one on which the candidates do too. The weights stay the
+    strata's, so the estimators treat it as a random subset. Draw seeds come from ``seed``; ties go
+    to the earlier draw. On the small zoo, 20 items, 20 seeds: subset mean 3.33 -> 2.92 points,
+    gmp-IRT 3.03 -> 2.89, MAP 2.65 -> 2.55 (300 draws; 100 and 1000 within 0.04).
+    """
+    y = np.atleast_2d(np.asarray(known_responses, dtype=np.float64))
+    if y.size == 0 or not np.isfinite(y).all():
+        raise ValueError("balanced subsets need the known models' answers on every item (no NaN)")
+    if not isinstance(draws, (int, np.integer)) or isinstance(draws, bool) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    seeds = np.random.default_rng(_seed(seed)).integers(0, 2**63 - 1, size=int(draws))
+    target = y.mean(axis=1)
+    best, best_err = None, np.inf
+    for s in seeds:
+        sub = random_subset(y.shape[1], k, seed=int(s), groups=groups)
+        err = float(((y[:, sub.indices] @ sub.weights - target) ** 2).sum())
+        if err < best_err:
+            best, best_err = sub, err
+    return Subset(best.indices, best.weights, "balanced")
+
+
 def binary_entropy(p: Array) -> Array:
     """H(p) in nats; 0 at p = 0 and p = 1."""
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
@@ -250,13 +285,14 @@ def anchor_subset(k: int, item_params: ItemParams | None = None, responses=None,
 
 
 # ---- registry --------------------------------------------------------------------------------
-STRATEGIES = ("random", "anchor", "entropy")
+STRATEGIES = ("random", "balanced", "anchor", "entropy")
 
 
 def select(strategy: str, k: int, *, n_items: int | None = None, item_params: ItemParams | None = None,
            responses=None, probe_responses=None, groups=None, seed: int = 0, features: str = "irt") -> Subset:
-    """One entry point by name. ``random`` needs n_items; ``anchor`` item_params (or responses
-    with features='correctness'); ``entropy`` probe_responses (defaults to ``responses``)."""
+    """One entry point by name. ``random`` needs n_items; ``balanced`` responses (the known
+    models'); ``anchor`` item_params (or responses with features='correctness'); ``entropy``
+    probe_responses (defaults to ``responses``)."""
     if strategy == "random":
         if n_items is None and item_params is not None:
             n_items = item_params.n_items
@@ -266,6 +302,10 @@ def select(strategy: str, k: int, *, n_items: int | None = None, item_params: It
                 raise ValueError("random subsets need n_items")
             n_items = np.shape(known)[1]
         return random_subset(n_items, k, seed=seed, groups=groups)
+    if strategy == "balanced":
+        if responses is None:
+            raise ValueError("balanced subsets need responses [known models, items]")
+        return balanced_subset(responses, k, seed=seed, groups=groups)
     if strategy == "anchor":
         return anchor_subset(k, item_params, responses, seed=seed, groups=groups, features=features)
     if strategy == "entropy":
