@@ -25,10 +25,11 @@ class SubsetSpec(BaseModel):
 
     size: int = Field(20, ge=1, le=100_000, description="items per benchmark evaluated per candidate (adaptive: the budget)")
     strategy: Literal["random", "balanced", "anchor", "entropy", "adaptive"] = Field(
-        "balanced", description="balanced (the default: the random draw, of 300, on which the endpoints and probes "
-                                "score closest to their full accuracies; lower error than random at every size in "
-                                "bench/fitness_estimators.py), random, anchor, entropy, or adaptive (CAT: items "
-                                "chosen per candidate)")
+        "random", description="random (the default: the fixed subset with the best true hypervolume in "
+                              "bench/evolve_ablation.py), balanced (the random draw, of 300, on which the endpoints "
+                              "and probes score closest to their full accuracies: lower estimation error in "
+                              "bench/fitness_estimators.py), anchor, entropy, or adaptive (CAT: items chosen per "
+                              "candidate)")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     round: int | None = Field(None, ge=1, le=100_000, description="adaptive: items per round per benchmark (default 5)")
     prior: Literal["endpoints", "population"] | None = Field(

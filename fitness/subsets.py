@@ -178,8 +178,9 @@ def balanced_subset(known_responses, k: int, seed: int = 0, groups=None, draws: 
     balanced). Candidates of a search are merges like the probes, so a subset on which the probes
     score what they score in full is one on which the candidates do too. The weights stay the
     strata's, so the estimators treat it as a random subset. Draw seeds come from ``seed``; ties go
-    to the earlier draw. On the small zoo, 20 items, 20 seeds: subset mean 3.33 -> 2.92 points,
-    gmp-IRT 3.03 -> 2.89, MAP 2.65 -> 2.55 (300 draws; 100 and 1000 within 0.04).
+    to the earlier draw. On the small zoo, 20 items, 20 seeds (``bench/fitness_estimators.py``):
+    subset mean 3.33 -> 2.90 points, gmp-IRT 3.03 -> 2.86, MAP 2.65 -> 2.49 (300 draws; offline,
+    100 and 1000 draws within 0.04).
     """
     y = np.atleast_2d(np.asarray(known_responses, dtype=np.float64))
     if y.size == 0 or not np.isfinite(y).all():
