@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.spec import EvaluationSpec, ObjectiveSpec
+from fitness.spec import EvaluationSpec, ObjectiveSpec, share_subsets
 from merging.spec import JobBase
 
 from .search import ALGORITHMS_MULTI, ALGORITHMS_SINGLE
@@ -33,11 +33,23 @@ class EvolveSpec(JobBase):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     final_check: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_subsets(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("objectives"), list):
+            return {**data, "objectives": share_subsets(data["objectives"])}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "EvolveSpec":
         labels = [o.label for o in self.objectives]
         if len(set(labels)) != len(labels):
             raise ValueError("objectives: two objectives measure the same thing (give them distinct names)")
+        for i, o in enumerate(self.objectives):
+            first = next(p for p in self.objectives if p.benchmark == o.benchmark)
+            if o.subset != first.subset:
+                raise ValueError(f"objectives[{i}].subset: objectives on {o.benchmark.name} answer the same items, "
+                                 f"so they need the same subset spec")
         n_obj = len(self.objectives)
         if n_obj > 1 and self.search.algorithm in ALGORITHMS_SINGLE:
             raise ValueError(f"search.algorithm: {self.search.algorithm} optimizes one objective, the spec has {n_obj}")

@@ -3,7 +3,8 @@
 1. builds (or reuses) the tiny zoo: a char-level Llama base, task fine-tunes, benchmarks;
 2. starts the service (`evomerge serve`: API plus one CPU worker) on a free loopback port;
 3. submits an evolve job over REST: TIES over two fine-tunes, two objectives (each task's
-   accuracy, estimated by gmp-IRT on 20 entropy-selected items), NSGA-II;
+   accuracy, estimated by p-IRT on 20 items chosen per candidate by adaptive testing, the
+   default), NSGA-II;
 4. follows its progress (server-sent events), prints the Pareto front with estimated and
    true (fully re-evaluated) accuracies, downloads the knee point's checkpoint and loads it
    with transformers;
@@ -33,8 +34,7 @@ def demo_spec(zoo: Path, manifest: dict, tasks: list[str], population: int, gene
         "method": "ties",
         "search": {"space": {"weights": [0.0, 1.5], "density": [0.1, 1.0]}, "algorithm": "nsga2",
                    "population": population, "generations": generations, "seed": 0},
-        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "p_irt",
-                        "subset": {"size": 20, "strategy": "adaptive"}} for t in tasks],
+        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"])} for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"]},
         "device": "cpu",
     }

@@ -1,4 +1,6 @@
 """Search spaces: genomes <-> merge parameters, for every method and granularity."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -79,20 +81,48 @@ def test_evolve_spec_rejects_a_space_the_method_cannot_take():
     assert EvolveSpec.model_validate(spec).search.space["density"] == (0.2, 1.0)
 
 
-def test_token_objectives_default_to_the_subset_mean():
-    """IRT predicts correctness, not lengths: a mean_output_tokens objective given no estimator is
-    a subset mean; accuracy keeps MERGE^3's gmp_irt, and an IRT estimator on tokens is refused."""
+def test_fitness_defaults_follow_metric_and_subset():
+    """Left out, accuracy is p-IRT on adaptive items, a fixed subset takes gmp-IRT, an adaptive one
+    p-IRT, and lengths (which IRT does not model) the subset mean on a fixed random subset, shared
+    with the accuracy objective on the same benchmark; an IRT estimator on tokens and two subset
+    specs on one benchmark are refused, naming the field."""
     from pydantic import ValidationError
 
     from evolve.spec import EvolveSpec
 
-    spec = {"kind": "evolve", "base": "b", "models": [{"name": "a", "path": "a"}], "method": "task_arithmetic",
-            "objectives": [{"benchmark": "x.jsonl"}, {"benchmark": "x.jsonl", "metric": "mean_output_tokens"}]}
-    got = EvolveSpec.model_validate(spec)
-    assert [o.estimator for o in got.objectives] == ["gmp_irt", "subset_mean"]
-    spec["objectives"][1]["estimator"] = "gmp_irt"
+    def resolved(*objectives):
+        spec = {"kind": "evolve", "base": "b", "models": [{"name": "a", "path": "a"}], "method": "task_arithmetic",
+                "objectives": list(objectives)}
+        return [(o.estimator, o.subset.strategy, o.subset.size) for o in EvolveSpec.model_validate(spec).objectives]
+
+    assert resolved({"benchmark": "x.jsonl"}) == [("p_irt", "adaptive", 20)]
+    assert resolved({"benchmark": "x.jsonl", "subset": {"size": 10}}) == [("p_irt", "adaptive", 10)]
+    assert resolved({"benchmark": "x.jsonl", "subset": {"strategy": "anchor"}}) == [("gmp_irt", "anchor", 20)]
+    assert resolved({"benchmark": "x.jsonl", "estimator": "mp_irt"}) == [("mp_irt", "random", 20)]
+    tokens = {"benchmark": "x.jsonl", "metric": "mean_output_tokens"}
+    assert resolved({"benchmark": "x.jsonl"}, tokens) == [("gmp_irt", "random", 20), ("subset_mean", "random", 20)]
+    assert resolved({"benchmark": "y.jsonl"}, tokens) == [("p_irt", "adaptive", 20), ("subset_mean", "random", 20)]
+    cat = {"benchmark": "x.jsonl", "subset": {"strategy": "adaptive", "size": 10}}
+    assert resolved(cat, tokens) == [("p_irt", "adaptive", 10), ("subset_mean", "adaptive", 10)]
+    with pytest.raises(ValidationError, match=r"objectives\[1\].subset"):
+        resolved(cat, {**tokens, "subset": {"size": 10}})
     with pytest.raises(ValidationError, match="mean_output_tokens is estimated by subset_mean or full"):
-        EvolveSpec.model_validate(spec)
+        resolved({**tokens, "estimator": "gmp_irt"})
+
+
+def test_readme_evolve_example_is_a_valid_spec():
+    """The README's evolve spec validates, and its objectives resolve as its comments say."""
+    import re
+
+    import yaml
+
+    from evolve.spec import EvolveSpec
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(kind: evolve\n.*?)```", readme, re.S).group(1)
+    spec = EvolveSpec.model_validate(yaml.safe_load(block))
+    assert [(o.estimator, o.subset.strategy, o.subset.size) for o in spec.objectives] == [
+        ("p_irt", "adaptive", 20), ("gmp_irt", "random", 20)]
 
 
 def test_knee_point_on_convex_and_concave_fronts():
