@@ -93,8 +93,9 @@ def default_fitness(metric: str, estimator: str | None, strategy: str | None) ->
 
     Accuracy objectives default to adaptive items scored by p-IRT: the lowest estimation error
     (bench/fitness_estimators.py) and the best true hypervolume of the search
-    (bench/evolve_ablation.py: on average 1.01 of full evaluation's over six search seeds, against
-    0.95 for gmp-IRT on random subsets). An adaptive subset given no estimator takes p-IRT (subset-mean
+    (bench/evolve_ablation.py: on average 0.99 of full evaluation's over eight search seeds on two
+    builds of the small zoo, against 0.95 for gmp-IRT on random subsets), at 1.1-1.2x a fixed
+    subset's time (four rounds of CAT). An adaptive subset given no estimator takes p-IRT (subset-mean
     blends are biased on items chosen near the candidate's ability); a fixed subset given no
     estimator takes MERGE^3's gmp-IRT. IRT models correctness, not lengths, so a
     mean_output_tokens objective takes the subset mean on a fixed random subset."""
