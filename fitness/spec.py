@@ -65,9 +65,6 @@ class SubsetSpec(BaseModel):
                 "min_sd": self.min_sd or DEFAULT_MIN_SD}
 
 
-CAT_ESTIMATORS = ("p_irt", "map_irt")
-
-
 def share_subsets(objectives: list) -> list:
     """Objectives on one benchmark answer the same items, so they share one subset spec: one that
     leaves it out takes its siblings' (when they give exactly one), and a benchmark with a
@@ -95,14 +92,15 @@ def default_fitness(metric: str, estimator: str | None, strategy: str | None) ->
     (bench/fitness_estimators.py) and the best true hypervolume of the search
     (bench/evolve_ablation.py: on average 0.99 of full evaluation's over eight search seeds on two
     builds of the small zoo, against 0.95 for gmp-IRT on random subsets), at 1.1-1.2x a fixed
-    subset's time (four rounds of CAT). An adaptive subset given no estimator takes p-IRT (subset-mean
-    blends are biased on items chosen near the candidate's ability); a fixed subset given no
-    estimator takes MERGE^3's gmp-IRT. IRT models correctness, not lengths, so a
-    mean_output_tokens objective takes the subset mean on a fixed random subset."""
+    subset's time (four rounds of CAT). An objective that names its estimator but no strategy gets
+    a fixed random subset, as before adaptive items were the default. An adaptive subset given no
+    estimator takes p-IRT (subset-mean blends are biased on items chosen near the candidate's
+    ability); a fixed subset given no estimator takes MERGE^3's gmp-IRT. IRT models correctness,
+    not lengths, so a mean_output_tokens objective takes the subset mean on a fixed random subset."""
     if metric == "mean_output_tokens":
         return estimator or "subset_mean", strategy or "random"
     if strategy is None:
-        strategy = "adaptive" if estimator in (None, *CAT_ESTIMATORS) else "random"
+        strategy = "adaptive" if estimator is None else "random"
     return estimator or ("p_irt" if strategy == "adaptive" else "gmp_irt"), strategy
 
 

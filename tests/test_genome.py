@@ -82,9 +82,9 @@ def test_evolve_spec_rejects_a_space_the_method_cannot_take():
 
 
 def test_fitness_defaults_follow_metric_and_subset():
-    """Left out, accuracy is p-IRT on adaptive items, a fixed subset takes gmp-IRT, an adaptive one
-    p-IRT, and lengths (which IRT does not model) the subset mean on a fixed random subset, shared
-    with the accuracy objective on the same benchmark; an IRT estimator on tokens and two subset
+    """Left out, accuracy is p-IRT on adaptive items, a named estimator gets a fixed random subset,
+    a fixed subset takes gmp-IRT, an adaptive one p-IRT, and lengths (which IRT does not model) the
+    subset mean on a fixed random subset, shared with the accuracy objective on the same benchmark; an IRT estimator on tokens and two subset
     specs on one benchmark are refused, naming the field."""
     from pydantic import ValidationError
 
@@ -98,7 +98,7 @@ def test_fitness_defaults_follow_metric_and_subset():
     assert resolved({"benchmark": "x.jsonl"}) == [("p_irt", "adaptive", 20)]
     assert resolved({"benchmark": "x.jsonl", "subset": {"size": 10}}) == [("p_irt", "adaptive", 10)]
     assert resolved({"benchmark": "x.jsonl", "subset": {"strategy": "anchor"}}) == [("gmp_irt", "anchor", 20)]
-    assert resolved({"benchmark": "x.jsonl", "estimator": "mp_irt"}) == [("mp_irt", "random", 20)]
+    assert resolved({"benchmark": "x.jsonl", "estimator": "map_irt"}) == [("map_irt", "random", 20)]
     tokens = {"benchmark": "x.jsonl", "metric": "mean_output_tokens"}
     assert resolved({"benchmark": "x.jsonl"}, tokens) == [("gmp_irt", "random", 20), ("subset_mean", "random", 20)]
     assert resolved({"benchmark": "y.jsonl"}, tokens) == [("p_irt", "adaptive", 20), ("subset_mean", "random", 20)]
