@@ -23,8 +23,8 @@ def spec_for(zoo, manifest, **search):
         "models": [{"name": t, "path": str(zoo / manifest["models"][t]["path"])} for t in tasks],
         "method": "ties",
         "search": {"population": 6, "generations": 3, "seed": 1, **search},
-        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "gmp_irt",
-                        "subset": {"size": 20, "strategy": "entropy"}} for t in tasks],
+        # fitness left to the defaults (p_irt on 20 adaptive items), as a user's spec would
+        "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"])} for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"], "irt": {"probes": 5, "epochs": 200}},
         "device": "cpu",
     }
@@ -116,7 +116,10 @@ def test_probe_answers_are_cached_and_equal_fresh_ones(tiny_zoo, tiny_zoo_manife
     from evolve.run import setup
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    spec = EvolveSpec.model_validate(spec_for(tiny_zoo, tiny_zoo_manifest))
+    raw = spec_for(tiny_zoo, tiny_zoo_manifest)
+    for o in raw["objectives"]:  # entropy subsets come from the probes' answers
+        o.update(estimator="gmp_irt", subset={"size": 20, "strategy": "entropy"})
+    spec = EvolveSpec.model_validate(raw)
     calls = []
     real = fe.evaluate
     monkeypatch.setattr(fe, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -128,7 +131,8 @@ def test_probe_answers_are_cached_and_equal_fresh_ones(tiny_zoo, tiny_zoo_manife
     assert second.cost["probe_items"] == first.cost["probe_items"] > 0
     for key, fit in first.fitness.fits.items():
         again = second.fitness.fits[key]
-        assert np.array_equal(fit.subset.indices, again.subset.indices)  # entropy subsets come from the probes' answers
+        assert len(fit.subset.indices) == 20 and np.array_equal(fit.subset.indices, again.subset.indices)
+        assert np.allclose(fit.item_params.a, again.item_params.a) and np.allclose(fit.item_params.b, again.item_params.b)
         assert np.allclose(fit.endpoint_thetas, again.endpoint_thetas)
 
 
