@@ -90,8 +90,8 @@ def default_fitness(metric: str, estimator: str | None, strategy: str | None) ->
 
     Accuracy objectives default to adaptive items scored by p-IRT: the lowest estimation error
     (bench/fitness_estimators.py) and the best true hypervolume of the search
-    (bench/evolve_ablation.py: on average 0.99 of full evaluation's over eight search seeds on two
-    builds of the small zoo, against 0.95 for gmp-IRT on random subsets), at 1.1-1.2x a fixed
+    (bench/evolve_ablation.py: on average 1.02 of full evaluation's over ten search seeds on two
+    builds of the small zoo, against 0.97 for gmp-IRT on random subsets), at 1.1-1.2x a fixed
     subset's time (four rounds of CAT). An objective that names its estimator but no strategy gets
     a fixed random subset, as before adaptive items were the default. An adaptive subset given no
     estimator takes p-IRT (subset-mean blends are biased on items chosen near the candidate's
