@@ -34,6 +34,7 @@ from fitness.fitness import Fitness, benchmark_paths, eval_settings
 from merging.adapters import is_adapter
 from merging.checkpoint import atomic_write, cache_dir, content_hash
 from merging.engine import merge, open_inputs
+from merging.locks import exclusive
 from merging.spec import MergeSpec
 
 from .genome import SearchSpace
@@ -205,7 +206,12 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
     """Runs the job in `out_dir` (see the module docstring); `resume` continues the run there,
     `overwrite` replaces one; with neither, a folder holding a run is refused."""
     spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
-    out = Path(out_dir)
+    with exclusive(out_dir, "an evolve run"):  # one process per run folder
+        return _run(spec, Path(out_dir), callback, should_stop, resume, overwrite)
+
+
+def _run(spec: EvolveSpec, out: Path, callback: Callback | None, should_stop: Callable[[], bool] | None,
+         resume: bool, overwrite: bool) -> EvolveResult:
     claim_run_folder(out, spec, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))

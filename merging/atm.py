@@ -280,8 +280,16 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
 
     `callback(event)` receives progress events (`{"type": "progress", "iteration", "task",
     "step", "steps", "loss", ...}` and `{"type": "iteration", "iteration", "loss": {task: mean}}`);
-    when `should_stop()` turns true the run raises `Interrupted` and a later call resumes.
+    when `should_stop()` turns true the run raises `Interrupted` and a later call resumes. One
+    process at a time per `out_dir` (`merging.locks`): a second is refused, its state untouched.
     """
+    from .locks import exclusive
+
+    with exclusive(out_dir, "an ATM merge"):
+        return _run_atm(spec, Path(out_dir), overwrite, progress, callback, should_stop, card_extra)
+
+
+def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_stop, card_extra) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import DTYPES, CheckpointReader, CheckpointWriter, TensorInfo, content_hash, file_sha256
@@ -290,7 +298,7 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
     from .task_vectors import open_source
     from .training import LoraSpec, train
 
-    out = Path(out_dir)  # merge() has refused an existing folder unless overwrite
+    # merge() has refused an existing folder unless overwrite
     p: AtmParams = spec.method_params()
     n = len(spec.models)
     check_models(p, spec.models)
