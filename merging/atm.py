@@ -69,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STATE_VERSION = 1
 SUMMING_METHODS = ("task_arithmetic", "dare_linear", "tsv")  # default alpha 1/n for these (see alpha_for)
 STATE_FILE = "state.json"
+MAX_STEPS = 10_000_000  # per task: a bound on a typo, far above any budget ATM is run with
 
 
 class Interrupted(Exception):
@@ -94,7 +95,7 @@ class AtmParams(BaseModel):
     steps_per_iteration: int | list[int] | None = Field(
         None, description="optimizer steps per task per iteration (one value or one per model)")
     epochs_per_iteration: float | None = Field(
-        None, gt=0, description="passes over each task's data per iteration (default 1 if no budget is given)")
+        None, gt=0, le=10_000, description="passes over each task's data per iteration (default 1 if no budget is given)")
     total_steps: int | list[int] | None = Field(
         None, description="steps per task over all iterations, split evenly (the paper's equal-budget rule)")
     lr: float = Field(1e-5, gt=0)
@@ -102,8 +103,8 @@ class AtmParams(BaseModel):
     warmup: float = Field(0.0, ge=0.0, lt=1.0, description="share of each iteration's steps spent warming up")
     weight_decay: float = Field(0.0, ge=0.0)
     clip: float = Field(10.0, ge=0.0, description="gradient norm clip (0: none)")
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int = Field(32, ge=1, le=65_536)
+    grad_accum: int = Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
     alpha: float | None = Field(None, description="scale of the merged update; default 1/n (the mean)")
     combine: str = Field("task_arithmetic", description="registered merge method combining each round's task vectors")
     combine_params: dict[str, Any] = Field(default_factory=dict)
@@ -119,8 +120,8 @@ class AtmParams(BaseModel):
     @classmethod
     def _positive(cls, v):
         for x in v if isinstance(v, list) else ([] if v is None else [v]):
-            if x < 1:
-                raise ValueError(f"must be at least 1, got {x}")
+            if not 1 <= x <= MAX_STEPS:
+                raise ValueError(f"must be between 1 and {MAX_STEPS:,}, got {x}")
         return v
 
     @field_validator("combine")
