@@ -24,7 +24,7 @@ _PAGE = r"""<!doctype html>
 </style></head><body>
 <h1>Job <code id="jid">__JOB__</code> · <span id="kind"></span> · <span id="status" class="st">loading…</span></h1>
 <p id="error" class="failed"></p>
-<div class="bar"><div id="bar"></div></div><p id="prog"></p>
+<div class="bar"><div id="bar"></div></div><p id="stage"></p><p id="prog"></p>
 <div class="row"><div>
  <p id="pair" hidden>x <select id="xs"></select> y <select id="ys"></select></p>
  <svg id="plot" width="460" height="360" role="img" aria-label="Pareto front"></svg>
@@ -32,7 +32,8 @@ _PAGE = r"""<!doctype html>
 </div><div><h2>Candidate</h2><div id="detail"><p>Click a point.</p></div></div></div>
 <script>
 const JOB = __JOB_JSON__, API = "/v1/jobs/" + JOB, SVG = "http://www.w3.org/2000/svg";
-let front = null, selected = null;
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+let front = null, selected = null, status = null, lastProgress = null;
 const $ = id => document.getElementById(id);
 function el(tag, attrs, text) {
   const e = tag === "svg" || ["circle","line","text","g","path"].includes(tag) ? document.createElementNS(SVG, tag) : document.createElement(tag);
@@ -41,14 +42,20 @@ function el(tag, attrs, text) {
   return e;
 }
 function fmt(v) { return typeof v === "number" ? (Math.abs(v) >= 1000 || v === Math.round(v) ? String(v) : v.toPrecision(4)) : String(v); }
+function showStatus(st, error) {
+  status = st;
+  const s = $("status"); s.textContent = st; s.className = "st " + st;
+  if (error !== undefined) $("error").textContent = error || "";
+  if (TERMINAL.includes(st)) { $("stage").textContent = ""; if (lastProgress) showProgress(lastProgress); }
+  if (st === "succeeded") $("bar").style.width = "100%";
+}
 function showJob(j) {
   $("kind").textContent = j.kind;
-  const s = $("status"); s.textContent = j.status; s.className = "st " + j.status;
-  $("error").textContent = j.error || "";
+  showStatus(j.status, j.error);
   if (j.progress) showProgress(j.progress);
-  if (j.status === "succeeded") $("bar").style.width = "100%";
 }
 function showProgress(p) {
+  lastProgress = p;
   let f = p.fraction;
   if (f === undefined && p.generations) f = p.generation / p.generations;
   if (f !== undefined && f !== null) $("bar").style.width = (100 * f).toFixed(1) + "%";
@@ -57,7 +64,7 @@ function showProgress(p) {
   if (p.total) parts.push(`tensor ${p.tensors}/${p.total}`);
   if (p.evaluations !== undefined) parts.push(`${p.evaluations} evaluations`);
   if (p.hypervolume !== undefined && p.hypervolume !== null) parts.push(`hypervolume ${fmt(p.hypervolume)}`);
-  if (p.eta_seconds) parts.push(`about ${Math.round(p.eta_seconds)} s left`);
+  if (p.eta_seconds && !TERMINAL.includes(status)) parts.push(`about ${Math.round(p.eta_seconds)} s left`);
   if (p.best) parts.push("best " + Object.entries(p.best).map(([k, v]) => `${k} ${fmt(v)}`).join(", "));
   $("prog").textContent = parts.join(" · ");
 }
@@ -78,6 +85,7 @@ async function refresh() {
 function draw() {
   const svg = $("plot"); svg.replaceChildren();
   if (!front || !front.candidates.length) { svg.append(el("text", {x: 20, y: 30}, "no candidates yet")); return; }
+  if (!(front.objectives || []).length) { svg.append(el("text", {x: 20, y: 30}, "one merged checkpoint: no objectives to plot")); return; }
   const W = 460, H = 360, m = 50, cs = front.candidates;
   const xn = $("xs").value, yn = $("ys").value, one = front.objectives.length < 2;
   const X = c => one ? c.id : c.objectives[xn], Y = c => one ? (front.objectives.length ? c.objectives[front.objectives[0]] : 0) : c.objectives[yn];
@@ -120,8 +128,15 @@ refresh().catch(e => { $("status").textContent = "error: " + e.message; });
 const es = new EventSource(API + "/events");
 let last = 0;
 es.addEventListener("progress", e => { const p = JSON.parse(e.data); showProgress(p); if (Date.now() - last > 5000) { last = Date.now(); refresh().catch(() => {}); } });
-es.addEventListener("status", e => { const s = JSON.parse(e.data); $("status").textContent = s.status; $("status").className = "st " + s.status; if (s.error) $("error").textContent = s.error; });
-es.addEventListener("end", () => { es.close(); refresh().catch(() => {}); });
+es.addEventListener("stage", e => { if (!TERMINAL.includes(status)) $("stage").textContent = "stage: " + JSON.parse(e.data).stage; });
+es.addEventListener("status", e => { const s = JSON.parse(e.data); showStatus(s.status, s.error); });
+es.addEventListener("end", async () => {
+  es.close(); $("stage").textContent = "";
+  for (let i = 1; i <= 5; i++) {  // the final front: retried, a server restarting must not leave the page stale
+    try { await refresh(); return; } catch (err) { await new Promise(ok => setTimeout(ok, 1000 * i)); }
+  }
+  $("summary").textContent = "the final front could not be loaded: reload the page";
+});
 </script></body></html>
 """
 

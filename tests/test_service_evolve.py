@@ -230,5 +230,20 @@ def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
         browser.js("{ const x = document.getElementById('xs'); x.value = x.options[1].value; "
                    "x.dispatchEvent(new Event('change')) }")
         assert browser.js("document.querySelectorAll('#plot circle').length") == len(front["candidates"])
+        # a finished job shows no stage and no time left, whatever progress it last reported
+        assert browser.js("document.getElementById('stage').textContent") == ""
+        shown = browser.js("showProgress({generation: 1, generations: 2, eta_seconds: 50}); "
+                           "document.getElementById('prog').textContent")
+        assert "generation 1/2" in shown and "left" not in shown
+
+        # a merge job's page: its one checkpoint, selected, and no empty axes
+        merge = client.submit({"kind": "merge", "base": "base", "method": "task_arithmetic", "device": "cpu",
+                               "models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]})
+        assert [e for e in client.events(merge["id"]) if e["type"] == "end"]
+        browser.call("Page.navigate", url=f"{url}/jobs/{merge['id']}")
+        browser.wait("document.getElementById('status').textContent === 'succeeded'")
+        assert "no objectives to plot" in browser.wait("document.getElementById('plot').textContent")
+        assert browser.js("document.querySelectorAll('#plot circle, #plot line').length") == 0
+        assert browser.wait("document.getElementById('download') !== null")
     finally:
         browser.close()
