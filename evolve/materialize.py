@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from merging.engine import open_inputs, resolve_device
+from merging.checkpoint import CheckpointError
+from merging.engine import non_finite_input, open_inputs, resolve_device
 from merging.methods import MethodParams, get_method
 
 
@@ -63,6 +64,9 @@ class ResidentMerge:
             for n in self.names:
                 b = reader.get(n, self.device, torch.float32)
                 deltas = [s.delta(n, b) for s in sources]
+                bad = non_finite_input(b, deltas)
+                if bad:
+                    raise CheckpointError(f"{n}: NaN or infinite weights {bad}; a merge of them would be too")
                 prep = self.method.prepare(deltas, n) if self.method.prepare else deltas
                 self.base[n] = b.to(self.store)
                 self.prepared[n] = _to(prep, self.store)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from factories import perturbed, save, state_dict, tiny_llama
 from merging import METHODS, merge
+from merging.checkpoint import CheckpointError
 from merging.methods import get_method
 from merging.spec import method_params
 from service.cli import main
@@ -192,3 +193,36 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, family):
                        capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 128 + signal.SIGTERM and "terminated" in r.stderr, r.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tsv"])
+def test_a_nan_weight_is_refused_naming_the_tensor_and_the_model(tmp_path, family, method):
+    """A fine-tune with one NaN weight would give a merged checkpoint with NaN in it: the merge
+    stops at that tensor, names it and the model it came from, and writes nothing; an evolve
+    job's resident merge refuses it the same way."""
+    from factories import write_checkpoint
+
+    base, models = family
+    bad = {k: v.clone() for k, v in state_dict(models[1]).items()}
+    name = next(k for k in sorted(bad) if k.endswith("q_proj.weight"))
+    bad[name][0, 0] = float("nan")
+    broken = write_checkpoint(tmp_path / "broken", bad, side_files_from=models[1])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=rf"{name}: the merge has NaN or infinite values, from models\[1\]"):
+        merge(spec_for(base, [models[0], broken, models[2]], method), out, progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    from evolve.materialize import ResidentMerge  # an evolve job refuses it when it loads its inputs
+
+    with pytest.raises(CheckpointError, match=rf"{name}: NaN or infinite weights from models\[1\]"):
+        ResidentMerge(base, [models[0], broken, models[2]], method, device="cpu")
+
+
+def test_all_finite_screens_by_the_sum_without_false_alarms():
+    """Against the elementwise test: finite values whose sum overflows are finite; a NaN, or
+    infinities that cancel in the sum's NaN, are not."""
+    from merging.engine import all_finite
+
+    cases = [torch.full((10,), 3e38), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), -float("inf")]),
+             torch.randn(100, 7), torch.zeros(0)]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
