@@ -16,7 +16,7 @@ score is its mean over the tasks. Printed: per-task accuracy, average accuracy, 
 normalized accuracy, and the gap of the best evolved merge to the best hand-set merge.
 
     .venv/bin/python bench/evolve_vs_handset.py [--tasks rev,cip,srt] [--population 12] [--generations 6]
-        [--method ties|task_arithmetic|...] [--estimator gmp_irt|full] [--strategy entropy|random|anchor]
+        [--method ties|task_arithmetic|...] [--estimator p_irt|gmp_irt|full] [--strategy adaptive|random|anchor|entropy]
 
 Default: about 2-4 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BENCH_THREADS).
 Run folder: bench/out/evolve_vs_handset/.
@@ -41,8 +41,8 @@ HANDSET = ([("task_arithmetic", {"lambda": lam}, f"task_arithmetic lambda={lam:.
 def main() -> None:
     ap = search_args(__doc__, generations=6)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--estimator", default="gmp_irt")
-    ap.add_argument("--strategy", default="entropy")
+    ap.add_argument("--estimator", default="p_irt", help="default: the product default, p_irt on adaptive items")
+    ap.add_argument("--strategy", default="adaptive")
     ap.add_argument("--size", type=int, default=20)
     ap.add_argument("--probes", type=int, default=11)
     ap.add_argument("--epochs", type=int, default=600)

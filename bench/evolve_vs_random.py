@@ -22,7 +22,7 @@ and the ratio nsga2 / random. The plot (HV over evaluations) goes to
 bench/out/evolve_vs_random.png.
 
     .venv/bin/python bench/evolve_vs_random.py [--population 12] [--generations 8] [--seeds 0,1,2]
-        [--estimator gmp_irt] [--strategy entropy] [--size 20] [--probes 11]
+        [--estimator p_irt] [--strategy adaptive] [--size 20] [--probes 11]
 
 Default: about 2-4 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BENCH_THREADS).
 """
@@ -68,8 +68,8 @@ def true_front_hv(cands, objectives, evaluator) -> tuple[float, int]:
 def main() -> None:
     ap = search_args(__doc__, generations=8)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
-    ap.add_argument("--estimator", default="gmp_irt")
-    ap.add_argument("--strategy", default="entropy")
+    ap.add_argument("--estimator", default="p_irt", help="default: the product default, p_irt on adaptive items")
+    ap.add_argument("--strategy", default="adaptive")
     ap.add_argument("--size", type=int, default=20)
     ap.add_argument("--probes", type=int, default=11)
     ap.add_argument("--epochs", type=int, default=600)
