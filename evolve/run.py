@@ -32,6 +32,7 @@ from fitness.benchmarks import load_benchmark
 from fitness.evaluate import Responses, evaluate_folder
 from fitness.fitness import Fitness, benchmark_paths, eval_settings
 from merging.adapters import is_adapter
+from merging.cache import touch
 from merging.checkpoint import atomic_write, cache_dir, content_hash
 from merging.engine import merge, open_inputs
 from merging.locks import exclusive
@@ -66,7 +67,9 @@ def endpoint_folder(base: Path, model: Path) -> Path:
     if not is_adapter(model):
         return model
     folder = cache_dir() / "endpoints" / hashlib.sha256(f"{content_hash(base)}:{content_hash(model)}".encode()).hexdigest()[:32]
-    if not folder.exists():
+    if folder.exists():
+        touch(folder)  # used: `evomerge cache prune` removes the least recently used first
+    else:
         merge({"base": base, "models": [{"name": "adapter", "path": model}], "method": "task_arithmetic",
                "device": "cpu"}, folder, progress=False)
     return folder

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from merging.cache import touch
 from merging.checkpoint import cache_dir as evomerge_cache_dir, content_hash
 from merging.engine import resolve_device
 
@@ -399,6 +400,7 @@ def cached_responses(model_digest: str, benchmark: Benchmark, settings: EvalSett
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: a miss, then overwritten
             cached = None
         if cached is not None and cached.item_ids == benchmark.ids:
+            touch(cache_file)
             return cached
     responses = compute()
     responses.save(cache_file)

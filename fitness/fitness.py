@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from merging.cache import touch
+
 from .benchmarks import Benchmark, load_benchmark
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
@@ -295,6 +297,7 @@ def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
                          + irt.model_dump_json(exclude={"probes", "params_file"}).encode()).hexdigest()
     path = cache_dir() / "irt" / f"{key}.json"
     if path.is_file():
+        touch(path)
         return ItemParams.load(path)
     params = fit_item_params(Y, irt.model, irt.dims, fitter=irt.fitter, epochs=irt.epochs, seed=irt.seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,9 @@ def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetens
     key = hashlib.sha256(json.dumps([str(root), stamp]).encode()).hexdigest()
     memo = cache_dir() / "hashes" / key
     if memo.is_file():
+        from .cache import touch
+
+        touch(memo)
         return memo.read_text().strip()
     h = hashlib.sha256()
     for p in files:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -113,6 +114,62 @@ def cmd_methods(args) -> None:
           f"params: {', '.join(f.alias or k for k, f in AtmParams.model_fields.items())}")
 
 
+def _duration(text: str) -> float:
+    """`"30d"`, `"12h"`, `"90m"`, `"45s"` or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
+    return float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
+
+
+def _size(text: str) -> int:
+    from merging.checkpoint import CheckpointError, parse_size
+
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except CheckpointError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 10GB or 500MiB") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def cmd_cache(args) -> None:
+    import time
+
+    from merging.cache import SECTIONS, entries, remove, select
+    from merging.checkpoint import cache_dir
+
+    root = cache_dir()
+    found = entries(root)
+    if args.cache_command == "info":
+        now = time.time()
+        print(f"{root}: {len(found)} entries, {_human(sum(e.bytes for e in found))}")
+        for section in SECTIONS:
+            mine = [e for e in found if e.section == section]
+            if mine:
+                idle = (now - min(e.last_used for e in mine)) / 86400
+                print(f"  {section:10} {len(mine):6} entries {_human(sum(e.bytes for e in mine)):>10}  "
+                      f"least recently used {idle:.1f} days ago")
+        return
+    if args.older_than is None and args.max_size is None:
+        raise ValueError("cache prune: give --older-than and/or --max-size")
+    chosen = select(found, older_than=args.older_than, max_bytes=args.max_size, keep_recent=args.keep_recent)
+    size = sum(e.bytes for e in chosen)
+    if args.dry_run:
+        for e in chosen:
+            print(f"  would remove {e.section}/{e.path.name} ({_human(e.bytes)})")
+        print(f"{root}: would remove {len(chosen)} of {len(found)} entries, {_human(size)}")
+        return
+    freed = remove(chosen)
+    print(f"{root}: removed {len(chosen)} of {len(found)} entries, {_human(freed)} freed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging on one GPU.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -166,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("cache", help="the per-machine cache ($EVOMERGE_CACHE): sizes, and pruning")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    c = csub.add_parser("info", help="entries and sizes per section (endpoints, responses, irt, hashes)")
+    c.set_defaults(func=cmd_cache)
+    c = csub.add_parser("prune", help="remove entries unused for a while, or the least recently used beyond a size "
+                                      "(every entry is recomputed when needed again)")
+    c.add_argument("--older-than", type=_duration, help="remove entries unused for longer, e.g. 30d")
+    c.add_argument("--max-size", type=_size, help="then remove the least recently used until the cache fits, e.g. 10GB")
+    c.add_argument("--keep-recent", type=_duration, default=3600.0,
+                   help="never remove an entry used this recently (default 1h: a job starting now keeps its inputs)")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    c.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
