@@ -65,11 +65,12 @@ def select(found: list[Entry], *, older_than: float | None = None, max_bytes: in
     removable = [e for e in found if now - e.last_used >= keep_recent]
     chosen = [e for e in removable if older_than is not None and now - e.last_used > older_than]
     if max_bytes is not None:
+        taken = {e.path for e in chosen}
         total = sum(e.bytes for e in found) - sum(e.bytes for e in chosen)
         for e in removable:
             if total <= max_bytes:
                 break
-            if e not in chosen:
+            if e.path not in taken:
                 chosen.append(e)
                 total -= e.bytes
     return chosen

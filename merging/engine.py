@@ -60,10 +60,10 @@ def merged_tensors(reader, sources, method: str, params: MethodParams | Callable
         try:
             merged = fn(base, deltas, p, name)
         except RuntimeError:  # e.g. an SVD that does not converge on NaN
-            if non_finite_input(base, deltas):
-                merged = base.new_tensor(float("nan"))
-            else:
+            culprit = non_finite_input(base, deltas)
+            if culprit is None:
                 raise
+            raise CheckpointError(f"{name}: the merge has NaN or infinite values, {culprit}") from None
         if not all_finite(merged):
             raise CheckpointError(f"{name}: the merge has NaN or infinite values, "
                                   f"{non_finite_input(base, deltas) or 'from the method on finite inputs'}")

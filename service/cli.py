@@ -126,7 +126,7 @@ def _size(text: str) -> int:
     from merging.checkpoint import CheckpointError, parse_size
 
     try:
-        return parse_size(int(text) if text.isdigit() else text)
+        return parse_size(text)
     except CheckpointError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 10GB or 500MiB") from None
 

@@ -58,6 +58,7 @@ function showProgress(p) {
   lastProgress = p;
   let f = p.fraction;
   if (f === undefined && p.generations) f = p.generation / p.generations;
+  if (status === "succeeded") f = 1;
   if (f !== undefined && f !== null) $("bar").style.width = (100 * f).toFixed(1) + "%";
   const parts = [];
   if (p.generations) parts.push(`generation ${p.generation}/${p.generations}`);

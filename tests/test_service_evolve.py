@@ -235,6 +235,7 @@ def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
         shown = browser.js("showProgress({generation: 1, generations: 2, eta_seconds: 50}); "
                            "document.getElementById('prog').textContent")
         assert "generation 1/2" in shown and "left" not in shown
+        assert browser.js("document.getElementById('bar').style.width") == "100%"
 
         # a merge job's page: its one checkpoint, selected, and no empty axes
         merge = client.submit({"kind": "merge", "base": "base", "method": "task_arithmetic", "device": "cpu",
