@@ -87,7 +87,7 @@ def main() -> None:
     base = zoo / manifest["models"]["base"]["path"]
     fts = [zoo / manifest["models"][t]["path"] for t in tasks]
     tok = AutoTokenizer.from_pretrained(base)
-    settings = eval_settings(EvaluationSpec(max_new_tokens=manifest["eval_settings"]["max_new_tokens"]))
+    settings = eval_settings(EvaluationSpec(max_new_tokens=manifest["eval_settings"]["max_new_tokens"]), "cpu")
     benches = {t: load_benchmark(zoo / manifest["benchmarks"][t]["path"]) for t in tasks}
     hand = []
     residents = {}

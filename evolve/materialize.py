@@ -1,101 +1,274 @@
 """Candidates materialized in memory: one resident model, rewritten in place per genome.
 
-The base and the task vectors are read once (float32) and prepared once per tensor by the
-method's `prepare` (TSV's SVDs, TIES' magnitude ranks), then every candidate is merged
-tensor by tensor straight into the parameters of one model on the device: no checkpoint
-is written and no second model is allocated. When the task vectors do not fit on the
-device next to the model (`store: auto` checks free CUDA memory), they stay in host
-memory and each tensor is moved to the device just before it is merged.
+What stays resident for a job (`evolve.plan` counts each of these from headers alone):
+- the model, in the evaluation dtype (bfloat16 on CUDA by default), built without weights
+  and written by the first candidate;
+- the task vectors tau_i, in a store (`merging.store`: dense in the evaluation dtype's
+  precision, lowrank or sparse), after the method's parameter-free `prepare` (TSV's SVDs);
+- nothing else: the base is read from its checkpoint, tensor by tensor, when a candidate is
+  materialized fresh, and TIES' trims are found per candidate by a streaming selection
+  (no rank per entry).
 
-Memory: the model, plus the base and N task vectors in float32 on the store device (TIES
-adds a float32 rank for each entry of each task vector): this is the per-job cache that makes a
-candidate cost one pass over the weights instead of a read of N+1 checkpoints.
+A candidate is written tensor by tensor, and large tensors in runs of rows (`CHUNK`
+elements, for `chunkable` methods), merged in float32 and cast into the model: the
+working set is a few chunks, not a float32 copy of the model.
+
+Fresh or incremental. A fresh candidate is theta = base + f(tau; p), exactly what the
+streaming merge writes (bit for bit with a float32 model and store). Between fresh ones
+(`reanchor_every`), a candidate is written as an update of the previous one:
+theta += f(tau; p') - f(tau; p), computed in float32 from the store; for linear methods
+(`coefficients`) in one pass, sum_i (c_i' - c_i) x_i. Each update rounds theta to the
+model dtype once, so the drift from a fresh materialization is a random walk of rounding
+errors; re-anchoring bounds it (tests/test_materialize.py measures it over 1,000
+candidates). Incremental updates pay off where reading the base costs more than the
+arithmetic: a model on a GPU whose base lies on the host's disk.
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from merging.checkpoint import CheckpointError
-from merging.engine import non_finite_input, open_inputs, resolve_device
+from merging.checkpoint import DTYPES, CheckpointError
+from merging.engine import all_finite, merged_tensors, open_inputs, resolve_device, resolve_dtype
 from merging.methods import MethodParams, get_method
+from merging.store import StoredTensor, StoreSettings
+
+CHUNK = 1 << 22  # elements per run of rows merged at once (16 MB in float32)
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+def tree_map(fn: Callable[[Any], Any], obj: Any, leaf: type = torch.Tensor) -> Any:
+    """`obj` with fn applied to every `leaf` inside its lists, tuples and named tuples."""
+    if isinstance(obj, leaf):
+        return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to(x, device) for x in obj))
+        return type(obj)(*(tree_map(fn, x, leaf) for x in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(x, device) for x in obj)
+        return type(obj)(tree_map(fn, x, leaf) for x in obj)
     return obj
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(x) for x in obj)
-    return 0
+def tree_leaves(obj: Any, leaf: type) -> list:
+    out: list = []
+    tree_map(out.append, obj, leaf)
+    return out
+
+
+def store_settings_for(dtype: torch.dtype, kind: str = "dense", rank: float = 0.1, density: float = 0.1) -> StoreSettings:
+    """The store for a model of `dtype`: float32 task vectors for a float32 model (exact), else bfloat16."""
+    return StoreSettings(kind, torch.float32 if dtype == torch.float32 else torch.bfloat16, rank, density)
+
+
+def row_chunks(shape: Sequence[int], chunkable: bool) -> list[tuple[int, int]]:
+    """Runs of rows [a, b) of at most CHUNK elements (a multiple of 8 of them, for packed bits)."""
+    rows = shape[0] if len(shape) else 1
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if not chunkable or len(shape) < 2 or rows * per_row <= CHUNK:
+        return [(0, rows)]
+    step = max(8, CHUNK // max(per_row, 1) // 8 * 8)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def working_set(method, numel: int, n_models: int, read_size: int) -> tuple[int, int]:
+    """Transient bytes on the merge device for a tensor of `numel` entries (the largest one):
+    (building the store, writing a candidate). Building holds the base and one task vector in
+    float32 (all N for a method with `prepare`, twice over: TSV's updates), a read buffer in the
+    checkpoint's dtype and what making a compressed form takes (12 B an entry: the magnitude
+    histogram, the keep mask and its packing). Writing holds the base's tensor as read, and
+    N + 6 float32 chunks for a `chunkable` method, the whole tensor's (2N + 8) otherwise (DARE's
+    drawn masks and dropped vectors)."""
+    held = 2 * n_models if method.prepare else 1
+    build = numel * (4 + 4 * held + read_size + 12)
+    if method.chunkable:
+        write = numel * read_size + (n_models + 6) * 4 * min(numel, CHUNK)
+    else:
+        write = numel * read_size + (2 * n_models + 8) * 4 * numel
+    return build, write
 
 
 class ResidentMerge:
-    """Holds one job's base, task vectors and model; `materialize` writes a candidate into it."""
+    """Holds one job's task-vector store and model; `materialize` writes a candidate into the model."""
 
     def __init__(self, base: str | os.PathLike, models: Sequence[str | os.PathLike], method: str,
-                 device: str = "auto", store: str = "auto"):
+                 device: str = "auto", *, dtype: str = "auto", store: StoreSettings | str | None = None,
+                 store_device: str | None = None, reanchor_every: int | None = None):
         self.method = get_method(method)
         self.device = resolve_device(device)
-        reader, sources = open_inputs(base, list(models))
-        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(self.device).eval()
+        self.dtype = DTYPES[resolve_dtype(dtype, self.device)]
+        if store is None or isinstance(store, str):
+            store = store_settings_for(self.dtype, store or "dense")
+        self.settings = store
+        self.store_device = torch.device(store_device) if store_device else self.device
+        self.reanchor_every = reanchor_every or (16 if self.device.type == "cuda" else 1)
+        self.reader, self.sources = open_inputs(base, list(models))
+        self.names = [n for n in self.reader.names() if self.reader.info(n).dtype.is_floating_point]
+        _check_fits_class(base, self.reader.names())  # on the meta device, before anything is read
+        self.stored = self._build_store()  # before the model: setup's float32 copies never meet it
+        self.model = _empty_model(base, self.dtype, self.device)
         params = self.model.state_dict()
-        self.names = [n for n in reader.names() if reader.info(n).dtype.is_floating_point and n in params]
-        missing = [n for n in reader.names() if n not in params]
-        if missing:
-            raise ValueError(f"{base}: checkpoint tensor {missing[0]} is not a parameter of the model class")
         self.targets = {n: params[n] for n in self.names}
-        self.store = self._store_device(reader, len(sources), store)
-        self.base: dict[str, torch.Tensor] = {}
-        self.prepared: dict[str, Any] = {}
         with torch.no_grad():
-            for n in self.names:
-                b = reader.get(n, self.device, torch.float32)
-                deltas = [s.delta(n, b) for s in sources]
-                bad = non_finite_input(b, deltas)
-                if bad:
-                    raise CheckpointError(f"{n}: NaN or infinite weights {bad}; a merge of them would be too")
-                prep = self.method.prepare(deltas, n) if self.method.prepare else deltas
-                self.base[n] = b.to(self.store)
-                self.prepared[n] = _to(prep, self.store)
+            for n in self.reader.names():
+                if n not in self.targets:
+                    params[n].copy_(self.reader.get(n, self.device))
         self.n_layers = getattr(self.model.config, "num_hidden_layers", 1)
+        self._last: MethodParams | Callable[[str], MethodParams] | None = None
+        self._last_ctx: dict[str, Any] = {}
+        self._since_anchor = 0
 
-    def _store_device(self, reader, n_models: int, store: str) -> torch.device:
-        if store != "auto":
-            return torch.device(store)
-        if self.device.type != "cuda":
-            return self.device
-        need = sum(reader.info(n).numel for n in self.names) * 4 * (n_models + 1)
-        if self.method.name in ("ties", "dare_ties"):
-            need += need * n_models // (n_models + 1)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if need < 0.7 * free else torch.device("cpu")
+    @torch.no_grad()
+    def _build_store(self) -> dict[str, Any]:
+        """Each tensor's task vectors, checked finite, prepared and stored. A method without
+        `prepare` stores them one at a time; TSV prepares all of a tensor's at once, from what a
+        lossy store gives back (so that its factors describe the stored vectors)."""
+        stored: dict[str, Any] = {}
+        for n in self.names:
+            b = self.reader.get(n, self.device, torch.float32)
+            self._check_finite(n, b, "the base")
+            if self.method.prepare is None:
+                parts = []
+                for i, s in enumerate(self.sources):
+                    d = s.delta(n, b)
+                    self._check_finite(n, d, f"models[{i}]")
+                    parts.append(StoredTensor.make(d, n, self.settings, self.store_device))
+                    del d
+                stored[n] = parts
+                continue
+            deltas = [s.delta(n, b) for s in self.sources]
+            for i, d in enumerate(deltas):
+                self._check_finite(n, d, f"models[{i}]")
+            del b
+            if self.settings.kind != "dense":
+                deltas = [StoredTensor.make(d, n, self.settings).get() for d in deltas]
+            prep = self.method.prepare(deltas, n)
+            del deltas
+            stored[n] = tree_map(lambda t: StoredTensor.make(t, n, self.settings, self.store_device), prep)
+        return stored
+
+    @staticmethod
+    def _check_finite(n: str, t: torch.Tensor, source: str) -> None:
+        if not all_finite(t):
+            raise CheckpointError(f"{n}: NaN or infinite weights from {source}; a merge of them would be too")
 
     @property
     def cache_bytes(self) -> int:
-        return sum(_nbytes(b) for b in self.base.values()) + sum(_nbytes(p) for p in self.prepared.values())
+        """Bytes of the task-vector store (the resident model aside)."""
+        return sum(s.nbytes for v in self.stored.values() for s in tree_leaves(v, StoredTensor))
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.targets.values())
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the store holds the task vectors exactly as the streaming merge computes them."""
+        return self.settings.kind == "dense" and self.settings.dtype == torch.float32
 
     @torch.no_grad()
-    def materialize(self, params: MethodParams | Callable[[str], MethodParams]) -> torch.nn.Module:
-        """Writes the merge with these parameters into the resident model and returns it."""
-        fn = self.method.fn
-        for n in self.names:
-            p = params(n) if callable(params) else params
-            base = self.base[n].to(self.device, non_blocking=True)
-            self.targets[n].copy_(fn(base, _to(self.prepared[n], self.device), p, n))
+    def materialize(self, params: MethodParams | Callable[[str], MethodParams], fresh: bool | None = None,
+                    exact: bool = False) -> torch.nn.Module:
+        """Writes the merge with these parameters into the resident model and returns it.
+
+        Fresh from the base every `reanchor_every` candidates (and whenever `fresh`), else as an
+        update of the previous candidate. `exact`: the merge of the input checkpoints themselves,
+        streamed from disk as `merging.merge` computes it (what an export writes), for a store
+        that keeps less than that; a final check measures this model."""
+        if exact and not self.lossless:
+            for n, merged in merged_tensors(self.reader, self.sources, self.method.name, params, self.device, self.names):
+                self.targets[n].copy_(merged)
+            self._last = None  # the store's candidates continue from a fresh one
+        else:
+            if self._last is None or exact:
+                fresh = True
+            elif fresh is None:
+                fresh = self._since_anchor + 1 >= self.reanchor_every
+            for n in self.names:
+                p = params(n) if callable(params) else params
+                old = None if fresh else (self._last(n) if callable(self._last) else self._last)
+                self._write(n, p, old)
+            self._last, self._since_anchor = params, 0 if fresh else self._since_anchor + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that a caller's timing covers the work
         return self.model
+
+    def _chunks(self, stored: Any, shape: Sequence[int]) -> Iterator[tuple[int, int, Any]]:
+        """(a, b, prepared form of rows a..b in float32 on the device) over the tensor's row runs."""
+        spans = row_chunks(shape, self.method.chunkable)
+        leaves = tree_leaves(stored, StoredTensor)
+        iters = [leaf.chunks(spans, self.device) for leaf in leaves]
+        for a, b in spans:
+            parts = iter([next(it) for it in iters])
+            yield a, b, tree_map(lambda _: next(parts), stored, StoredTensor)
+
+    def _context(self, n: str, stored: Any, p: MethodParams) -> dict:
+        if self.method.context is None:
+            return {}
+        leaves = tree_leaves(stored, StoredTensor)
+        spans = row_chunks(leaves[0].shape, True)
+        chunk_fns = [lambda s=s: (c.reshape(-1) for c in s.chunks(spans, self.device)) for s in leaves]
+        return {"ctx": self.method.context(chunk_fns, math.prod(leaves[0].shape), p, n)}
+
+    def _write(self, n: str, p: MethodParams, old: MethodParams | None) -> None:
+        target, stored, fn = self.targets[n], self.stored[n], self.method.fn
+        shape = target.shape
+        rows = target.view(shape[0], -1) if target.dim() > 1 else target.view(1, -1)
+        ctx = self._context(n, stored, p)
+        base = self.reader.get(n, self.device) if old is None else None
+        coeffs = None
+        if old is not None and self.method.coefficients is not None:
+            coeffs = [a - b for a, b in zip(self.method.coefficients(p, stored), self.method.coefficients(old, stored))]
+        zero = torch.zeros((), device=self.device)
+        for a, b, x in self._chunks(stored, shape):
+            kw = {**ctx, "offset": a * (rows.shape[1] if target.dim() > 1 else 0)} if ctx else {}
+            if old is None:
+                sub = base[a:b].float() if target.dim() > 1 else base.float()
+                out = fn(sub, x, p, n, **kw)
+            elif coeffs is not None:
+                out = rows[a:b].float().view(-1, *shape[1:]) if target.dim() > 1 else target.float()
+                for c, v in zip(coeffs, tree_leaves(x, torch.Tensor)):
+                    out.add_(v, alpha=c)
+            else:
+                old_kw = {**self._last_ctx.get(n, {}), "offset": kw["offset"]} if ctx else {}
+                delta = fn(zero, x, p, n, **kw).sub_(fn(zero, x, old, n, **old_kw))
+                out = (rows[a:b].float().view(-1, *shape[1:]) if target.dim() > 1 else target.float()).add_(delta)
+            (target[a:b] if target.dim() > 1 else target).copy_(out)
+        if ctx:
+            self._last_ctx[n] = ctx
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().clone() for n, t in self.targets.items()}
+
+
+def _empty_model(base: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The base's model class in `dtype` on `device`, its weights allocated but not initialized
+    (the first candidate writes them; untouched pages cost no memory), buffers (rotary tables) as
+    the class computes them, tied weights tied."""
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model.eval()
+
+
+def _check_fits_class(base: str | os.PathLike, names: Sequence[str]) -> None:
+    """The checkpoint's tensors are the model class's parameters, each one written (directly or
+    through a tied one): an uninitialized weight would otherwise go unnoticed."""
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    have = set(names)
+    state = model.state_dict()
+    extra = [n for n in names if n not in state]
+    if extra:
+        raise CheckpointError(f"{base}: checkpoint tensor {extra[0]} is not a parameter of the model class")
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if name not in have and canonical not in have:
+            raise CheckpointError(f"{base}: the checkpoint has no tensor {name} (nor one tied to it)")

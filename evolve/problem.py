@@ -126,6 +126,6 @@ class CandidateEvaluator:
         return c
 
     def true_objectives(self, c: Candidate) -> dict[str, float]:
-        """Full evaluation of a candidate (the final check)."""
-        model = self.resident.materialize(self.space.params_for_tensor(np.array(c.genome)))
+        """Full evaluation of a candidate (the final check), on the exact merge that an export writes."""
+        model = self.resident.materialize(self.space.params_for_tensor(np.array(c.genome)), exact=True)
         return dict(self.scorer.score_full(model).values)

@@ -39,7 +39,8 @@ from merging.locks import exclusive
 from merging.spec import MergeSpec
 
 from .genome import SearchSpace
-from .materialize import ResidentMerge
+from .materialize import ResidentMerge, store_settings_for
+from .plan import Plan, check_plan
 from .problem import Candidate, CandidateEvaluator, MergeProblem
 from .search import CANDIDATES_FILE, RUN_FILE, read_candidates, run_search
 from .spec import EvolveSpec
@@ -159,13 +160,25 @@ class Setup:
     cost: dict[str, Any]
 
 
-def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
+def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
+    """The job's resident merge, laid out as its memory plan says (dtype, store kind and place)."""
+    from merging.checkpoint import DTYPES
+
+    ev = spec.evaluation
+    store = store_settings_for(DTYPES[plan.dtype], plan.store_kind, ev.store_rank, ev.store_density)
+    return ResidentMerge(spec.base, [m.path for m in spec.models], spec.method, device=spec.device, dtype=plan.dtype,
+                         store=store, store_device="cpu" if plan.store_where == "host" else None,
+                         reanchor_every=plan.reanchor_every)
+
+
+def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None = None) -> Setup:
     """Stages 1-3 (endpoints, probes, irt) and the resident model and search space of stage 4."""
     from transformers import AutoTokenizer
 
     from fitness.evaluate import cached_responses, evaluate
 
-    settings, ev = eval_settings(spec.evaluation), spec.evaluation
+    plan = plan or check_plan(spec)
+    settings, ev = eval_settings(spec.evaluation, spec.device), spec.evaluation
     paths = [m.path for m in spec.models]
     cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
 
@@ -188,7 +201,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
         def compute(b) -> Responses:
             nonlocal model, resident
             if model is None:  # the resident merge is built only when some probe answer is not cached
-                resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
+                resident = resident or resident_merge(spec, plan)
                 model = resident.materialize(space.params_for_tensor(x))
             return evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device)
 
@@ -200,7 +213,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None) -> Setup:
     fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
     _emit(callback, {"type": "irt", "benchmarks": fitness.describe()})
 
-    resident = resident or ResidentMerge(spec.base, paths, spec.method, device=spec.device)
+    resident = resident or resident_merge(spec, plan)
     return Setup(fitness, resident, space, benches, cost)
 
 
@@ -216,10 +229,11 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, cal
 def _run(spec: EvolveSpec, out: Path, callback: Callback | None, should_stop: Callable[[], bool] | None,
          resume: bool, overwrite: bool) -> EvolveResult:
     claim_run_folder(out, spec, resume, overwrite)
+    plan = check_plan(spec)  # a job that cannot fit is refused before anything is written or loaded
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
     atomic_write(out / INPUTS_FILE, json.dumps(input_hashes(spec), indent=2))
-    job = setup(spec, callback)
+    job = setup(spec, callback, plan)
     fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
 
     _emit(callback, {"type": "stage", "stage": "search"})

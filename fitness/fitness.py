@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from merging.cache import touch
+from merging.engine import resolve_dtype
 
 from .benchmarks import Benchmark, load_benchmark
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, estimate
@@ -83,8 +84,9 @@ class BenchmarkFit:
         return self.subset.strategy == "adaptive"
 
 
-def eval_settings(ev: EvaluationSpec) -> EvalSettings:
-    return EvalSettings(max_new_tokens=ev.max_new_tokens, stop=tuple(ev.stop), mc_norm=ev.mc_norm, dtype=ev.dtype)
+def eval_settings(ev: EvaluationSpec, device="auto") -> EvalSettings:
+    return EvalSettings(max_new_tokens=ev.max_new_tokens, stop=tuple(ev.stop), mc_norm=ev.mc_norm,
+                        dtype=resolve_dtype(ev.dtype, device))
 
 
 def _batches(n: int, batch: int) -> int:
@@ -95,7 +97,7 @@ class Fitness:
     def __init__(self, specs: Sequence[ObjectiveSpec], fits: dict[str, BenchmarkFit], tokenizer,
                  evaluation: EvaluationSpec, device="auto"):
         self.specs, self.fits, self.tokenizer = list(specs), fits, tokenizer
-        self.evaluation, self.settings, self.device = evaluation, eval_settings(evaluation), device
+        self.evaluation, self.settings, self.device = evaluation, eval_settings(evaluation, device), device
         self.populations: dict[str, PopulationPrior] = {}
         for key, fit in fits.items():
             sub = self._subset_spec(key)

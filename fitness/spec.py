@@ -160,6 +160,20 @@ class EvaluationSpec(BaseModel):
     max_new_tokens: int = Field(32, ge=1, le=4096)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     mc_norm: Literal["sum", "mean"] = "sum"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="dtype of the resident model and of every evaluated model: auto is bfloat16 on CUDA, "
+                            "float32 on CPU (where bfloat16 matmuls are slow)")
     batch_size: int = Field(64, ge=1, le=4096)
+    store: Literal["auto", "dense", "lowrank", "sparse"] = Field(
+        "auto", description="how the resident merge keeps the task vectors (merging.store): dense (the evaluation "
+                            "dtype's precision), lowrank (truncated SVD per matrix, store_rank of the rank), sparse "
+                            "(top store_density of the entries, bitmask + values); auto: dense when the memory "
+                            "plan says it fits, else lowrank, else sparse")
+    store_rank: float = Field(0.1, gt=0.0, le=1.0, description="lowrank store: fraction of min(rows, cols) kept per matrix")
+    store_density: float = Field(0.1, gt=0.0, le=1.0, description="sparse store: fraction of entries kept per matrix")
+    reanchor_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="candidates between fresh materializations from the base; the ones "
+                                              "between are written as updates of the previous candidate (no copy of "
+                                              "the base kept). Default: 1 on CPU (every candidate fresh and exact), "
+                                              "16 on CUDA (the base is read from disk only every 16th)")
     irt: IrtSpec = Field(default_factory=IrtSpec)

@@ -219,7 +219,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         raw = await read_body(request, settings.max_body_bytes, "a job spec")
         spec = parse_spec(parse_json(raw))
         spec = await run_in_threadpool(check_spec, spec, settings.model_roots, settings.devices,
-                                       lambda name: uploaded_benchmark(name, user), [settings.artifacts])
+                                       lambda name: uploaded_benchmark(name, user), [settings.artifacts],
+                                       gpu_memory=settings.gpu_memory, host_memory=settings.host_memory)
         job = store.add_job(spec.kind, spec_json(spec), spec.device, owner_of(user))
         return JSONResponse(job.to_json(), 201, headers={"Location": f"/v1/jobs/{job.id}"})
 

@@ -1,4 +1,4 @@
-"""`evomerge` command line: merge, evolve, export, zoo, demo, methods, and the service commands."""
+"""`evomerge` command line: merge, evolve, plan, export, zoo, demo, methods, and the service commands."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,25 @@ def cmd_evolve(args) -> None:
     print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
                       "hypervolume": result.hypervolume, "true_hypervolume": result.true_hypervolume,
                       "cost": result.cost}, indent=2))
+
+
+class DoesNotFit(Exception):
+    """`evomerge plan`: the job does not fit (exit 1, its one line on stderr)."""
+
+
+def cmd_plan(args) -> None:
+    from evolve import EvolveSpec
+    from evolve.plan import plan_job
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    if data.get("kind", "evolve") != "evolve":
+        raise ValueError(f"kind: evomerge plan plans evolve jobs, not {data.get('kind')!r} (a merge streams one tensor at a time)")
+    plan = plan_job(EvolveSpec.model_validate(data), args.gpu_memory, args.host_memory)
+    print(plan.table())
+    if not plan.fits:
+        raise DoesNotFit(str(plan.error))
 
 
 def cmd_export(args) -> None:
@@ -191,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evolve)
 
+    p = sub.add_parser("plan", help="the memory plan of an evolve job: bytes of each component and where it "
+                                    "lives; exit 1 when it does not fit")
+    p.add_argument("spec", help="YAML job spec (kind: evolve)")
+    p.add_argument("--gpu-memory", type=_size, help="plan for a GPU of this size, e.g. 24GB (default: the free "
+                                                    "memory of this machine's GPU, when the job runs on cuda)")
+    p.add_argument("--host-memory", type=_size, help="host memory to plan for, e.g. 32GB (default: MemAvailable)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("export", help="write one candidate of an evolve run as a HF model folder")
     p.add_argument("run", help="the evolve run folder")
     p.add_argument("--candidate", type=int, required=True, help="candidate id (see front.json)")
@@ -265,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+    except DoesNotFit as e:
+        print(f"evomerge: does not fit: {e}", file=sys.stderr)
+        return 1
     except ValidationError as e:
         print(f"evomerge: error: invalid spec: {format_validation_error(e)}", file=sys.stderr)
         return 2

@@ -12,6 +12,10 @@ with its flags.
                            a user of its own); unset means no authentication
     EVOMERGE_TOKEN_FILE    the same, one entry a line (# comments allowed)
     EVOMERGE_RATE_LIMIT    job submissions per token per minute (default 30)
+    EVOMERGE_GPU_MEMORY    GPU memory of the workers, e.g. 24GB: evolve jobs are planned against it
+                           (`evolve.plan`) and refused (400) when they would not fit
+    EVOMERGE_HOST_MEMORY   the same for the workers' host memory, e.g. 32GB; with neither set the
+                           API does not plan (it may not be the machine that runs the job)
 """
 from __future__ import annotations
 
@@ -65,11 +69,22 @@ class Settings:
     stale_seconds: float = 30.0  # a running job without a heartbeat this long is resumed elsewhere
     max_attempts: int = 3  # a job whose worker died this often is failed, not retried again
     poll_seconds: float = 1.0  # idle worker / SSE polling interval
+    gpu_memory: int | str | None = None  # bytes or a size ("24GB"): the workers' GPU, for the memory plan
+    host_memory: int | str | None = None  # the workers' host memory; neither set: the API does not plan
 
     def __post_init__(self):
         object.__setattr__(self, "artifacts", Path(self.artifacts))
         object.__setattr__(self, "model_roots", tuple(Path(p) for p in (self.model_roots or (Path.cwd(),))))
         object.__setattr__(self, "devices", tuple(self.devices))
+        from merging.checkpoint import CheckpointError, parse_size
+
+        for name in ("gpu_memory", "host_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, parse_size(value))
+                except CheckpointError:
+                    raise ValueError(f"{name}: {value!r} is not a size such as 24GB or 32GiB") from None
         art = self.artifacts.resolve()
         for root in self.model_roots:  # paths in the artifacts folder are never inputs (service.schemas)
             if root.resolve().is_relative_to(art):
@@ -110,4 +125,6 @@ class Settings:
             devices=tuple(d.strip() for d in _split(env.get("EVOMERGE_DEVICES"), ",")),
             tokens=tokens,
             rate_limit_per_minute=int(env.get("EVOMERGE_RATE_LIMIT", "30")),
+            gpu_memory=env.get("EVOMERGE_GPU_MEMORY") or None,
+            host_memory=env.get("EVOMERGE_HOST_MEMORY") or None,
         )

@@ -7,7 +7,8 @@ when that module is installed). Parsing checks shapes and types (`parse_spec`, s
 world (status 400): model paths lie inside the allowed model roots once symlinks are
 resolved, the folders exist and share the base's tensor names and shapes, the device is
 served, the benchmarks exist (uploaded by name, or files under the roots)
-and parse. Every rejection is a `SpecError` whose message
+and parse, and, when the service is given its workers' memory, an evolve job's memory plan
+fits (`evolve.plan`). Every rejection is a `SpecError` whose message
 starts with the field, e.g. `models[1].path: resolves outside the allowed model roots`.
 """
 from __future__ import annotations
@@ -129,12 +130,15 @@ def device_accepted(device: str, devices: Iterable[str]) -> bool:
 
 def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = (),
                uploaded_benchmark: Callable[[str], Path | None] = lambda name: None,
-               excluded: Iterable[Path] = ()) -> Any:
+               excluded: Iterable[Path] = (), gpu_memory: int | None = None,
+               host_memory: int | None = None) -> Any:
     """Checks what the spec points at; returns a copy with every path made real and absolute.
 
     `uploaded_benchmark(name)` gives the file of a benchmark uploaded under that name (an
     evolve objective may name one instead of giving a path). No path may lie in `excluded`
-    (the service passes its artifacts folder, see `resolve_path`)."""
+    (the service passes its artifacts folder, see `resolve_path`). With `gpu_memory` and/or
+    `host_memory` (the workers' budgets, bytes), an evolve spec's memory plan must fit them
+    (`check_plan_budgets`)."""
     from merging.engine import open_inputs
     from merging.task_vectors import open_source
 
@@ -174,7 +178,28 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
         real = resolve_path(irt.params_file, "evaluation.irt.params_file", roots, "file", ex)
         evaluation = spec.evaluation.model_copy(update={"irt": irt.model_copy(update={"params_file": real})})
         update["evaluation"] = evaluation
-    return spec.model_copy(update=update)
+    checked = spec.model_copy(update=update)
+    if getattr(checked, "kind", None) == "evolve" and (gpu_memory is not None or host_memory is not None):
+        check_plan_budgets(checked, gpu_memory, host_memory)
+    return checked
+
+
+def check_plan_budgets(spec: Any, gpu_memory: int | None, host_memory: int | None) -> None:
+    """The memory plan against the workers' budgets; a budget not given is not checked. A spec
+    with device auto is planned for a GPU when a GPU budget is given, else for the CPU (this
+    process's own hardware says nothing about the workers')."""
+    import math
+
+    from evolve.plan import PlanError, plan_job
+
+    device = spec.device if spec.device != "auto" else ("cuda" if gpu_memory is not None else "cpu")
+    try:
+        plan = plan_job(spec, math.inf if gpu_memory is None else gpu_memory,
+                        math.inf if host_memory is None else host_memory, device=device)
+    except (PlanError, CheckpointError) as e:
+        raise SpecError(getattr(e, "field", "base"), getattr(e, "message", str(e))) from None
+    if not plan.fits:
+        raise SpecError(plan.error.field, plan.error.message)
 
 
 def _check_baseless(spec: Any, roots: list[Path], ex: list[Path], uploaded: Callable[[str], Path | None]) -> Any:

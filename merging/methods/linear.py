@@ -15,11 +15,15 @@ class LinearParams(MethodParams):
     pass
 
 
-@register("linear", LinearParams)
-def linear(base: torch.Tensor, deltas, p: LinearParams, name: str) -> torch.Tensor:
-    """Weighted average of the models."""
+def _coefficients(p: LinearParams, deltas) -> list[float]:
     w = p.per_model("weights", len(deltas), 1.0)
     total = sum(w)
     if abs(total) < 1e-12:
         raise ValueError("params.weights sum to zero; linear merge normalizes by their sum")
-    return base + weighted_sum(deltas, [x / total for x in w])
+    return [x / total for x in w]
+
+
+@register("linear", LinearParams, chunkable=True, coefficients=_coefficients)
+def linear(base: torch.Tensor, deltas, p: LinearParams, name: str) -> torch.Tensor:
+    """Weighted average of the models."""
+    return base + weighted_sum(deltas, _coefficients(p, deltas))

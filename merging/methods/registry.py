@@ -10,6 +10,12 @@ A method whose work splits into a parameter-free part and a cheap per-parameter 
 (TSV's SVDs, TIES' magnitude ranks) also registers `prepare(deltas, name)`; its `fn`
 then accepts either the raw deltas or what `prepare` returned, so a search that merges
 the same tensors many times prepares them once (`evolve`) with identical results.
+
+What lets an evolve job's resident merge (`evolve.materialize`) work in bounded memory:
+`chunkable` methods give the same values on any run of a tensor's rows, given the
+per-tensor `context` (TIES' trims, found over the whole tensor); `coefficients` says the
+method is linear, base + sum_i c_i x_i over its prepared vectors x_i, so that a candidate
+can be written as an update of the previous one.
 """
 from __future__ import annotations
 
@@ -50,6 +56,9 @@ class Method:
     params: type[MethodParams]
     prepare: Callable[[Sequence[torch.Tensor], str], Any] | None = None
     needs_base: bool = True  # False: whole-model methods (c2m3, weight_matching), `base` optional
+    chunkable: bool = False  # fn gives the same values on any run of rows (with `context`'s result)
+    context: Callable[..., Any] | None = None  # (chunks, numel, params, name) -> ctx for fn(..., ctx=, offset=)
+    coefficients: Callable[..., list[float]] | None = None  # (params, prepared) -> c_i: fn = base + sum_i c_i x_i
 
     @property
     def summary(self) -> str:
@@ -60,10 +69,12 @@ METHODS: dict[str, Method] = {}
 WHOLE_MODEL_METHODS: dict[str, Method] = {}  # c2m3, weight_matching: merging.permutation
 
 
-def register(name: str, params: type[MethodParams], prepare=None, needs_base: bool = True):
+def register(name: str, params: type[MethodParams], prepare=None, needs_base: bool = True, chunkable: bool = False,
+             context=None, coefficients=None):
     def deco(fn: MethodFn) -> MethodFn:
         # whole-model methods (no per-tensor form) live apart, so per-tensor users of METHODS skip them
-        (METHODS if needs_base else WHOLE_MODEL_METHODS)[name] = Method(name, fn, params, prepare, needs_base)
+        (METHODS if needs_base else WHOLE_MODEL_METHODS)[name] = Method(
+            name, fn, params, prepare, needs_base, chunkable, context, coefficients)
         return fn
 
     return deco

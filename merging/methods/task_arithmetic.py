@@ -16,7 +16,11 @@ class TaskArithmeticParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the summed task vectors")
 
 
-@register("task_arithmetic", TaskArithmeticParams)
+def _coefficients(p: TaskArithmeticParams, deltas) -> list[float]:
+    return [p.lambda_ * w for w in p.per_model("weights", len(deltas), 1.0)]
+
+
+@register("task_arithmetic", TaskArithmeticParams, chunkable=True, coefficients=_coefficients)
 def task_arithmetic(base: torch.Tensor, deltas, p: TaskArithmeticParams, name: str) -> torch.Tensor:
     """base + lambda * weighted sum of task vectors."""
     return base + p.lambda_ * weighted_sum(deltas, p.per_model("weights", len(deltas), 1.0))

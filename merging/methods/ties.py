@@ -15,11 +15,12 @@ results. Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field, field_validator
 
+from ..selection import Chunks, Trim, find_trim, keep_mask
 from .registry import MethodParams, register
 
 
@@ -36,49 +37,26 @@ class TiesParams(MethodParams):
         return v
 
 
-class Ranked(NamedTuple):
-    """A task vector with each entry's rank by magnitude (TIES' `prepare`): 0 for the largest,
-    entries of equal magnitude in index order, as floats so that trimming is arithmetic."""
-
-    tau: torch.Tensor
-    rank: torch.Tensor
+def apply_trim(tau: torch.Tensor, trim: Trim, offset: int = 0) -> torch.Tensor:
+    """tau with the entries `trim` drops set to 0; `tau` may be a slice starting at flat `offset`."""
+    return tau if trim.threshold < 0 else tau * keep_mask(tau, trim, offset)
 
 
-def rank_magnitudes(deltas: Sequence[torch.Tensor], name: str = "") -> list[Ranked]:
-    ranked = []
-    for t in deltas:
-        order = t.abs().reshape(-1).sort(descending=True, stable=True).indices
-        dtype = torch.float32 if t.numel() <= 2**24 else torch.float64  # ranks stay exact integers
-        rank = torch.empty(t.numel(), dtype=dtype, device=t.device)
-        rank[order] = torch.arange(t.numel(), dtype=dtype, device=t.device)
-        ranked.append(Ranked(t, rank.view_as(t)))
-    return ranked
-
-
-def trim_top_k(tau: torch.Tensor | Ranked, density: float) -> torch.Tensor:
+def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keeps exactly k = int(density * numel) entries of largest magnitude, zeroes the rest.
 
     Entries tied at the k-th largest magnitude are taken in index order, so the result is
     deterministic on every device (a sort's order among equal keys is not; bfloat16 task
-    vectors have many such ties). A `Ranked` task vector (an evolve job trims the same vectors
-    at many densities) costs two arithmetic passes: keep = clamp(k - rank, 0, 1)."""
-    tau, rank = (tau, None) if isinstance(tau, torch.Tensor) else tau
+    vectors have many such ties)."""
     if density >= 1.0:
         return tau
-    k = int(density * tau.numel())
-    if k <= 0:
-        return torch.zeros_like(tau)
-    if rank is not None:
-        return tau * (k - rank).clamp_(0, 1).to(tau.dtype)
-    mag = tau.abs()
-    threshold = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
-    keep = mag >= threshold
-    if int(keep.sum()) > k:  # ties at the threshold: keep only the first of them, in index order
-        keep = mag > threshold
-        room = k - int(keep.sum())
-        tied = (mag == threshold).reshape(-1)
-        keep.view(-1).logical_or_(tied & (tied.cumsum(0) <= room))
-    return tau * keep
+    return apply_trim(tau, find_trim(lambda: [tau.reshape(-1)], tau.numel(), int(density * tau.numel())))
+
+
+def ties_context(chunks: Sequence[Chunks], numel: int, p: TiesParams, name: str) -> list[Trim]:
+    """Each task vector's trim, found over its whole tensor, so that `ties` can run on slices."""
+    dens = p.per_model("density", len(chunks), 0.2)
+    return [find_trim(c, numel, int(d * numel)) if d < 1.0 else Trim(-1.0, -1) for c, d in zip(chunks, dens)]
 
 
 def indicator_positive(x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +83,11 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return num.div_(den.add_(empty.mul_(1 - den)))
 
 
-@register("ties", TiesParams, prepare=rank_magnitudes)
-def ties(base: torch.Tensor, deltas, p: TiesParams, name: str) -> torch.Tensor:
+@register("ties", TiesParams, context=ties_context, chunkable=True)
+def ties(base: torch.Tensor, deltas, p: TiesParams, name: str, ctx: Sequence[Trim] | None = None,
+         offset: int = 0) -> torch.Tensor:
     """Trim, elect sign, disjoint mean of task vectors."""
-    n = len(deltas)
-    dens = p.per_model("density", n, 0.2)
-    trimmed = [trim_top_k(t, d) for t, d in zip(deltas, dens)]
-    return base + p.lambda_ * disjoint_merge(trimmed, p.per_model("weights", n, 1.0))
+    if ctx is None:
+        ctx = ties_context([lambda t=t: [t.reshape(-1)] for t in deltas], deltas[0].numel(), p, name)
+    trimmed = [apply_trim(t, c, offset) for t, c in zip(deltas, ctx)]
+    return base + p.lambda_ * disjoint_merge(trimmed, p.per_model("weights", len(deltas), 1.0))

@@ -105,7 +105,11 @@ def prepare(deltas: Sequence[torch.Tensor], name: str) -> TsvUpdates:
     return TsvUpdates(tuple(updates), scale)
 
 
-@register("tsv", TsvParams, prepare=prepare)
+def _coefficients(p: TsvParams, prepared: TsvUpdates) -> list[float]:
+    return [p.alpha * prepared.scale * w for w in p.per_model("weights", len(prepared.updates), 1.0)]
+
+
+@register("tsv", TsvParams, prepare=prepare, chunkable=True, coefficients=_coefficients)
 def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
     """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update.
 

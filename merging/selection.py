@@ -1,0 +1,87 @@
+"""The k entries of largest magnitude of a tensor, found by radix selection on float bits.
+
+TIES keeps the top density * numel entries of each task vector by magnitude (ties at the k-th
+magnitude in index order), per candidate; the sparse task-vector store keeps them once. A
+sort costs O(n log n) and `kthvalue` a full copy; here the threshold comes from counting:
+for non-negative floats, the order of the bit patterns is the order of the values, so two
+histograms (the high 16 bits, then the low 16 bits inside the one bin that holds the k-th
+value) give the k-th largest magnitude exactly, and one scan finds where its ties stop.
+Every pass streams over chunks of the tensor, so memory is one chunk, and the result is the
+stable sort's (tests/test_methods.py checks it against sorting, ties included).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+
+Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order
+
+
+class Trim(NamedTuple):
+    """Which entries are kept: |x| > threshold, and |x| == threshold at flat indices <= cutoff
+    (the first of the tied entries, in index order, up to k in all). threshold < 0: all."""
+
+    threshold: float
+    cutoff: int
+
+
+def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.float().abs().view(torch.int32).reshape(-1)
+
+
+def _bits_value(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _select_bin(hist: torch.Tensor, need: int) -> tuple[int, int]:
+    """(bin b, count above b): the bin holding the `need`-th largest value of a histogram."""
+    above = hist.flip(0).cumsum(0).flip(0) - hist
+    b = int(((above < need) & (above + hist >= need)).nonzero()[-1])
+    return b, int(above[b])
+
+
+def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
+    """The `Trim` keeping exactly the k largest magnitudes (NaN-free input)."""
+    if k >= numel:
+        return Trim(-1.0, -1)
+    if k <= 0:
+        return Trim(math.inf, -1)
+    hi = torch.zeros(1 << 15, dtype=torch.int64)
+    for c in chunks():
+        hi += torch.bincount((_magnitude_bits(c) >> 16).cpu(), minlength=1 << 15)
+    b, above = _select_bin(hi, k)
+    if int(hi[b]) == k - above:  # the whole bin is kept: keep |x| >= its smallest possible value
+        return Trim(_bits_value(b << 16), numel)
+    lo = torch.zeros(1 << 16, dtype=torch.int64)
+    for c in chunks():
+        bits = _magnitude_bits(c)
+        lo += torch.bincount((bits[(bits >> 16) == b] & 0xFFFF).cpu(), minlength=1 << 16)
+    low, above_in_bin = _select_bin(lo, k - above)
+    threshold = _bits_value((b << 16) | low)
+    room, tied = k - above - above_in_bin, int(lo[low])
+    if room >= tied:
+        return Trim(threshold, numel)
+    offset = 0
+    for c in chunks():
+        eq = (c.float().abs().reshape(-1) == threshold).nonzero().reshape(-1)
+        if room <= len(eq):
+            return Trim(threshold, offset + int(eq[room - 1]))
+        room, offset = room - len(eq), offset + c.numel()
+    raise AssertionError("tied entries counted but not found")  # pragma: no cover
+
+
+def keep_mask(x: torch.Tensor, trim: Trim, offset: int = 0) -> torch.Tensor:
+    """The bool mask of the entries `trim` keeps; `x` may be a slice starting at flat `offset`."""
+    mag = x.abs().reshape(-1)
+    cut = min(max(trim.cutoff - offset + 1, 0), mag.numel())  # entries up to the cutoff keep their ties
+    keep = torch.empty_like(mag, dtype=torch.bool)
+    torch.ge(mag[:cut], trim.threshold, out=keep[:cut])
+    torch.gt(mag[cut:], trim.threshold, out=keep[cut:])
+    return keep.view_as(x)
+
+
+def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The bool mask of the k entries of largest magnitude (ties in index order)."""
+    return keep_mask(x, find_trim(lambda: [x.reshape(-1)], x.numel(), k))
