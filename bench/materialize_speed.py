@@ -1,12 +1,12 @@
 """How fast is a candidate materialized in memory, against the memory-bandwidth floor?
 
 For each merge method, one `evolve.materialize.ResidentMerge(base, models, method)` is built
-(base and task vectors read once, the method's `prepare` run once: TSV's SVDs, TIES' ranks;
+(task vectors read once into the store, the method's `prepare` run once: TSV's SVDs;
 that one-off time is reported apart), then `materialize(params)` (the method's default
 parameters) is timed: the median of R calls after one warm-up, alternating with the floor's
 calls so that load from other processes hits both alike. The floor is the time to copy the
-model's weights once, `target.copy_(source)` for every merged parameter (source: the
-resident float32 base tensors, so the same bytes), also a median of R. Printed: ms per
+model's weights once, `target.copy_(source)` for every merged parameter (source: a
+snapshot of the first candidate's weights, so the same bytes), also a median of R. Printed: ms per
 materialize, ms per copy, and their ratio (materialize / copy; 1.0 would be the floor).
 
 Two model families, both with 3 fine-tunes merged:
@@ -19,7 +19,7 @@ Two model families, both with 3 fine-tunes merged:
     .venv/bin/python bench/materialize_speed.py [--reps 5] [--hidden 512] [--layers 8]
         [--methods linear,task_arithmetic,ties,dare_linear,dare_ties,tsv] [--skip-llama]
 
-Default: 2-4 minutes on 2 shared CPU cores (mostly TSV's SVDs and TIES' sorts in prepare), torch on
+Default: 2-4 minutes on 2 shared CPU cores (mostly TSV's SVDs in prepare), torch on
 1 thread (EVOMERGE_BENCH_THREADS sets more).
 """
 from __future__ import annotations
@@ -86,11 +86,13 @@ def bench_family(label: str, base: Path, fts: list[Path], methods: list[str], re
         setup = time.perf_counter() - t0
         params = method_params(method, {}, len(fts))
         n_params = sum(t.numel() for t in rm.targets.values())
+        snapshot = rm.materialize(params).state_dict()
+        snapshot = {n: snapshot[n] for n in rm.targets}
 
         def copy_once():
             with torch.no_grad():
                 for n, t in rm.targets.items():
-                    t.copy_(rm.base[n])
+                    t.copy_(snapshot[n])
 
         t_copy, t_mat = interleaved_times(copy_once, lambda: rm.materialize(params), reps)
         rows.append([label, method, n_params, setup, t_mat * 1e3, t_copy * 1e3, t_mat / t_copy,

@@ -212,29 +212,29 @@ class ResidentMerge:
         return {"ctx": self.method.context(chunk_fns, math.prod(leaves[0].shape), p, n)}
 
     def _write(self, n: str, p: MethodParams, old: MethodParams | None) -> None:
+        """Tensor `n` of the candidate with parameters `p`: fresh from the base when `old` is None,
+        else as the update from the candidate with parameters `old`, run of rows by run of rows."""
         target, stored, fn = self.targets[n], self.stored[n], self.method.fn
-        shape = target.shape
-        rows = target.view(shape[0], -1) if target.dim() > 1 else target.view(1, -1)
+        rows = target.view(1) if target.dim() == 0 else target
+        per_row = math.prod(rows.shape[1:])
         ctx = self._context(n, stored, p)
-        base = self.reader.get(n, self.device) if old is None else None
+        base = self.reader.get(n, self.device).view(rows.shape) if old is None else None
         coeffs = None
         if old is not None and self.method.coefficients is not None:
             coeffs = [a - b for a, b in zip(self.method.coefficients(p, stored), self.method.coefficients(old, stored))]
         zero = torch.zeros((), device=self.device)
-        for a, b, x in self._chunks(stored, shape):
-            kw = {**ctx, "offset": a * (rows.shape[1] if target.dim() > 1 else 0)} if ctx else {}
+        for a, b, x in self._chunks(stored, rows.shape):
+            kw = {**ctx, "offset": a * per_row} if ctx else {}
             if old is None:
-                sub = base[a:b].float() if target.dim() > 1 else base.float()
-                out = fn(sub, x, p, n, **kw)
+                out = fn(base[a:b].float(), x, p, n, **kw)
             elif coeffs is not None:
-                out = rows[a:b].float().view(-1, *shape[1:]) if target.dim() > 1 else target.float()
+                out = rows[a:b].float()
                 for c, v in zip(coeffs, tree_leaves(x, torch.Tensor)):
                     out.add_(v, alpha=c)
             else:
-                old_kw = {**self._last_ctx.get(n, {}), "offset": kw["offset"]} if ctx else {}
-                delta = fn(zero, x, p, n, **kw).sub_(fn(zero, x, old, n, **old_kw))
-                out = (rows[a:b].float().view(-1, *shape[1:]) if target.dim() > 1 else target.float()).add_(delta)
-            (target[a:b] if target.dim() > 1 else target).copy_(out)
+                old_kw = {**self._last_ctx.get(n, {}), "offset": a * per_row} if ctx else {}
+                out = rows[a:b].float().add_(fn(zero, x, p, n, **kw)).sub_(fn(zero, x, old, n, **old_kw))
+            rows[a:b].copy_(out)
         if ctx:
             self._last_ctx[n] = ctx
 

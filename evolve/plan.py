@@ -51,6 +51,7 @@ PLACES = ("gpu", "host", "disk")
 STORE_ORDER = ("dense", "lowrank", "sparse")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 BYTES_PER_TOKEN_ESTIMATE = 3  # without a tokenizer: 1 token per 3 bytes of UTF-8 (English averages about 4)
+AUTO_BATCH_MAX = 256  # batch_size: auto takes the largest batch that fits, at most this
 _DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -318,15 +319,16 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     cfg = _config(base)
     seq, choice, how = _token_lengths(spec, base)
     per_seq = sum(evaluation_bytes(cfg, 1, seq, choice, size).values())
-    evaluation = evaluation_bytes(cfg, ev.batch_size, seq, choice, size)
-    eval_total = sum(evaluation.values())
     room = device_budget - model - work
     max_batch = (1 << 30) if room == math.inf else max(0, int(room // per_seq))
+    auto_batch = ev.batch_size == "auto"
+    batch = 1 if auto_batch else ev.batch_size  # auto: the store is placed first, then the batch fills the room
 
     # which store, and where: the first kind (of those allowed) that fits on the device, else on the host
     kinds = STORE_ORDER if ev.store == "auto" else (ev.store,)
     options = {k: store_bytes(k) for k in kinds}
-    fixed = model + work + eval_total  # on the device whatever the store
+    fixed = model + work + batch * per_seq if auto_batch else model + work + sum(
+        evaluation_bytes(cfg, batch, seq, choice, size).values())  # on the device whatever the store
     for kind in kinds:
         if max(fixed, build) + options[kind] <= device_budget:
             store_where, store_fits = on, True
@@ -337,6 +339,12 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     else:
         store_where, store_fits = "host", False
     store = options[kind]
+    if auto_batch:
+        left = room - (store if store_where == on else 0)
+        batch = AUTO_BATCH_MAX if left == math.inf else min(max(int(left // per_seq), 1), AUTO_BATCH_MAX)
+    evaluation = evaluation_bytes(cfg, batch, seq, choice, size)
+    eval_total = sum(evaluation.values())
+    fixed = model + work + eval_total
 
     error: PlanError | None = None
     if model > device_budget:
@@ -352,7 +360,7 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
                                     f"({human(device_budget)})")
     elif fixed > device_budget:
         error = PlanError("evaluation.batch_size", (
-            f"evaluation at batch {ev.batch_size} x {seq} tokens ({human(eval_total)}: "
+            f"evaluation at batch {batch} x {seq} tokens ({human(eval_total)}: "
             + ", ".join(f"{k} {human(v)}" for k, v in evaluation.items())
             + f") does not fit in {where_name} ({human(device_budget)}) next to the resident model ({human(model)}) "
             f"and the merge working set ({human(work)}); "
@@ -396,16 +404,16 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
         Component("store build", build, on, f"while the store is built, before the model is allocated "
                                             f"({largest}), transient", build_only=True),
     ]
-    components += [Component(f"evaluation: {k}", v, on, f"batch {ev.batch_size} x {seq} tokens"
+    components += [Component(f"evaluation: {k}", v, on, f"batch {batch} x {seq} tokens"
                              + (f", K = {choice}" if k == "logits" else "")) for k, v in evaluation.items()]
 
     moved = {"store read": store, "host->GPU": store if (dev == "cuda" and store_where == "host") else 0,
              "model written": model, "disk read": base_bytes // reanchor}
     title = (f"plan: {spec.base} + {n_models} model{'s' if n_models > 1 else ''} ({spec.method}), device {dev} "
              f"({dtype}), store {ev.store} -> {kind} on {store_where}\n"
-             f"evaluation: batch {ev.batch_size} x L = {seq} tokens ({how})")
+             f"evaluation: batch {batch}{' (auto)' if ev.batch_size == 'auto' else ''} x L = {seq} tokens ({how})")
     plan = Plan(dev, dtype, components, {"gpu": gpu, "host": host}, kind, ev.store, store_where, options,
-                ev.batch_size, seq, how, max_batch, reanchor, moved, title=title)
+                batch, seq, how, max_batch, reanchor, moved, title=title)
     plan.fits, plan.error = error is None, error
     return plan
 

@@ -178,7 +178,8 @@ def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None 
     from fitness.evaluate import cached_responses, evaluate
 
     plan = plan or check_plan(spec)
-    settings, ev = eval_settings(spec.evaluation, spec.device), spec.evaluation
+    ev = spec.evaluation.model_copy(update={"batch_size": plan.batch_size})  # auto: the plan's batch
+    settings = eval_settings(ev, spec.device)
     paths = [m.path for m in spec.models]
     cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
 

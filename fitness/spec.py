@@ -1,7 +1,7 @@
 """The fitness part of a job spec: objectives, subsets, evaluation and IRT settings."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -163,7 +163,9 @@ class EvaluationSpec(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="dtype of the resident model and of every evaluated model: auto is bfloat16 on CUDA, "
                             "float32 on CPU (where bfloat16 matmuls are slow)")
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        64, description="sequences per forward pass; auto: the largest the job's memory plan fits next to the "
+                        "resident model (evolve.plan), at most 256")
     store: Literal["auto", "dense", "lowrank", "sparse"] = Field(
         "auto", description="how the resident merge keeps the task vectors (merging.store): dense (the evaluation "
                             "dtype's precision), lowrank (truncated SVD per matrix, store_rank of the rank), sparse "

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import torch
 
+SMALL = 1 << 16  # at most this many entries: selected by kthvalue (the histograms' fixed cost is higher)
 Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order
 
 
@@ -48,6 +49,8 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
         return Trim(-1.0, -1)
     if k <= 0:
         return Trim(math.inf, -1)
+    if numel <= SMALL:
+        return _find_trim_small(torch.cat([c.float().abs().reshape(-1) for c in chunks()]), k)
     hi = torch.zeros(1 << 15, dtype=torch.int64)
     for c in chunks():
         hi += torch.bincount((_magnitude_bits(c) >> 16).cpu(), minlength=1 << 15)
@@ -70,6 +73,14 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
             return Trim(threshold, offset + int(eq[room - 1]))
         room, offset = room - len(eq), offset + c.numel()
     raise AssertionError("tied entries counted but not found")  # pragma: no cover
+
+
+def _find_trim_small(mag: torch.Tensor, k: int) -> Trim:
+    """The same `Trim` by `kthvalue`, for tensors small enough that 2^16-bin histograms cost more."""
+    threshold = mag.kthvalue(mag.numel() - k + 1).values
+    room = k - int((mag > threshold).sum())
+    tied = (mag == threshold).nonzero().reshape(-1)
+    return Trim(threshold.item(), mag.numel() if room >= len(tied) else int(tied[room - 1]))
 
 
 def keep_mask(x: torch.Tensor, trim: Trim, offset: int = 0) -> torch.Tensor:

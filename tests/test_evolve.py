@@ -210,3 +210,45 @@ def test_run_folders_are_claimed_before_any_work(finished, tiny_zoo, tiny_zoo_ma
         run(moved | {"search": {**spec["search"], "generations": 1}, "final_check": False}, tmp_path / "moved",
             resume=True)
     assert not (tmp_path / "stale").exists()
+
+
+@pytest.mark.parametrize("store", ["lowrank", "sparse"])
+def test_job_with_a_compressed_store_checks_the_exact_merge(tiny_zoo, tiny_zoo_manifest, tmp_path, store):
+    """A job whose task vectors live in a compressed store searches on the compressed merges, but
+    its final check measures the exact merge, which is what the export writes (bit for bit), so the
+    front's true objectives describe the checkpoint a user downloads."""
+    from evolve.materialize import ResidentMerge
+
+    raw = spec_for(tiny_zoo, tiny_zoo_manifest, population=4, generations=1)
+    raw["evaluation"]["store"] = store
+    out = tmp_path / "run"
+    result = run(raw, out)
+    assert json.loads((out / "spec.json").read_text())["evaluation"]["store"] == store
+    assert all(c["true_objectives"] is not None for c in result.front)
+    knee = next(c for c in result.front if c["id"] == result.knee)
+    spec = EvolveSpec.model_validate(raw)
+    resident = ResidentMerge(spec.base, [m.path for m in spec.models], spec.method, device="cpu", store=store)
+    assert resident.settings.kind == store and not resident.lossless
+    exact = resident.materialize(SearchSpace(spec.method, 2).params_for_tensor(np.array(knee["genome"])), exact=True)
+    exported = state_dict(export(out, knee["id"], tmp_path / "knee"))
+    for k, v in resident.state_dict().items():
+        assert torch.equal(v, exported[k]), k
+    settings = EvalSettings(max_new_tokens=tiny_zoo_manifest["eval_settings"]["max_new_tokens"])
+    bench = load_benchmark(tiny_zoo / tiny_zoo_manifest["benchmarks"]["rev"]["path"])
+    acc = evaluate_folder(tmp_path / "knee", bench, settings, device="cpu", use_cache=False).accuracy
+    assert abs(acc - knee["true_objectives"]["rev:accuracy"]) < 1e-9
+    assert exact is resident.model
+
+
+def test_job_that_does_not_fit_is_refused_before_anything_is_written(tiny_zoo, tiny_zoo_manifest, tmp_path,
+                                                                     monkeypatch):
+    """With 1 MB of host memory the tiny zoo's model does not fit: the job is refused by its memory
+    plan, naming the component, and leaves no run folder."""
+    import evolve.plan
+    from evolve.plan import PlanError
+
+    monkeypatch.setattr(evolve.plan, "host_available", lambda: 1_000_000)
+    with pytest.raises(PlanError) as e:
+        run(spec_for(tiny_zoo, tiny_zoo_manifest), tmp_path / "run")
+    assert e.value.field == "evaluation.dtype" and "resident model" in str(e.value)
+    assert not (tmp_path / "run").exists()

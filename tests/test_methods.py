@@ -79,16 +79,19 @@ def ties_reference(base, taus, densities, weights, lam):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("densities,weights,lam", [([0.2] * 3, [1.0] * 3, 1.0), ([0.5, 0.3, 0.9], [1.0, 0.5, 2.0], 0.8),
                                                    ([0.4, 0.6, 0.25], [0.7, -0.4, 0.0], 1.0)])
-def test_ties_against_loop_reference(densities, weights, lam, tied, chunked):
+def test_ties_against_loop_reference(densities, weights, lam, tied, chunked, monkeypatch):
     """Whole tensors, and runs of 2 rows with the trims found over the whole tensor in chunks of
     3 rows (what an evolve job's resident merge does), with magnitudes tied at the trim
     threshold (rounded to one decimal) and negative and zero weights."""
+    import merging.selection
+
     base, taus = rand(7, 6), [rand(7, 6, seed=s) for s in (1, 2, 3)]
     if tied:
         taus = [t.round(decimals=1) for t in taus]
     m = get_method("ties")
     p = method_params("ties", {"density": densities, "weights": weights, "lambda": lam}, 3)
-    if chunked:
+    if chunked:  # and by radix selection, as large tensors are
+        monkeypatch.setattr(merging.selection, "SMALL", 0)
         ctx = m.context([lambda t=t: [t[a:a + 3].reshape(-1) for a in range(0, 7, 3)] for t in taus], 42, p, "w")
         got = torch.cat([m.fn(base[a:a + 2], [t[a:a + 2] for t in taus], p, "w", ctx=ctx, offset=a * 6)
                          for a in range(0, 7, 2)])
@@ -97,11 +100,16 @@ def test_ties_against_loop_reference(densities, weights, lam, tied, chunked):
     assert torch.allclose(got, ties_reference(base, taus, densities, weights, lam), atol=1e-5)
 
 
+@pytest.mark.parametrize("radix", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trim_selection_equals_sorting(dtype):
-    """The radix selection keeps exactly the entries a stable sort by magnitude keeps, with many
-    ties (bfloat16 values, zeros, repeated magnitudes of both signs) and at every k."""
+def test_trim_selection_equals_sorting(dtype, radix, monkeypatch):
+    """The radix selection (and kthvalue, which small tensors take) keeps exactly the entries a
+    stable sort by magnitude keeps, with many ties (bfloat16 values, zeros, repeated magnitudes
+    of both signs) and at every k."""
+    import merging.selection
     from merging.methods.ties import trim_top_k
+
+    monkeypatch.setattr(merging.selection, "SMALL", 0 if radix else 1 << 16)
 
     g = torch.Generator().manual_seed(0)
     tau = (torch.randn(997, generator=g) * 0.01).to(dtype).float()

@@ -421,3 +421,16 @@ def test_plan_matches_measured_peak(tmp_path, kind):
     assert r.returncode == 0, r.stderr[-3000:]
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     assert plan.totals["host"] * 0.75 <= peak <= plan.totals["host"] * 1.25, (peak, plan.table())
+
+
+def test_auto_batch_is_the_largest_that_fits(shapes7b):
+    """batch_size: auto places the store first (on the GPU when it fits there at batch 1), then
+    takes the largest batch that fits in what is left, at most 256."""
+    auto = plan_job(evolve_spec(shapes7b, "llama-2-7b", batch_size="auto"), gpu_memory=24 * GB, host_memory=32 * GB)
+    assert auto.fits and auto.store_where == "gpu"
+    gpu = lambda p: sum(c.bytes for c in p.components if c.where == "gpu" and not c.build_only)  # noqa: E731
+    per_seq = sum(c.bytes for c in plan_job(evolve_spec(shapes7b, "llama-2-7b", batch_size=1), gpu_memory=24 * GB,
+                                            host_memory=32 * GB).components if c.name.startswith("evaluation"))
+    assert gpu(auto) <= 24 * GB < gpu(auto) + per_seq  # one more sequence would not fit
+    roomy = plan_job(evolve_spec(shapes7b, "llama-2-7b", batch_size="auto"), gpu_memory=80 * GB, host_memory=32 * GB)
+    assert roomy.batch_size == 256

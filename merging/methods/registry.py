@@ -7,7 +7,7 @@ tensor's name, used only where a method needs a per-tensor seed or treats some t
 specially. Methods do no I/O; `merging.engine` streams tensors through them.
 
 A method whose work splits into a parameter-free part and a cheap per-parameter part
-(TSV's SVDs, TIES' magnitude ranks) also registers `prepare(deltas, name)`; its `fn`
+(TSV's SVDs) also registers `prepare(deltas, name)`; its `fn`
 then accepts either the raw deltas or what `prepare` returned, so a search that merges
 the same tensors many times prepares them once (`evolve`) with identical results.
 
