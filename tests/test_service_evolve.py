@@ -242,7 +242,7 @@ def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
                                "models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]})
         assert [e for e in client.events(merge["id"]) if e["type"] == "end"]
         browser.call("Page.navigate", url=f"{url}/jobs/{merge['id']}")
-        browser.wait("document.getElementById('status').textContent === 'succeeded'")
+        browser.wait("document.getElementById('status')?.textContent === 'succeeded'")
         assert "no objectives to plot" in browser.wait("document.getElementById('plot').textContent")
         assert browser.js("document.querySelectorAll('#plot circle, #plot line').length") == 0
         assert browser.wait("document.getElementById('download') !== null")
