@@ -143,6 +143,12 @@ class CheckpointReader:
         t = self._files[self._where[name]].read(name)
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def get_rows(self, name: str, a: int, b: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows a..b of a tensor (along its first dimension), read alone: a merge that works in
+        runs of rows never holds the whole tensor."""
+        t = self._files[self._where[name]].read(name, a, b)
+        return t.to(device=device)
+
     def files(self) -> list[Path]:
         return [self.path / f for f in self._files]
 
@@ -185,10 +191,15 @@ class _SafetensorsFile:
             self.infos[name], self.spans[name] = info, (a, b)
         self.infos = {k: self.infos[k] for k in sorted(self.infos)}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, first: int | None = None, last: int | None = None) -> torch.Tensor:
+        """The tensor, or its rows first..last (first dimension)."""
         info, (a, b) = self.infos[name], self.spans[name]
+        shape = info.shape
+        if first is not None and shape:
+            row = (b - a) // max(shape[0], 1)
+            a, b, shape = a + first * row, a + last * row, (last - first, *shape[1:])
         if b == a:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(shape, dtype=info.dtype)
         buf = bytearray(b - a)
         with open(self.path, "rb", buffering=0) as f:
             view, pos = memoryview(buf), 0
@@ -197,7 +208,7 @@ class _SafetensorsFile:
                 if got <= 0:
                     raise CheckpointError(f"{self.path}: file ended inside tensor {name}")
                 pos += got
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
 
 def cache_dir() -> Path:
