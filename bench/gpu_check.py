@@ -43,6 +43,17 @@ WRAPPER = """
 import json, sys, time
 import torch
 from service.cli import main
+try:  # the plan as the job sees it: same process, same free GPU memory, before the job starts
+    from evolve.plan import plan_job
+    from evolve.spec import EvolveSpec
+    from service.client import load_spec_file
+    plan = plan_job(EvolveSpec.model_validate(load_spec_file(sys.argv[2])))
+    print("GPU_CHECK_PLAN " + json.dumps({"totals": plan.totals, "store": plan.store_kind, "where": plan.store_where,
+          "dtype": plan.dtype, "batch": plan.batch_size, "seq": plan.seq_len, "moved": plan.moved, "fits": plan.fits,
+          "error": str(plan.error) if plan.error else None,
+          "components": {c.name: c.bytes for c in plan.components}}), flush=True)
+except ImportError:
+    pass
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
 wall = time.perf_counter() - t0
@@ -114,21 +125,30 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--store", help="evaluation.store (default: the spec's default, auto)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu_check")
+    ap.add_argument("--build-only", help=argparse.SUPPRESS)
     ap.add_argument("--limit-minutes", type=float, default=8.0, help="the time the whole check should take")
     args = ap.parse_args()
     t_start = time.perf_counter()
     marks: dict[str, float] = {}
 
+    if args.build_only:  # in a child process, so that the check's own process holds no GPU memory
+        from scale import build_family
+        from zoo.tokenizer import build_tokenizer
+
+        tok = build_tokenizer()
+        build_family(args.out / "models", args.params, args.models, log=print, device=args.build_only,
+                     extra_files=lambda folder: tok.save_pretrained(folder))
+        return 0
+
     import torch
 
-    cuda = torch.cuda.is_available() and not args.cpu
+    cuda = torch.cuda.is_available() and not args.cpu  # (no CUDA context is made in this process)
     if not cuda and not args.cpu:
         print("gpu_check: no CUDA device here; run with --cpu for the CPU smoke test", file=sys.stderr)
         return 2
     device = "cuda" if cuda else "cpu"
     params = args.params or (1e9 if cuda else 5e6)
-    gpu_name = torch.cuda.get_device_name() if cuda else "-"
-    print(f"gpu_check: device {device} ({gpu_name}), ~{params / 1e9:.2f} B parameters, {args.models} fine-tunes, "
+    print(f"gpu_check: device {device}, ~{params / 1e9:.2f} B parameters, {args.models} fine-tunes, "
           f"{args.method}, population {args.population} x {args.generations} generations, {args.items} items x 2 "
           f"benchmarks (subset {args.subset}), {args.probes} probes", flush=True)
 
@@ -140,8 +160,9 @@ def main() -> int:
         raise SystemExit(f"--params {params:g} gives a vocabulary smaller than the tokenizer's {len(tok)}")
 
     t = time.perf_counter()
-    base, fts, shape = build_family(args.out / "models", params, args.models, log=print,
-                                    device=device, extra_files=lambda folder: tok.save_pretrained(folder))
+    subprocess.run([sys.executable, __file__, "--build-only", device, "--params", str(params), "--models",
+                    str(args.models), "--out", str(args.out)], check=True)
+    base, fts, shape = build_family(args.out / "models", params, args.models)  # built: only the paths
     marks["models (build or reuse)"] = time.perf_counter() - t
     benches = write_benchmarks(args.out / "benchmarks", args.items)
     spec_path = args.out / "spec.yaml"
@@ -152,20 +173,11 @@ def main() -> int:
     env = dict(os.environ, EVOMERGE_CACHE=str(cache), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false")
 
-    # the plan, through the CLI (its table) and through the API (its numbers)
+    # the plan through the CLI (its table); its numbers come from the job's own process (WRAPPER)
     t = time.perf_counter()
     cli = [sys.executable, "-m", "service.cli"]
     r = subprocess.run([*cli, "plan", str(spec_path)], cwd=ROOT, env=env, capture_output=True, text=True)
     print(f"\n$ evomerge plan {spec_path.relative_to(ROOT)}  (exit {r.returncode})\n{r.stdout}{r.stderr}", flush=True)
-    plan = None
-    try:
-        from evolve.plan import plan_job
-        from evolve.spec import EvolveSpec
-        from service.cli import load_spec_file
-
-        plan = plan_job(EvolveSpec.model_validate(load_spec_file(spec_path)))
-    except ImportError as e:
-        print(f"(no evolve.plan here: {e})")
     marks["plan"] = time.perf_counter() - t
 
     # the job, through the CLI's main in a wrapper that reports peak memory
@@ -173,10 +185,13 @@ def main() -> int:
     cmd = [sys.executable, "-c", WRAPPER, "evolve", str(spec_path), "--out", str(run_dir)]
     print(f"$ evomerge evolve {spec_path.relative_to(ROOT)} --out {run_dir.relative_to(ROOT)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, tail = None, []
+    peak, plan, tail = None, None, []
     for line in proc.stdout:
         if line.startswith("GPU_CHECK_PEAK "):
             peak = json.loads(line.split(" ", 1)[1])
+            continue
+        if line.startswith("GPU_CHECK_PLAN "):
+            plan = json.loads(line.split(" ", 1)[1])
             continue
         tail.append(line)
         if line.startswith("[") or line.strip().startswith("gen ") or "error" in line.lower():
@@ -209,30 +224,29 @@ def main() -> int:
     if cuda:
         rows.append(("GPU", f"{peak['device_name']}, {peak['device_total'] / GB:.1f} GB"))
     if plan is not None:
-        rows.append(("plan", f"store {plan.store_kind} on {plan.store_where}, dtype {plan.dtype}, batch {plan.batch_size} x "
-                             f"L {plan.seq_len}, fits: {'yes' if plan.fits else 'no: ' + str(plan.error)}"))
+        rows.append(("plan", f"store {plan['store']} on {plan['where']}, dtype {plan['dtype']}, batch {plan['batch']} x "
+                             f"L {plan['seq']}, fits: {'yes' if plan['fits'] else 'no: ' + str(plan['error'])}"))
+        rows.append(("plan components", ", ".join(f"{k} {v / GB:.2f}" for k, v in plan["components"].items() if v)
+                     + " (GB)"))
     if cuda:
         alloc, reserved = peak["max_allocated"], peak["max_reserved"]
-        line = f"{alloc / GB:.2f} GB allocated, {reserved / GB:.2f} GB reserved"
-        if plan is not None:
-            line += (f"; plan GPU total {plan.totals['gpu'] / GB:.2f} GB: allocated / plan = "
-                     f"{alloc / plan.totals['gpu']:.2f}, reserved / plan = {reserved / plan.totals['gpu']:.2f}")
+        line = f"{alloc / GB:.2f} GB allocated, {reserved / GB:.2f} GB reserved (torch.cuda.max_memory_*)"
+        if plan is not None and plan["totals"]["gpu"]:
+            line += (f"; plan GPU total {plan['totals']['gpu'] / GB:.2f} GB: allocated / plan = "
+                     f"{alloc / plan['totals']['gpu']:.2f}, reserved / plan = {reserved / plan['totals']['gpu']:.2f}")
         rows.append(("peak GPU memory", line))
     host_line = f"{peak['host_peak_rss'] / GB:.2f} GB (VmHWM of the job's process, imports included)"
     if plan is not None:
-        host_line += f"; plan host total {plan.totals['host'] / GB:.2f} GB"
-        if not cuda:
-            host_line += (f" (model {plan.component('resident model').bytes / GB:.2f} + store "
-                          f"{plan.component('task-vector store').bytes / GB:.2f} + working set "
-                          f"{plan.component('merge working set').bytes / GB:.2f} + evaluation)")
+        host_line += f"; plan host total {plan['totals']['host'] / GB:.2f} GB"
     rows.append(("peak host memory", host_line))
     rows.append(("candidates", f"{len(cands)} scored ({args.population} x {args.generations})"))
     rows.append(("materialize s / candidate", stats(merge_s)))
     rows.append(("score s / candidate", stats(score_s)))
     if plan is not None and merge_s[1:]:
-        rows.append(("moved per candidate (plan)", f"{plan.bytes_moved_per_candidate / GB:.2f} GB "
-                                                   f"({', '.join(f'{k} {v / GB:.2f}' for k, v in plan.moved.items() if v)}): "
-                                                   f"{plan.bytes_moved_per_candidate / GB / statistics.mean(merge_s[1:]):.2f} GB/s achieved"))
+        moved = sum(plan["moved"].values())
+        rows.append(("moved per candidate (plan)", f"{moved / GB:.2f} GB "
+                                                   f"({', '.join(f'{k} {v / GB:.2f}' for k, v in plan['moved'].items() if v)}): "
+                                                   f"{moved / GB / statistics.mean(merge_s[1:]):.2f} GB/s achieved"))
     rows.append(("hypervolume", f"search {front.get('hypervolume')}, true (final check) {front.get('true_hypervolume')}"))
     for k, v in marks.items():
         rows.append((f"time: {k}", f"{v:.1f} s"))
@@ -252,12 +266,8 @@ def main() -> int:
         p = {k: ([round(x, 3) for x in v] if isinstance(v, list) else round(v, 3) if isinstance(v, float) else v)
              for k, v in p.items()} if isinstance(p, dict) else p
         print(f"  {e['id']:>3}  {'*' if e['knee'] else '':>4}  {vals}  {json.dumps(p)}")
-    summary = {"device": device, "gpu": gpu_name, "params": n_params, "peak": peak, "marks": marks, "total_s": total,
-               "merge_seconds": merge_s, "score_seconds": score_s,
-               "plan": None if plan is None else {"gpu": plan.totals["gpu"], "host": plan.totals["host"],
-                                                   "store": plan.store_kind, "store_where": plan.store_where,
-                                                   "moved": plan.moved, "fits": plan.fits},
-               "front": front["front"]}
+    summary = {"device": device, "params": n_params, "peak": peak, "marks": marks, "total_s": total,
+               "merge_seconds": merge_s, "score_seconds": score_s, "plan": plan, "front": front["front"]}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return 0 if total <= args.limit_minutes * 60 or args.cpu else 3
 

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -349,8 +348,13 @@ def machine() -> dict:
     mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal:"))
     load = os.getloadavg()
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else "?"
+
     return {"cpu": cpu, "nproc": os.cpu_count(), "mem_total": mem, "load_at_start": load,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "commit": git("rev-parse", "--short", "HEAD"),
+            "modified": git("diff", "--name-only", "HEAD", "--", "evolve", "merging", "fitness").split()}
 
 
 def extract_baseline() -> None:
@@ -597,7 +601,9 @@ def render(doc: dict) -> str:
     out = [f"## Resident merge at scale: {n_models} fine-tunes, bf16, CPU", "",
            f"machine: {info['cpu']}, {info['nproc']} cores, {info['mem_total'] / GB:.1f} GB RAM; torch threads "
            f"{args['threads']} (OMP_NUM_THREADS={args['threads']}); shared with other work: {info['shared']} (load "
-           f"average at start {', '.join(f'{x:.2f}' for x in info['load_at_start'])}); total {doc['minutes']:.1f} min", "",
+           f"average at start {', '.join(f'{x:.2f}' for x in info['load_at_start'])}); total {doc['minutes']:.1f} min; "
+           f"code: commit {info.get('commit', '?')}"
+           + (f" with uncommitted changes to {', '.join(info['modified'])}" if info.get("modified") else ""), "",
            "peak = VmHWM - RSS after imports (the process baseline, torch + transformers + the package, is excluded and "
            "printed); bf16 = 2 bytes x parameters; s / candidate over the candidates after the first; floor = bytes "
            "moved per candidate / copy bandwidth (read + written)", "", table(header, rows)]

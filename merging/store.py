@@ -167,7 +167,9 @@ class StoredTensor:
                 out = torch.zeros((b - a) * per_row, dtype=torch.float32, device=device)
                 out[mask] = values[start:start + kept].to(device, torch.float32, non_blocking=True)
                 start += kept
+                del mask
                 yield out.view(b - a, *self.shape[1:])
+                del out  # before the next chunk is made: a suspended generator holds its locals
         else:
             for a, b in spans:
                 yield self.parts[0][a:b].to(device, torch.float32, non_blocking=True)

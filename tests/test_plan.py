@@ -398,13 +398,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-SPARSE_GAP = pytest.mark.xfail(strict=True, reason=(
-    "with the sparse store, writing candidates peaks ~90 MB above the plan whatever the model's size "
-    "(33 M model: 203 MB measured against a 139 MB plan; 200 M model: 605 MB against 515 MB held); "
-    "not yet traced to an allocation"))
-
-
-@pytest.mark.parametrize("kind", ["dense", "lowrank", pytest.param("sparse", marks=SPARSE_GAP)])
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "sparse"])
 def test_plan_matches_measured_peak(tmp_path, kind):
     """The plan's host total against the measured peak RSS increase of building a resident merge
     of 3 fine-tunes of a ~33 M parameter Llama (bf16) and materializing 3 candidates, on cpu: weights
@@ -426,8 +420,8 @@ def test_plan_matches_measured_peak(tmp_path, kind):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    # 30%: glibc keeps freed blocks under its 32 MB mmap threshold in the heap (evolve.materialize),
-    # slack the plan does not count, a fifth of the peak at this size (0.5 B: 9-19%, bench/README_scale.md)
+    # 30%: 10-25 MB that the plan does not count (allocator and LAPACK buffers, heap fragmentation)
+    # are a sixth of the peak at this size; measured here 1.05 (dense), 1.16 (lowrank), 1.14 (sparse)
     assert plan.totals["host"] * 0.7 <= peak <= plan.totals["host"] * 1.3, (peak, plan.table())
 
 
