@@ -420,9 +420,12 @@ def test_plan_matches_measured_peak(tmp_path, kind):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    # 30%: 10-25 MB that the plan does not count (allocator and LAPACK buffers, heap fragmentation)
-    # are a sixth of the peak at this size; measured here 1.05 (dense), 1.16 (lowrank), 1.14 (sparse)
-    assert plan.totals["host"] * 0.7 <= peak <= plan.totals["host"] * 1.3, (peak, plan.table())
+    # 10-25 MB that the plan does not count (allocator and LAPACK buffers, heap fragmentation) are a
+    # sixth of the peak at this size: measured 1.02-1.05 (dense), 1.11-1.17 (lowrank); the sparse
+    # store's peak varies from run to run with the heap's layout, 1.08-1.37 over 17 runs (the
+    # steady state after each candidate is within 10 MB of the plan), hence 40% there
+    slack = 1.4 if kind == "sparse" else 1.3
+    assert plan.totals["host"] * 0.7 <= peak <= plan.totals["host"] * slack, (peak, plan.table())
 
 
 def test_auto_batch_is_the_largest_that_fits(shapes7b):
