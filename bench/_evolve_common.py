@@ -114,10 +114,10 @@ def forget_setup(spec: dict) -> int:
     were removed."""
     import shutil
 
+    from core.cache import cache_dir
+    from data.benchmarks import load_benchmark
     from evolve.run import probe_recipes
-    from merging.checkpoint import cache_dir
     from evolve.spec import EvolveSpec
-    from fitness.benchmarks import load_benchmark
     from fitness.evaluate import cached_responses_path
     from fitness.fitness import benchmark_paths, eval_settings
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fitness.benchmarks import load_benchmark  # noqa: E402
+from data.benchmarks import load_benchmark  # noqa: E402
 from fitness.evaluate import evaluate_folder  # noqa: E402
 from zoo.build import eval_settings  # noqa: E402
 from zoo.presets import get_preset  # noqa: E402

@@ -51,9 +51,9 @@ def main() -> None:
     set_threads()
     from transformers import AutoTokenizer
 
+    from data.benchmarks import load_benchmark
     from evolve.materialize import ResidentMerge
     from evolve.run import run
-    from fitness.benchmarks import load_benchmark
     from fitness.evaluate import evaluate
     from fitness.fitness import eval_settings
     from fitness.spec import EvaluationSpec

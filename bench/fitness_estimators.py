@@ -53,16 +53,15 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.hashing import content_hash  # noqa: E402
+from data.benchmarks import load_benchmark  # noqa: E402
 from evolve.materialize import ResidentMerge  # noqa: E402
 from evolve.run import recipe_digest  # noqa: E402
-from fitness.benchmarks import load_benchmark  # noqa: E402
-from fitness.adaptive import (DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior,  # noqa: E402
-                              fixed_map_accuracy)
+from fitness.adaptive import DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior, fixed_map_accuracy  # noqa: E402
 from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.subsets import anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset  # noqa: E402
-from merging.checkpoint import content_hash  # noqa: E402
 from merging.spec import method_params  # noqa: E402
 
 ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
@@ -97,6 +96,7 @@ def main() -> None:
     ap.add_argument("--dump", type=Path, help="also write the response matrices (endpoints, probes, truth) as .npz")
     args = ap.parse_args()
     from transformers import AutoTokenizer
+
     from zoo.build import build_zoo
 
     zoo = args.zoo or ROOT / ".cache" / f"zoo-{args.preset}-seed0"

@@ -133,6 +133,7 @@ def main() -> int:
 
     if args.build_only:  # in a child process, so that the check's own process holds no GPU memory
         from scale import build_family
+
         from zoo.tokenizer import build_tokenizer
 
         tok = build_tokenizer()
@@ -153,6 +154,7 @@ def main() -> int:
           f"benchmarks (subset {args.subset}), {args.probes} probes", flush=True)
 
     from scale import build_family, llama_shape
+
     from zoo.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

@@ -32,10 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch  # noqa: E402
 from _evolve_common import OUT, load_zoo, set_threads, table  # noqa: E402
 from factories import perturbed  # noqa: E402
-
-import torch  # noqa: E402
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv"]
 

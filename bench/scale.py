@@ -40,7 +40,7 @@ rank); vectors (norms) get 0.002 x noise. Base: 0.02 x standard normal per matri
         [--methods ties,task_arithmetic] [--stores dense,lowrank,sparse] [--threads 2]
         [--reanchor 1] [--budget-minutes 40] [--no-baseline] [--no-7b]
 
-Writes bench/out/scale/results.json and prints markdown tables (bench/README_scale.md holds a run's).
+Writes bench/out/scale/results.json and prints markdown tables (bench/README.md, "Consumer-GPU scale", holds a run's).
 """
 from __future__ import annotations
 

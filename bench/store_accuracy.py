@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _evolve_common import load_zoo  # noqa: E402
+
+from data.benchmarks import load_benchmark  # noqa: E402
 from evolve.genome import SearchSpace  # noqa: E402
 from evolve.materialize import ResidentMerge, store_settings_for  # noqa: E402
-from fitness.benchmarks import load_benchmark  # noqa: E402
 from fitness.evaluate import evaluate  # noqa: E402
 from zoo.build import eval_settings  # noqa: E402
 from zoo.presets import get_preset  # noqa: E402

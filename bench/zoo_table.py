@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fitness.benchmarks import load_benchmark  # noqa: E402
+from data.benchmarks import load_benchmark  # noqa: E402
 from fitness.evaluate import evaluate_folder  # noqa: E402
 from zoo.build import build_zoo, eval_settings  # noqa: E402
 from zoo.presets import get_preset  # noqa: E402

@@ -27,15 +27,6 @@ PER_MODEL = ("weights", "density")
 GLOBAL = ("lambda", "alpha")
 
 # Default bounds per method: what a user gets without `search.space`.
-DEFAULT_SPACE: dict[str, dict[str, tuple[float, float]]] = {
-    "linear": {"weights": (0.0, 1.0)},
-    "task_arithmetic": {"weights": (0.0, 1.0)},
-    "ties": {"weights": (0.0, 1.0), "density": (0.1, 1.0)},
-    "dare_linear": {"weights": (0.0, 1.0), "density": (0.1, 1.0)},
-    "dare_ties": {"weights": (0.0, 1.0), "density": (0.1, 1.0)},
-    "tsv": {"weights": (0.0, 1.0), "alpha": (0.3, 1.5)},
-}
-
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -76,7 +67,7 @@ class SearchSpace:
         self.method, self.n_models = method, n_models
         self.n_blocks, self.n_layers = n_blocks, n_layers
         self.fixed = dict(fixed or {})
-        space = dict(DEFAULT_SPACE.get(method, {}) if space is None else space)
+        space = dict(get_method(method).space if space is None else space)
         known = set(get_method(method).params.model_fields) | {
             f.alias for f in get_method(method).params.model_fields.values() if f.alias
         }

@@ -32,10 +32,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from merging.checkpoint import DTYPES, CheckpointError
-from merging.engine import all_finite, merged_tensors, open_inputs, resolve_device, resolve_dtype
+from core.devices import DTYPES, resolve_device, resolve_dtype
+from core.errors import CheckpointError
+from merging.engine import all_finite, merged_tensors
 from merging.methods import MethodParams, get_method
 from merging.store import StoredTensor, StoreSettings
+from merging.task_vectors import open_inputs
 
 CHUNK = 1 << 20  # elements per run of rows merged at once (4 MB in float32)
 

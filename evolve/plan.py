@@ -212,7 +212,7 @@ def _config(base: Path) -> dict[str, int]:
 
 def _token_lengths(spec, base: Path) -> tuple[int, int, str]:
     """(L, K, how): the longest evaluated sequence and the longest choice, in tokens."""
-    from fitness.benchmarks import BenchmarkError, load_benchmark
+    from data.benchmarks import BenchmarkError, load_benchmark
 
     tokenizer, how = None, ""
     if any((base / f).is_file() for f in TOKENIZER_FILES):
@@ -272,9 +272,8 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     bytes of host memory (defaults: the free GPU memory, MemAvailable; `math.inf`: not checked).
     `device` overrides the spec's. Returns the plan, `fits` False and `error` set when the job
     does not fit; raises PlanError when it cannot be planned at all (no config, no GPU to ask)."""
-    from merging.engine import open_inputs
     from merging.store import StoreSettings, tensor_bytes
-    from merging.task_vectors import AdapterSource
+    from merging.task_vectors import AdapterSource, open_inputs
 
     spec_device = device or spec.device
     dev = _device(spec_device, gpu_memory)
@@ -285,7 +284,7 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     device_budget = gpu if dev == "cuda" else host
 
     ev = spec.evaluation
-    # merging.engine.resolve_dtype's rule, for a device that need not be on this machine
+    # core.devices.resolve_dtype's rule, for a device that need not be on this machine
     dtype = ev.dtype if ev.dtype != "auto" else ("bfloat16" if dev == "cuda" else "float32")
     size = _DTYPE_SIZE[dtype]
     store_dtype = torch.float32 if dtype == "float32" else torch.bfloat16

@@ -28,15 +28,17 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from fitness.benchmarks import load_benchmark
+from core.cache import cache_dir, register_section, touch
+from core.fs import atomic_write
+from core.hashing import content_hash
+from core.locks import exclusive
+from data.benchmarks import load_benchmark
 from fitness.evaluate import Responses, evaluate_folder
 from fitness.fitness import Fitness, benchmark_paths, eval_settings
 from merging.adapters import is_adapter
-from merging.cache import touch
-from merging.checkpoint import atomic_write, cache_dir, content_hash
-from merging.engine import merge, open_inputs
-from merging.locks import exclusive
+from merging.engine import merge
 from merging.spec import MergeSpec
+from merging.task_vectors import open_inputs
 
 from .genome import SearchSpace
 from .materialize import ResidentMerge, store_settings_for
@@ -44,6 +46,8 @@ from .plan import Plan, check_plan
 from .problem import Candidate, CandidateEvaluator, MergeProblem
 from .search import CANDIDATES_FILE, RUN_FILE, read_candidates, run_search
 from .spec import EvolveSpec
+
+register_section("endpoints", folder=True)  # adapters merged into full checkpoints
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -162,7 +166,7 @@ class Setup:
 
 def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
     """The job's resident merge, laid out as its memory plan says (dtype, store kind and place)."""
-    from merging.checkpoint import DTYPES
+    from core.devices import DTYPES
 
     ev = spec.evaluation
     store = store_settings_for(DTYPES[plan.dtype], plan.store_kind, ev.store_rank, ev.store_density)

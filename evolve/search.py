@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import cloudpickle
+import numpy as np
 from pymoo.core.evaluator import Evaluator
 from pymoo.core.termination import NoTermination
 
-from merging.checkpoint import atomic_write
+from core.fs import atomic_write
 
 from .pareto import hypervolume, knee_point, non_dominated
 from .problem import Candidate, CandidateEvaluator, MergeProblem

@@ -1,7 +1,7 @@
-"""The evolve part of the job spec (see ../shared/design.md, "One job spec")."""
+"""The evolve part of the job spec (reference: docs/spec.md)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +28,7 @@ class EvolveSpec(JobBase):
     """A Pareto search over the method's parameters; `params` are the fixed (not searched) ones."""
 
     kind: Literal["evolve"] = "evolve"
+    tensor_methods_only: ClassVar[bool] = True
     search: SearchSpec = Field(default_factory=SearchSpec)
     objectives: list[ObjectiveSpec] = Field(..., min_length=1, max_length=16)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

@@ -1,6 +1,6 @@
 """Runs a causal LM on benchmark items and records, per item, right/wrong and output length.
 
-Two kinds of items (see `fitness.benchmarks`):
+Two kinds of items (see `data.benchmarks`):
 
 - multiple choice: each choice is scored by the sum of the log-probabilities of its
   tokens given the prompt (`mc_norm="sum"`), or that sum divided by the choice's token
@@ -33,14 +33,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from merging.cache import touch
-from merging.checkpoint import cache_dir as evomerge_cache_dir, content_hash
-from merging.engine import resolve_device
+from core.cache import cache_dir as evomerge_cache_dir
+from core.cache import register_section, touch
+from core.devices import DTYPES, resolve_device
+from core.hashing import content_hash
+from data.benchmarks import Benchmark, Item, is_correct
 
-from .benchmarks import Benchmark, Item, is_correct
+register_section("responses")
 
 CACHE_VERSION = 2  # 2: the number match rule changed (thousands groups, hyphens, fractions)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from merging.cache import touch
-from merging.engine import resolve_dtype
+from core.cache import register_section, touch
+from core.devices import resolve_dtype
+from data.benchmarks import Benchmark, load_benchmark
 
-from .benchmarks import Benchmark, load_benchmark
+from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
-from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .irt import ItemParams, estimate_theta, fit_item_params
 from .spec import EvaluationSpec, ObjectiveSpec
 from .subsets import Subset, anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset
+
+register_section("irt")
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
     """The IRT fit of `Y` with the spec's settings, cached per machine under a hash of both: the
     fit is seeded and deterministic, so a later job over the same models reads it back."""
-    from merging.checkpoint import cache_dir
+    from core.cache import cache_dir
 
     key = hashlib.sha256(Y.astype(np.uint8).tobytes() + str(Y.shape).encode()
                          + irt.model_dump_json(exclude={"probes", "params_file"}).encode()).hexdigest()

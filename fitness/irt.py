@@ -52,7 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from merging.checkpoint import atomic_write
+from core.fs import atomic_write
 
 LOGIT_CLIP = 30.0  # as tinyBenchmarks' item_curve: keeps exp() finite, flattens the gradient beyond
 THETA_BOUND = 8.0  # MLE of an all-correct / all-wrong record is at infinity; stop at this |theta_d|

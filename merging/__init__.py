@@ -1,7 +1,9 @@
 """Weight-space merges of fine-tuned models, streamed tensor by tensor (no jobs, no HTTP)."""
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, write_checkpoint  # noqa: E402
+from core.errors import CheckpointError
+
+from .checkpoint import CheckpointReader, CheckpointWriter, write_checkpoint  # noqa: E402
 from .engine import merge  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 from .spec import MergeSpec, ModelRef, OutputSpec  # noqa: E402

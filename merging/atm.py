@@ -38,7 +38,7 @@ every model its fine-tuned `path` and, as `train`, a validation JSONL, and set
 `init: merge`; theta_0 is then `combine` of the fine-tunes and ATM tunes from there.
 
 Data: each model's `train` is a JSONL file in the benchmark format
-(`fitness.benchmarks`); a generation item trains on (prompt, answer), a multiple-choice
+(`data.benchmarks`); a generation item trains on (prompt, answer), a multiple-choice
 item on (prompt, its correct choice). Loss is on the answer tokens only; training is
 `merging.training.train` (the zoo's seeded loop), full fine-tuning or LoRA (`lora`),
 with gradient accumulation and bf16 autocast on CUDA. The training seed of task i in
@@ -64,10 +64,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods.registry import Method, add, get_method, method_params
 
 STATE_VERSION = 1
-SUMMING_METHODS = ("task_arithmetic", "dare_linear", "tsv")  # default alpha 1/n for these (see alpha_for)
 STATE_FILE = "state.json"
 MAX_STEPS = 10_000_000  # per task: a bound on a typo, far above any budget ATM is run with
 
@@ -127,15 +128,11 @@ class AtmParams(BaseModel):
     @field_validator("combine")
     @classmethod
     def _combine(cls, v: str) -> str:
-        from .methods import get_method
-
-        if v == "atm":
-            raise ValueError("atm cannot combine with itself; name a merge method such as task_arithmetic")
-        from .methods.registry import WHOLE_MODEL_METHODS
-
-        if v in WHOLE_MODEL_METHODS:
+        kind = get_method(v).kind
+        if kind == "training":
+            raise ValueError(f"{v} trains, it cannot combine atm's rounds; name a merge method such as task_arithmetic")
+        if kind == "model":
             raise ValueError(f"{v} aligns whole models; atm combines per tensor (task_arithmetic, ties, ...)")
-        get_method(v)
         return v
 
     @model_validator(mode="after")
@@ -143,10 +140,6 @@ class AtmParams(BaseModel):
         given = [k for k in ("steps_per_iteration", "epochs_per_iteration", "total_steps") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of steps_per_iteration, epochs_per_iteration, total_steps (got {', '.join(given)})")
-        from pydantic import ValidationError
-
-        from .methods import get_method
-
         try:  # keys and types now; per-model lengths in check(), once the models are known
             get_method(self.combine).params.model_validate(self.combine_params)
         except ValidationError as e:
@@ -168,8 +161,6 @@ class AtmParams(BaseModel):
         self.combine_method_params(n_models)
 
     def combine_method_params(self, n_models: int):
-        from .spec import method_params
-
         try:
             return method_params(self.combine, self.combine_params, n_models)
         except ValueError as e:
@@ -181,7 +172,7 @@ class AtmParams(BaseModel):
         (linear, TIES' disjoint mean; the authors' TIES is applied with scaling 1 too)."""
         if self.alpha is not None:
             return self.alpha
-        return 1.0 / n_models if self.combine in SUMMING_METHODS else 1.0
+        return 1.0 / n_models if get_method(self.combine).sums else 1.0
 
     def steps(self, iteration: int, model: int, n_pairs: int) -> int:
         """Optimizer steps for `model` in `iteration` (1-based)."""
@@ -211,7 +202,7 @@ def check_models(params: AtmParams, models: Sequence[Any]) -> None:
 def load_pairs(path: str | os.PathLike, field: str = "train") -> list[tuple[str, str]]:
     """(prompt, answer) pairs from a benchmark-format JSONL: generation items as they are,
     multiple-choice items with their correct choice as the answer."""
-    from fitness.benchmarks import BenchmarkError, load_benchmark
+    from data.benchmarks import BenchmarkError, load_benchmark
 
     try:
         bench = load_benchmark(path)
@@ -230,7 +221,7 @@ def state_dir_for(out: str | os.PathLike) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .checkpoint import atomic_write
+    from core.fs import atomic_write
 
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
@@ -282,9 +273,9 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
     `callback(event)` receives progress events (`{"type": "progress", "iteration", "task",
     "step", "steps", "loss", ...}` and `{"type": "iteration", "iteration", "loss": {task: mean}}`);
     when `should_stop()` turns true the run raises `Interrupted` and a later call resumes. One
-    process at a time per `out_dir` (`merging.locks`): a second is refused, its state untouched.
+    process at a time per `out_dir` (`core.locks`): a second is refused, its state untouched.
     """
-    from .locks import exclusive
+    from core.locks import exclusive
 
     with exclusive(out_dir, "an ATM merge"):
         return _run_atm(spec, Path(out_dir), overwrite, progress, callback, should_stop, card_extra)
@@ -293,9 +284,11 @@ def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progre
 def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_stop, card_extra) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import DTYPES, CheckpointReader, CheckpointWriter, TensorInfo, content_hash, file_sha256
-    from .engine import model_card, resolve_device
-    from .methods import get_method
+    from core.devices import DTYPES, resolve_device
+    from core.hashing import content_hash, file_sha256
+
+    from .card import model_card
+    from .checkpoint import CheckpointReader, CheckpointWriter, TensorInfo
     from .task_vectors import open_source
     from .training import LoraSpec, train
 
@@ -308,7 +301,7 @@ def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_
     base_infos = {k: base_reader.info(k) for k in base_reader.names()}
     fine_tunes = [m.path for m in spec.models if m.path is not None]
     if fine_tunes:  # the same checks a one-shot merge makes
-        from .engine import open_inputs
+        from .task_vectors import open_inputs
 
         open_inputs(spec.base, fine_tunes)
     data = [load_pairs(m.train, f"models[{i}].train") for i, m in enumerate(spec.models)]
@@ -472,7 +465,9 @@ def _save_task_model(model, folder: Path, base_infos: dict, is_lora: bool) -> No
     tensor names, or the LoRA adapter (the delta is then scale * B @ A, as peft merges it)."""
     import tempfile
 
-    from .checkpoint import publish_permissions, write_checkpoint
+    from core.fs import publish_permissions
+
+    from .checkpoint import write_checkpoint
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     if is_lora:
@@ -491,3 +486,7 @@ def _save_task_model(model, folder: Path, base_infos: dict, is_lora: bool) -> No
         raise ValueError(f"the trained model has no tensor {missing[0]} (of the base's checkpoint)")
     tensors = {k: (sd[k].detach().float() if sd[k].is_floating_point() else sd[k].detach()) for k in base_infos}
     write_checkpoint(folder, tensors, torch.float32)
+
+
+add(Method("atm", AtmParams, kind="training", run=run_atm, check_models=check_models,
+           doc="ATM: alternate short fine-tunes per task and merges (Zhou et al. 2024)."))

@@ -13,7 +13,6 @@ into place only when complete, so a crash or an error never leaves a partial mod
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,9 +22,13 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
+
+from core.devices import dtype_size
+from core.errors import CheckpointError
+from core.fs import publish_permissions
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,21 +47,12 @@ SIDE_FILES = (
     "chat_template.json",
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 _ST_DTYPE = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 _FROM_ST = {v: k for k, v in _ST_DTYPE.items()}
-
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be read or written as asked."""
 
 
 def parse_size(size: str | int) -> int:
@@ -77,10 +71,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
     return value
-
-
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -209,67 +199,6 @@ class _SafetensorsFile:
                     raise CheckpointError(f"{self.path}: file ended inside tensor {name}")
                 pos += got
         return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
-
-
-def cache_dir() -> Path:
-    """evomerge's per-machine cache (hashes, evaluation responses): $EVOMERGE_CACHE or ~/.cache/evomerge."""
-    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of one file's bytes, as hex, read in 4 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_hash(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetensors", "*.json")) -> str:
-    """sha256 over the weight and config files of a folder (names and contents), as hex.
-
-    Remembered per machine by (file name, size, mtime), so a large model is hashed once.
-    """
-    root = Path(path).resolve()
-    if not root.is_dir():
-        raise CheckpointError(f"{path}: no such model folder")
-    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    key = hashlib.sha256(json.dumps([str(root), stamp]).encode()).hexdigest()
-    memo = cache_dir() / "hashes" / key
-    if memo.is_file():
-        from .cache import touch
-
-        touch(memo)
-        return memo.read_text().strip()
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    digest = h.hexdigest()
-    atomic_write(memo, digest)
-    return digest
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Writes a file through a temporary file in the same folder, fsync, then a rename:
-    readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the result is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @dataclass
@@ -428,20 +357,6 @@ def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
         if key in cfg or key == "torch_dtype":
             cfg[key] = name
     config.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # read once at import: os.umask is process-wide, not per thread
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def publish_permissions(folder: str | os.PathLike) -> None:
-    """Gives a folder made by `tempfile.mkdtemp` (mode 0700) the mode a plain mkdir would have."""
-    os.chmod(folder, 0o777 & ~_UMASK)
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:

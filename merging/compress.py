@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from core.devices import resolve_device
+
 from .checkpoint import CheckpointWriter
-from .engine import open_inputs, resolve_device
 from .methods.tsv import is_matrix, tsv_c
+from .task_vectors import open_inputs
 
 
 def compress(base: str | os.PathLike, model: str | os.PathLike, out_dir: str | os.PathLike, fraction: float = 0.1,

@@ -12,45 +12,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from . import __version__
-from .checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, content_hash
+from core.devices import DTYPES, resolve_device
+from core.errors import CheckpointError
+from core.hashing import content_hash
+
+from .card import model_card
+from .checkpoint import CheckpointWriter
 from .methods import MethodParams, get_method
 from .spec import MergeSpec
-from .task_vectors import open_source
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} asked for, but CUDA is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: str | torch.device = "auto") -> str:
-    """The evaluation dtype's name: `auto` is bfloat16 on CUDA and float32 elsewhere (bfloat16
-    matmuls on CPU run several times slower than float32 ones)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if resolve_device(str(device)).type == "cuda" else "float32"
-
-
-def open_inputs(base: str | os.PathLike, paths: list[str | os.PathLike]):
-    """Opens the base and the sources and checks that they fit together."""
-    reader = CheckpointReader(base)
-    infos = {n: reader.info(n) for n in reader.names()}
-    sources = []
-    for i, p in enumerate(paths):
-        src = open_source(p)
-        problem = src.mismatch(infos)
-        if problem:
-            raise CheckpointError(f"models[{i}] ({p}) does not match the base {base}: {problem}")
-        sources.append(src)
-    return reader, sources
+from .task_vectors import open_inputs
 
 
 def merged_tensors(reader, sources, method: str, params: MethodParams | Callable[[str], MethodParams],
@@ -93,25 +65,6 @@ def non_finite_input(base: torch.Tensor, deltas: Sequence[torch.Tensor]) -> str 
     return f"from models[{bad[0]}]" if bad else None
 
 
-def model_card(spec: MergeSpec, hashes: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> str:
-    recipe = {
-        "method": spec.method,
-        "params": spec.params,
-        "base": {"path": str(spec.base), "sha256": hashes[str(spec.base)]},
-        "models": [{"name": m.name, "path": str(m.path), "sha256": hashes[str(m.path)]} if m.path is not None
-                   else {"name": m.name, "train": str(m.train)} for m in spec.models],
-        "output": spec.output.model_dump(),
-        "evomerge_version": __version__,
-        **(extra or {}),
-    }
-    return (
-        "---\ntags: [merge, evomerge]\n---\n"
-        f"# Merged with evomerge ({spec.method})\n\n"
-        "This model was produced by a weight-space merge. Recipe:\n\n"
-        f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"
-    )
-
-
 def check_output(out_dir: str | os.PathLike, spec: MergeSpec, overwrite: bool) -> None:
     """Refuses, before any work, an existing output folder unless `overwrite`, and an output folder
     that is, or holds, one of the spec's inputs: writing it would replace the models being merged."""
@@ -134,21 +87,17 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
     genomes); otherwise the spec's parameters apply to every tensor. `card_extra` adds
-    entries to the recipe in the model card. `method: atm` trains and merges in rounds
-    (`merging.atm.run_atm`): `callback` gets its progress events, `should_stop` interrupts
-    it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir` resumes.
+    entries to the recipe in the model card. A `model` or `training` method runs whole (its
+    `run`): ATM (`merging.atm.run_atm`) sends `callback` its progress events, `should_stop`
+    interrupts it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir`
+    resumes.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
     check_output(out_dir, spec, overwrite)
-    if spec.method == "atm":
-        from .atm import run_atm
-
-        return run_atm(spec, out_dir, overwrite=overwrite, progress=progress, callback=callback,
-                       should_stop=should_stop, card_extra=dict(card_extra or {}))
-    if not get_method(spec.method).needs_base:  # c2m3, weight_matching: whole models, aligned first
-        from .permutation.merge import merge_permutation
-
-        return merge_permutation(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=card_extra)
+    method = get_method(spec.method)
+    if method.run is not None:  # a whole-model or training method runs whole
+        return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
+                          callback=callback, should_stop=should_stop)
     out = Path(out_dir)
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)

@@ -1,4 +1,4 @@
-"""The merge part of the job spec (see ../shared/design.md, "One job spec").
+"""The merge part of the job spec (reference: docs/spec.md).
 
 `MergeSpec` is what `evomerge merge SPEC.yaml`, `merging.merge(spec, out)` and the REST
 API's `kind: merge` jobs accept. Method parameters are validated by the method's own
@@ -6,45 +6,15 @@ parameter model, so an unknown key or an out-of-range value names its field.
 """
 from __future__ import annotations
 
-import math
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.validation import GivenPath, field_path, non_finite
 
 from .checkpoint import parse_size
-from .methods import MethodParams, get_method
-
-
-def non_finite(data: Any, loc: tuple = ()) -> tuple | None:
-    """Where the first NaN or infinite number sits in nested dicts and lists (None if nowhere)."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return loc
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
-    for k, v in items:
-        found = non_finite(v, loc + (k,))
-        if found is not None:
-            return found
-    return None
-
-
-def field_path(loc) -> str:
-    """('models', 1, 'path') -> 'models[1].path'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _not_empty(value: Any) -> Any:
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("must not be empty")  # Path("") would silently be "." (the working folder)
-    return value
-
-
-# A path given as text: "" is refused instead of becoming ".".
-GivenPath = Annotated[Path, BeforeValidator(_not_empty)]
+from .methods.registry import MethodParams, get_method, method_params
 
 
 class ModelRef(BaseModel):
@@ -80,6 +50,7 @@ class JobBase(BaseModel):
     """What every job names: the base, the models, the method, where it runs and how it is saved."""
 
     model_config = ConfigDict(extra="forbid")
+    tensor_methods_only: ClassVar[bool] = False  # a job that writes candidates tensor by tensor (evolve)
 
     base: GivenPath | None = Field(None, description="required except for methods that align whole models (c2m3, ...)")
     models: list[ModelRef] = Field(..., min_length=1)
@@ -104,8 +75,7 @@ class JobBase(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v != "atm":  # ATM trains, so it is not a per-tensor method (merging/atm.py)
-            get_method(v)
+        get_method(v)
         return v
 
     @model_validator(mode="after")
@@ -113,23 +83,22 @@ class JobBase(BaseModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("models: names must be unique")
-        if self.base is None and (self.method == "atm" or get_method(self.method).needs_base):
+        method = get_method(self.method)
+        if self.base is None and method.needs_base:
             raise ValueError(f"base: required for method {self.method}")
-        if self.method != "atm" and not get_method(self.method).needs_base and getattr(self, "kind", "merge") != "merge":
-            raise ValueError(f"method: {self.method} aligns whole models and runs as kind: merge only")
+        if self.tensor_methods_only and method.kind != "tensor":
+            raise ValueError(f"method: {self.method} " + (
+                "aligns whole models and runs as kind: merge only" if method.kind == "model" else
+                "runs as kind: merge (its output can then be a model of an evolve job)"))
         p = method_params(self.method, self.params, len(self.models))
-        if self.method == "atm":
-            from .atm import check_models
-
-            if getattr(self, "kind", "merge") != "merge":
-                raise ValueError("method: atm runs as kind: merge (its output can then be a model of an evolve job)")
-            check_models(p, self.models)
-        else:
-            for i, m in enumerate(self.models):
-                if m.path is None:
-                    raise ValueError(f"models[{i}].path: required for method {self.method} (only atm trains from data)")
-                if m.train is not None:
-                    raise ValueError(f"models[{i}].train: only method atm trains; {self.method} merges the models' paths")
+        if method.check_models is not None:
+            method.check_models(p, self.models)
+            return self
+        for i, m in enumerate(self.models):
+            if m.path is None:
+                raise ValueError(f"models[{i}].path: required for method {self.method} (only atm trains from data)")
+            if m.train is not None:
+                raise ValueError(f"models[{i}].train: only method atm trains; {self.method} merges the models' paths")
         return self
 
     def method_params(self) -> MethodParams:
@@ -140,21 +109,3 @@ class MergeSpec(JobBase):
     """One merge with fixed parameters."""
 
     kind: Literal["merge"] = "merge"
-
-
-def method_params(method: str, params: dict[str, Any], n_models: int) -> MethodParams:
-    """Validates `params` for `method`; errors name the field as params.<key>."""
-    if method == "atm":
-        from .atm import AtmParams
-
-        cls = AtmParams
-    else:
-        cls = get_method(method).params
-    try:
-        p = cls.model_validate(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"params.{field}: {err['msg']} (method {method})") from None
-    p.check(n_models)
-    return p

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from core.errors import CheckpointError
+
 from .adapters import LoraAdapter, is_adapter
-from .checkpoint import CheckpointError, CheckpointReader, TensorInfo
+from .checkpoint import CheckpointReader, TensorInfo
 
 
 class ModelSource:
@@ -58,3 +60,17 @@ def open_source(path: str | os.PathLike) -> ModelSource | AdapterSource:
     if not Path(path).is_dir():
         raise CheckpointError(f"{path}: no such model folder")
     return AdapterSource(path) if is_adapter(path) else ModelSource(path)
+
+
+def open_inputs(base: str | os.PathLike, paths: list[str | os.PathLike]):
+    """Opens the base and the sources and checks that they fit together."""
+    reader = CheckpointReader(base)
+    infos = {n: reader.info(n) for n in reader.names()}
+    sources = []
+    for i, p in enumerate(paths):
+        src = open_source(p)
+        problem = src.mismatch(infos)
+        if problem:
+            raise CheckpointError(f"models[{i}] ({p}) does not match the base {base}: {problem}")
+        sources.append(src)
+    return reader, sources

@@ -1,6 +1,6 @@
 """The REST API (FastAPI) and `serve`, which runs it next to one worker process per device.
 
-Routes (design.md, "REST surface"): jobs are submitted, listed, read, cancelled, followed
+Routes (docs/guide.md): jobs are submitted, listed, read, cancelled, followed
 as server-sent events, and their results read as a Pareto front or downloaded as a tar of
 a HF model folder; benchmarks are uploaded as JSONL; /healthz, /metrics and the page
 /jobs/{id} complete it. Jobs only enter the queue here; workers (service.worker) run them.
@@ -29,8 +29,15 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
 
 from .config import Settings, User
@@ -317,7 +324,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     # -- benchmarks -------------------------------------------------------------------------
     @app.post("/v1/benchmarks", status_code=201, summary="Upload a benchmark: the body is JSONL items")
     async def upload_benchmark(request: Request, name: str):
-        from fitness.benchmarks import BenchmarkError, content_hash, parse_items
+        from data.benchmarks import BenchmarkError, content_hash, parse_items
 
         user = user_of(request)
         if not BENCHMARK_NAME.fullmatch(name):

@@ -117,20 +117,15 @@ def cmd_compress(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from merging.methods import METHODS
-    from merging.methods.registry import WHOLE_MODEL_METHODS
+    from merging.methods import methods
 
-    for title, methods in (("per-tensor methods (merge, evolve)", METHODS),
-                           ("whole-model methods (merge only; align, then average; base optional)", WHOLE_MODEL_METHODS)):
+    for kind, title in (("tensor", "per-tensor methods (merge, evolve)"),
+                        ("model", "whole-model methods (merge only; align, then average; base optional)"),
+                        ("training", "training methods (merge only; models give `train` data)")):
         print(f"{title}:")
-        for name, m in sorted(methods.items()):
+        for name, m in sorted(methods(kind).items()):
             fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
             print(f"  {name:16} {m.summary}  params: {fields}")
-    from merging.atm import AtmParams
-
-    print("training methods (merge only; models give `train` data):")
-    print(f"  {'atm':16} ATM: alternate short fine-tunes per task and merges (Zhou et al. 2024).  "
-          f"params: {', '.join(f.alias or k for k, f in AtmParams.model_fields.items())}")
 
 
 def _duration(text: str) -> float:
@@ -142,7 +137,8 @@ def _duration(text: str) -> float:
 
 
 def _size(text: str) -> int:
-    from merging.checkpoint import CheckpointError, parse_size
+    from core.errors import CheckpointError
+    from merging.checkpoint import parse_size
 
     try:
         return parse_size(text)
@@ -161,8 +157,7 @@ def _human(n: float) -> str:
 def cmd_cache(args) -> None:
     import time
 
-    from merging.cache import SECTIONS, entries, remove, select
-    from merging.checkpoint import cache_dir
+    from core.cache import SECTIONS, cache_dir, entries, remove, select
 
     root = cache_dir()
     found = entries(root)
@@ -284,7 +279,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from merging.checkpoint import CheckpointError
+    from core.errors import CheckpointError
 
     if args.func in (cmd_merge, cmd_evolve, cmd_export):  # SIGTERM (timeout, docker, systemd) cleans up like ^C
         import signal

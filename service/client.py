@@ -225,7 +225,7 @@ def load_spec_file(path: str | os.PathLike) -> dict:
         raise ApiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ApiError(f"{path}: a spec is a mapping of fields (kind, base, models, method, ...)")
-    from merging.spec import field_path, non_finite
+    from core.validation import field_path, non_finite
 
     bad = non_finite(data)  # JSON has no NaN or infinities
     if bad is not None:

@@ -76,7 +76,8 @@ class Settings:
         object.__setattr__(self, "artifacts", Path(self.artifacts))
         object.__setattr__(self, "model_roots", tuple(Path(p) for p in (self.model_roots or (Path.cwd(),))))
         object.__setattr__(self, "devices", tuple(self.devices))
-        from merging.checkpoint import CheckpointError, parse_size
+        from core.errors import CheckpointError
+        from merging.checkpoint import parse_size
 
         for name in ("gpu_memory", "host_memory"):
             value = getattr(self, name)

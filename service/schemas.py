@@ -19,8 +19,10 @@ from typing import Annotated, Any, Callable, Iterable, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from merging.checkpoint import CheckpointError, CheckpointReader
-from merging.spec import MergeSpec, field_path, non_finite
+from core.errors import CheckpointError
+from core.validation import field_path, non_finite
+from merging.checkpoint import CheckpointReader
+from merging.spec import MergeSpec
 
 try:  # evolve jobs arrive with the evolve package; until then only merges are accepted
     from evolve.spec import EvolveSpec
@@ -139,8 +141,7 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     (the service passes its artifacts folder, see `resolve_path`). With `gpu_memory` and/or
     `host_memory` (the workers' budgets, bytes), an evolve spec's memory plan must fit them
     (`check_plan_budgets`)."""
-    from merging.engine import open_inputs
-    from merging.task_vectors import open_source
+    from merging.task_vectors import open_inputs, open_source
 
     roots, ex = list(model_roots), list(excluded)
     if not device_accepted(spec.device, devices):
@@ -238,7 +239,7 @@ def _benchmark_file(given: Path, field: str, roots: list[Path], uploaded: Callab
                     ex: list[Path]) -> Path:
     """A JSONL file in the benchmark format: a benchmark uploaded under that name, or a file under
     the roots; loaded once to check it."""
-    from fitness.benchmarks import BenchmarkError, load_benchmark
+    from data.benchmarks import BenchmarkError, load_benchmark
 
     path = uploaded(str(given)) if len(given.parts) == 1 else None
     if path is None:

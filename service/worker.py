@@ -98,11 +98,12 @@ def run_merge(spec, job_dir: Path, emit: Callable[[dict], None], should_stop: Ca
     """One merge into job_dir/model; the result is candidate 0 with the spec's parameters."""
     from merging import merge
     from merging.checkpoint import CheckpointReader
+    from merging.methods import get_method
 
-    if spec.method == "atm":  # trains in rounds: progress per step, resumes from its state beside job_dir/model
+    if get_method(spec.method).kind == "training":  # progress per step, resumes from its state beside job_dir/model
         from merging.atm import Interrupted
 
-        emit({"type": "stage", "stage": "atm"})
+        emit({"type": "stage", "stage": spec.method})
         try:
             merge(spec, job_dir / "model", overwrite=True, progress=False, callback=emit, should_stop=should_stop)
         except Interrupted:

@@ -1,10 +1,10 @@
 """LoRA adapters as task vectors: the merged folder equals peft's merge_and_unload()."""
 import pytest
 import torch
+from factories import save, state_dict, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from factories import save, state_dict, tiny_llama
 from merging import merge
 from merging.adapters import LoraAdapter
 
@@ -73,7 +73,7 @@ def test_adapter_targets_and_zero_elsewhere(tmp_path):
     (lambda text: text.replace('"rank_pattern": {}', '"rank_pattern": {"k_proj": 0}'), "rank 0, not a positive integer"),
 ])
 def test_broken_adapter_configs_are_named(tmp_path, edit, words):
-    from merging.checkpoint import CheckpointError
+    from core.errors import CheckpointError
 
     make_adapter(tiny_llama(), tmp_path / "lora", r=2, lora_alpha=2, target_modules=["k_proj"])
     cfg = tmp_path / "lora" / "adapter_config.json"

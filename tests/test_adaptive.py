@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fitness.adaptive import (CatSession, PopulationPrior, Prior, accuracy_sd, endpoint_prior, fixed_map_accuracy,
-                              item_information, map_theta, predicted_accuracy, run_cat, select_batch, spread_prior)
+from fitness.adaptive import (
+    CatSession,
+    PopulationPrior,
+    Prior,
+    accuracy_sd,
+    endpoint_prior,
+    fixed_map_accuracy,
+    item_information,
+    map_theta,
+    predicted_accuracy,
+    run_cat,
+    select_batch,
+    spread_prior,
+)
 from fitness.irt import ItemParams
 from fitness.spec import ObjectiveSpec, SubsetSpec
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fitness.benchmarks import from_items, load_benchmark
+from data.benchmarks import from_items, load_benchmark
 from fitness.evaluate import evaluate_folder
 from merging import CheckpointReader, MergeSpec, merge
 from merging.atm import Interrupted, load_pairs, state_dir_for

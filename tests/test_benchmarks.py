@@ -1,10 +1,10 @@
 """Benchmark loading (validation errors name file and line) and the answer match rules."""
-from fractions import Fraction
 import json
+from fractions import Fraction
 
 import pytest
 
-from fitness.benchmarks import (
+from data.benchmarks import (
     BenchmarkError,
     Item,
     content_hash,

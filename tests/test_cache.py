@@ -1,4 +1,4 @@
-"""The per-machine cache (merging.cache): inventory, least-recently-used pruning, touch on use."""
+"""The per-machine cache (core.cache): inventory, least-recently-used pruning, touch on use."""
 import itertools
 import os
 import time
@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from merging.cache import entries, remove, select
+import evolve.run  # noqa: F401  (its owners register the cache's sections: evolve, fitness, core)
+from core.cache import SECTIONS, entries, remove, select
 
 NOW = 1_900_000_000.0
 
@@ -34,6 +35,10 @@ def make_cache(root, ages: dict[str, float], now: float = NOW) -> dict[str, int]
 
 AGES = {"endpoints/e1": 90 * 86400, "endpoints/e2": 600, "responses/r1": 40 * 86400, "responses/r2": 2 * 86400,
         "irt/i1": 10 * 86400, "hashes/h1": 100, "hashes/h2": 200 * 86400}
+
+
+def test_owners_register_every_section():
+    assert SECTIONS == {"endpoints": True, "responses": False, "irt": False, "hashes": False}
 
 
 def test_entries_list_every_section_with_sizes_and_last_use(tmp_path):
@@ -82,7 +87,7 @@ def test_remove_frees_the_entries_and_tolerates_ones_already_gone(tmp_path):
 
 
 def test_a_cache_hit_marks_the_entry_used_and_a_pruned_entry_is_recomputed(tmp_path):
-    from fitness.benchmarks import from_items
+    from data.benchmarks import from_items
     from fitness.evaluate import EvalSettings, Responses, cached_responses, cached_responses_path
 
     bench = from_items("b", [{"id": "q1", "prompt": "p", "answer": "a"}, {"id": "q2", "prompt": "p", "answer": "b"}])

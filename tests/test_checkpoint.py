@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.checkpoint import (CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, parse_size,
-                                write_checkpoint)
+from core.errors import CheckpointError
+from merging.checkpoint import CheckpointReader, CheckpointWriter, TensorInfo, parse_size, write_checkpoint
 
 
 def random_state(seed=0):

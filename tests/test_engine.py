@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factories import perturbed, save, state_dict, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from factories import perturbed, save, state_dict, tiny_llama
-from merging import METHODS, merge
-from merging.checkpoint import CheckpointError
+from core.errors import CheckpointError
+from merging import merge
+from merging.methods import methods
 from merging.methods import get_method
 from merging.spec import method_params
 from service.cli import main
@@ -30,7 +31,7 @@ def spec_for(base, models, method="task_arithmetic", **params):
             "method": method, "params": params, "device": "cpu"}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(methods("tensor")))
 def test_copies_of_base_give_base(tmp_path, family, method):
     base, _ = family
     out = merge(spec_for(base, [base, base, base], method), tmp_path / "out", progress=False)

@@ -3,8 +3,21 @@ import numpy as np
 import pytest
 
 from fitness.adaptive import Prior, endpoint_prior
-from fitness.estimators import (ESTIMATORS, NEEDS_PRIOR, estimate, fit_lambdas, full, gmp_irt, gp_irt, gp_irt_lambda,
-                                judge, map_irt, mp_irt, p_irt, subset_mean)
+from fitness.estimators import (
+    ESTIMATORS,
+    NEEDS_PRIOR,
+    estimate,
+    fit_lambdas,
+    full,
+    gmp_irt,
+    gp_irt,
+    gp_irt_lambda,
+    judge,
+    map_irt,
+    mp_irt,
+    p_irt,
+    subset_mean,
+)
 from fitness.irt import ItemParams, estimate_theta, fit_item_params
 
 K_SMALL = 20
@@ -185,7 +198,7 @@ def test_judge():
 def test_a_job_scores_map_irt_under_the_endpoint_prior():
     """Fitness wires map_irt to the endpoints' MAP spread: the job's value equals the estimator
     called by hand with that prior, and differs from the MLE-based p_irt."""
-    from fitness.benchmarks import from_items
+    from data.benchmarks import from_items
     from fitness.evaluate import Responses
     from fitness.fitness import Fitness, fit_benchmark
     from fitness.spec import EvaluationSpec, ObjectiveSpec

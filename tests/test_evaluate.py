@@ -4,8 +4,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fitness.benchmarks import from_items
-from fitness.evaluate import EvalSettings, Responses, choice_scores, evaluate, evaluate_folder, generate, response_matrix
+from data.benchmarks import from_items
+from fitness.evaluate import (
+    EvalSettings,
+    Responses,
+    choice_scores,
+    evaluate,
+    evaluate_folder,
+    generate,
+    response_matrix,
+)
 from zoo.tokenizer import build_tokenizer
 
 
@@ -166,7 +174,7 @@ def test_adapter_cache_key_covers_its_base(tiny_zoo, tmp_path):
     """An adapter's answers depend on the base it is applied to: a changed base is a cache miss."""
     import shutil
 
-    from fitness.benchmarks import load_benchmark
+    from data.benchmarks import load_benchmark
 
     root = tmp_path / "zoo"
     shutil.copytree(tiny_zoo / "models" / "base", root / "models" / "base")
@@ -203,7 +211,7 @@ def test_choice_scores_shared_prompt_varied_choices(model, tok):
 
 
 def test_choices_the_tokenizer_cannot_tell_apart_are_refused(model, tok):
-    from fitness.benchmarks import Item
+    from data.benchmarks import Item
 
     ok = from_items("t", items())
     bad = Item("x", "rev:ab=", 1, ("\u0431\u0430", "\u0436\u0436"))  # Cyrillic: <unk> <unk> both

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from factories import state_dict
 
+from data.benchmarks import load_benchmark
 from evolve import EvolveSpec, export, run
 from evolve.genome import SearchSpace
-from fitness.benchmarks import load_benchmark
 from fitness.evaluate import EvalSettings, evaluate_folder
-from factories import state_dict
 
 
 def spec_for(zoo, manifest, **search):

@@ -4,7 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evolve.genome import DEFAULT_SPACE, GLOBAL, PER_MODEL, SearchSpace, block_of
+from evolve.genome import GLOBAL, PER_MODEL, SearchSpace, block_of
+from merging.methods import methods
+
+DEFAULT_SPACE = {name: m.space for name, m in methods("tensor").items()}  # each method's own default
 from merging.spec import method_params
 
 CASES = [(method, blocks) for method in DEFAULT_SPACE for blocks in (1, 3)]

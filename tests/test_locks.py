@@ -1,4 +1,4 @@
-"""One writer per output folder (merging.locks): evolve runs and ATM merges refuse a folder that
+"""One writer per output folder (core.locks): evolve runs and ATM merges refuse a folder that
 another process is writing, before they read or write anything, and a killed holder frees it."""
 import signal
 import subprocess
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from merging.locks import FolderBusy, exclusive, lock_path
+from core.locks import FolderBusy, exclusive, lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys, time
-from merging.locks import exclusive
+from core.locks import exclusive
 with exclusive(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     time.sleep(120)

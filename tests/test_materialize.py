@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from factories import perturbed, save, state_dict, tiny_llama
 
 import evolve.materialize as materialize
 from evolve.materialize import ResidentMerge, row_chunks, store_settings_for
-from factories import perturbed, save, state_dict, tiny_llama
 from merging import merge
 from merging.methods import get_method
 from merging.store import StoredTensor, StoreSettings, tensor_bytes

@@ -11,18 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factories import tiny_llama
 
-from merging.checkpoint import CheckpointError
+from core.errors import CheckpointError
 from merging.permutation.archs import CNN, MLP, ResNet
 from merging.permutation.c2m3 import _gradients, _line_polynomial, _objective, c2m3, merge_in_universe
 from merging.permutation.repair import layer_stats, repair
-from merging.permutation.spec import (PermutationSpec, check_invariance, identity_perms, inverse, llama_spec,
-                                      permute_state, random_perms, spec_from_module)
+from merging.permutation.spec import (
+    PermutationSpec,
+    check_invariance,
+    identity_perms,
+    inverse,
+    llama_spec,
+    permute_state,
+    random_perms,
+    spec_from_module,
+)
 from merging.permutation.weight_matching import cycle_error, objective, relative, weight_matching
 from service.cli import main
 from zoo import digits
-
-from factories import tiny_llama
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "permutation-digits"
 
@@ -371,12 +378,11 @@ def test_cli_errors_name_the_field(tmp_path, capsys):
 
 def test_merge_aligns_independent_llamas(tmp_path):
     """Two tiny Llamas from different seeds (and a shuffled copy) through merging.merge."""
+    from factories import save, state_dict
     from transformers import LlamaForCausalLM
 
     from merging import merge
     from merging.checkpoint import write_checkpoint
-
-    from factories import save, state_dict
 
     a, b = save(tiny_llama(seed=1), tmp_path / "a"), save(tiny_llama(seed=2), tmp_path / "b")
     sa = state_dict(a)
@@ -425,9 +431,9 @@ def test_c2m3_and_repair_merge_pretrained_llamas(tmp_path, tiny_zoo):
     for REPAIR is the per-unit std of the repaired layers, measured here with forward hooks on
     the written model and on the aligned endpoints (Llama's MLP projections have no bias, so
     REPAIR can only rescale: the std is matched, the mean is scaled with it)."""
+    from factories import state_dict
     from transformers import LlamaForCausalLM
 
-    from factories import state_dict
     from merging import merge
     from merging.permutation.merge import repair_batches
     from zoo.family import build_llama_family
@@ -483,14 +489,15 @@ def test_c2m3_and_repair_merge_pretrained_llamas(tmp_path, tiny_zoo):
 
 
 def test_cli_methods_lists_the_whole_model_methods(capsys):
-    from merging.methods.registry import METHODS, WHOLE_MODEL_METHODS
+    from merging.methods import METHODS, methods
 
     assert main(["methods"]) in (0, None)
     lines = capsys.readouterr().out.splitlines()
-    for name, m in [*METHODS.items(), *WHOLE_MODEL_METHODS.items()]:
+    for name, m in METHODS.items():
         (line,) = [ln for ln in lines if ln.split()[:1] == [name]]
         assert m.summary in line and "params:" in line
-    assert {"c2m3", "weight_matching"} <= set(WHOLE_MODEL_METHODS) and "ties" in METHODS
+    assert set(methods("model")) == {"c2m3", "weight_matching"} and set(methods("training")) == {"atm"}
+    assert "ties" in methods("tensor")
     (c2m3_line,) = [ln for ln in lines if ln.split()[:1] == ["c2m3"]]
     assert "Frank-Wolfe" in c2m3_line and "init" in c2m3_line and "repair" in c2m3_line
     (atm_line,) = [ln for ln in lines if ln.split()[:1] == ["atm"]]

@@ -301,6 +301,7 @@ def test_tokenizer_lengths(tmp_path):
     """With tokenizer files in the base, lengths come from the tokenizer (the zoo's: one token per
     character, bos prepended)."""
     from factories import save, tiny_llama
+
     from zoo.tokenizer import build_tokenizer
 
     base = save(tiny_llama(), tmp_path / "base")
@@ -354,8 +355,8 @@ def test_service_refuses_a_job_over_its_budget(tmp_path):
     """POST /v1/jobs through the real app: with a host budget the plan runs, and a job over it is a
     400 naming the field; without budgets the API does not plan."""
     import httpx
-
     from factories import family
+
     from service.app import BackgroundServer
     from service.config import Settings
 

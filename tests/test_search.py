@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import perturbed, save, state_dict, tiny_llama
 
 from evolve.genome import SearchSpace
 from evolve.materialize import ResidentMerge
 from evolve.problem import CandidateEvaluator, MergeProblem
-from fitness.fitness import Objective, Score
 from evolve.search import run_search
-from factories import perturbed, save, state_dict, tiny_llama
+from fitness.fitness import Objective, Score
 
 
 class DistanceScorer:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from factories import family, perturbed, save, tiny_llama
+
 from service.app import BackgroundServer
 from service.config import Settings, parse_tokens
 from service.schemas import field_name
@@ -188,7 +188,7 @@ def test_benchmark_upload_and_evolve_spec_checks(server):
         assert c.delete(f"/v1/jobs/{j['id']}").json()["status"] == "cancelled"
 
     # a re-upload is a new file: accepted jobs keep measuring what was checked when they were submitted
-    from fitness.benchmarks import load_benchmark
+    from data.benchmarks import load_benchmark
 
     assert load_benchmark(used).hash == uploaded["hash"]
     r = c.post("/v1/benchmarks", params={"name": "arith"}, content=b'{"id": "z", "prompt": "3+3=", "answer": "6"}\n')

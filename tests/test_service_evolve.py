@@ -15,14 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from factories import perturbed, save, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from factories import perturbed, save, tiny_llama
 from service.app import BackgroundServer
 from service.client import ApiError, Client
 from service.config import Settings, parse_tokens
 from service.worker import worker_command
-
 
 
 @pytest.fixture(scope="module")

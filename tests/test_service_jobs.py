@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from factories import family, perturbed
 from transformers import AutoModelForCausalLM
 
-from factories import family, perturbed
 from merging import merge
 from service.app import BackgroundServer
 from service.client import ApiError, Client

@@ -2,12 +2,11 @@
 (bodies generated from the job spec's JSON schema, random ids and query values), the server
 never answers with a 5xx. Skipped when schemathesis is not installed."""
 import pytest
-
 import schemathesis
+from factories import perturbed, save, tiny_llama  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from factories import perturbed, save, tiny_llama  # noqa: E402
 from service.app import BackgroundServer  # noqa: E402
 from service.config import Settings  # noqa: E402
 

@@ -3,8 +3,17 @@ import numpy as np
 import pytest
 
 from fitness.irt import ItemParams
-from fitness.subsets import (Subset, allocate, anchor_subset, balanced_subset, binary_entropy, difficulty_strata,
-                             entropy_subset, random_subset, select)
+from fitness.subsets import (
+    Subset,
+    allocate,
+    anchor_subset,
+    balanced_subset,
+    binary_entropy,
+    difficulty_strata,
+    entropy_subset,
+    random_subset,
+    select,
+)
 
 GROUPS = np.repeat([0, 1, 2], [400, 150, 50])
 
@@ -224,7 +233,7 @@ def test_select_and_serialisation(items, probes):
 def test_fitness_subsets_are_stratified_by_item_kind():
     """A job's fixed subsets take each item kind (multiple choice, generation per match rule) in
     proportion to its share of the benchmark, weighted so the weighted mean is the mean over all items."""
-    from fitness.benchmarks import from_items
+    from data.benchmarks import from_items
     from fitness.evaluate import Responses
     from fitness.fitness import fit_benchmark
     from fitness.spec import EvaluationSpec, ObjectiveSpec

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from fitness.benchmarks import load_benchmark
+from data.benchmarks import load_benchmark
 from fitness.evaluate import evaluate_folder
 from zoo.build import (
-    _reusable,
     BASE_MAX,
     FT_MIN,
+    _reusable,
     build_zoo,
     eval_settings,
     finetune,
@@ -24,7 +24,6 @@ from zoo.build import (
 from zoo.presets import get_preset
 from zoo.tasks import TASKS, train_sampler
 from zoo.train import LoraSpec, encode_pair, train
-
 
 TINY = get_preset("tiny")
 

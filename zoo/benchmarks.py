@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from fitness.benchmarks import Item, write_benchmark
+from data.benchmarks import Item, write_benchmark
 
 from .presets import Preset
 from .tasks import Task, split

@@ -47,8 +47,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fitness.benchmarks import load_benchmark
-from merging.checkpoint import file_sha256 as file_hash, publish_permissions
+from core.fs import publish_permissions
+from core.hashing import file_sha256 as file_hash
+from data.benchmarks import load_benchmark
 from fitness.evaluate import EvalSettings, evaluate, load_model
 
 from .benchmarks import held_out_prompts, write_task_benchmark

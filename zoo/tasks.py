@@ -7,7 +7,7 @@ one character-level model can hold all of them. Tasks (tiny): `rev` reverse a wo
 preset yet (it stayed below 20% within the budgets tried, see presets.py).
 `cnt` (count a letter) and a per-prompt digit shift were measured and dropped: a
 2-layer model trained from scratch for 400 steps reached 37% and 0% on them, against
-96-100% on the five above (design.md, "Zoo feasibility").
+96-100% on the five above.
 
 `pretrain_sampler` is the base's corpus (see there for why it holds each task's
 mechanism under an alias prefix). Held-out items: `split(task, n_test, seed)` draws

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fitness.benchmarks import Item, write_benchmark
+from data.benchmarks import Item, write_benchmark
 
 from .benchmarks import held_out_prompts
 from .build import mixed_sampler

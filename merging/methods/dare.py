@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from .registry import register, weighted_sum
-from .ties import TiesParams, indicator_positive, disjoint_merge
+from .ties import TiesParams, disjoint_merge, indicator_positive
 
 
 class DareParams(TiesParams):
@@ -43,13 +43,13 @@ def _dropped(deltas, p: DareParams, name: str):
     ]
 
 
-@register("dare_linear", DareParams)
+@register("dare_linear", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)}, sums=True)
 def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
     """Random drop and rescale, then task arithmetic."""
     return base + p.lambda_ * weighted_sum(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))
 
 
-@register("dare_ties", DareParams)
+@register("dare_ties", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
 def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
     """Random drop and rescale, then TIES sign election and disjoint mean."""
     return base + p.lambda_ * disjoint_merge(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))

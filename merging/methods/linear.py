@@ -23,7 +23,7 @@ def _coefficients(p: LinearParams, deltas) -> list[float]:
     return [x / total for x in w]
 
 
-@register("linear", LinearParams, chunkable=True, coefficients=_coefficients)
+@register("linear", LinearParams, chunkable=True, coefficients=_coefficients, space={"weights": (0.0, 1.0)})
 def linear(base: torch.Tensor, deltas, p: LinearParams, name: str) -> torch.Tensor:
     """Weighted average of the models."""
     return base + weighted_sum(deltas, _coefficients(p, deltas))

@@ -1,4 +1,4 @@
-"""The registry of merge methods: name -> (pure function over one tensor, its parameters).
+"""The registry of merge methods: name -> `Method` (its kind, parameters, search space, code).
 
 A method is `fn(base, deltas, params, name) -> merged`: `base` is one parameter of the
 base model, `deltas` the task vectors tau_i = theta_i - theta_base of that parameter
@@ -19,11 +19,12 @@ can be written as an update of the previous one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MethodFn = Callable[[torch.Tensor, Sequence[torch.Tensor], "MethodParams", str], torch.Tensor]
 
@@ -37,10 +38,10 @@ class MethodParams(BaseModel):
 
     def check(self, n_models: int) -> None:
         """Checks per-model lists against the number of models; raises ValueError naming the field."""
-        for field in type(self).model_fields:
-            value = getattr(self, field)
+        for key in type(self).model_fields:
+            value = getattr(self, key)
             if isinstance(value, list) and len(value) != n_models:
-                raise ValueError(f"params.{field}: {len(value)} values for {n_models} models")
+                raise ValueError(f"params.{key}: {len(value)} values for {n_models} models")
 
     def per_model(self, field: str, n: int, default: float) -> list[float]:
         value = getattr(self, field)
@@ -49,35 +50,64 @@ class MethodParams(BaseModel):
         return list(value) if isinstance(value, list) else [float(value)] * n
 
 
+MethodKind = Literal["tensor", "model", "training"]
+
+
 @dataclass(frozen=True)
 class Method:
+    """Everything about one method, in one place.
+
+    `kind`: `tensor` methods are `fn` over one tensor at a time (what `merging.merge` streams and an
+    evolve job's resident merge writes); `model` methods align whole models first (c2m3,
+    weight_matching) and `training` methods fine-tune (ATM): both run whole, through
+    `run(spec, out_dir, *, overwrite, progress, card_extra, callback, should_stop) -> Path`.
+    `space` is the default search space of an evolve job (parameter -> bounds); `sums`: the
+    update is a sum of task vectors, not a mean (ATM's default scale is then 1/n);
+    `check_models(params, models)` checks the spec's models where the default rule (every model
+    has a `path`, none has `train` data) does not apply."""
+
     name: str
-    fn: MethodFn
-    params: type[MethodParams]
+    params: type[BaseModel]
+    kind: MethodKind = "tensor"
+    fn: MethodFn | None = None
+    run: Callable[..., Path] | None = None
     prepare: Callable[[Sequence[torch.Tensor], str], Any] | None = None
-    needs_base: bool = True  # False: whole-model methods (c2m3, weight_matching), `base` optional
+    needs_base: bool = True  # False: whole-model methods, `base` optional
     chunkable: bool = False  # fn gives the same values on any run of rows (with `context`'s result)
     context: Callable[..., Any] | None = None  # (chunks, numel, params, name) -> ctx for fn(..., ctx=, offset=)
     coefficients: Callable[..., list[float]] | None = None  # (params, prepared) -> c_i: fn = base + sum_i c_i x_i
+    space: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    sums: bool = False
+    check_models: Callable[[Any, Sequence[Any]], None] | None = None
+    doc: str = ""  # one line for `evomerge methods`; default: the first line of fn's docstring
 
     @property
     def summary(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0]
+        return self.doc or (self.fn.__doc__ or "").strip().splitlines()[0]
 
 
 METHODS: dict[str, Method] = {}
-WHOLE_MODEL_METHODS: dict[str, Method] = {}  # c2m3, weight_matching: merging.permutation
 
 
-def register(name: str, params: type[MethodParams], prepare=None, needs_base: bool = True, chunkable: bool = False,
-             context=None, coefficients=None):
+def add(method: Method) -> Method:
+    """Registers a method (a `model` or `training` one; `register` below for `tensor` ones)."""
+    if (method.kind == "tensor") != (method.fn is not None) or (method.kind != "tensor") != (method.run is not None):
+        raise ValueError(f"method {method.name}: a tensor method has fn and no run, the others run and no fn")
+    METHODS[method.name] = method
+    return method
+
+
+def register(name: str, params: type[MethodParams], **facts):
+    """Decorator registering `fn` as the tensor method `name` (facts: the fields of `Method`)."""
     def deco(fn: MethodFn) -> MethodFn:
-        # whole-model methods (no per-tensor form) live apart, so per-tensor users of METHODS skip them
-        (METHODS if needs_base else WHOLE_MODEL_METHODS)[name] = Method(
-            name, fn, params, prepare, needs_base, chunkable, context, coefficients)
+        add(Method(name, params, fn=fn, **facts))
         return fn
 
     return deco
+
+
+def methods(kind: MethodKind) -> dict[str, Method]:
+    return {n: m for n, m in METHODS.items() if m.kind == kind}
 
 
 class UnknownMethod(ValueError):
@@ -86,10 +116,21 @@ class UnknownMethod(ValueError):
 
 def get_method(name: str) -> Method:
     try:
-        return METHODS[name] if name in METHODS else WHOLE_MODEL_METHODS[name]
+        return METHODS[name]
     except KeyError:
-        known = ", ".join(sorted([*METHODS, *WHOLE_MODEL_METHODS]))
-        raise UnknownMethod(f"unknown method {name!r}; known: {known}") from None
+        raise UnknownMethod(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def method_params(method: str, params: dict[str, Any], n_models: int) -> MethodParams:
+    """Validates `params` for `method`; errors name the field as params.<key>."""
+    try:
+        p = get_method(method).params.model_validate(params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"params.{field}: {err['msg']} (method {method})") from None
+    p.check(n_models)
+    return p
 
 
 def weighted_sum(deltas: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -20,7 +20,8 @@ def _coefficients(p: TaskArithmeticParams, deltas) -> list[float]:
     return [p.lambda_ * w for w in p.per_model("weights", len(deltas), 1.0)]
 
 
-@register("task_arithmetic", TaskArithmeticParams, chunkable=True, coefficients=_coefficients)
+@register("task_arithmetic", TaskArithmeticParams, chunkable=True, coefficients=_coefficients,
+          space={"weights": (0.0, 1.0)}, sums=True)
 def task_arithmetic(base: torch.Tensor, deltas, p: TaskArithmeticParams, name: str) -> torch.Tensor:
     """base + lambda * weighted sum of task vectors."""
     return base + p.lambda_ * weighted_sum(deltas, p.per_model("weights", len(deltas), 1.0))

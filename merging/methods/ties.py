@@ -83,7 +83,8 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return num.div_(den.add_(empty.mul_(1 - den)))
 
 
-@register("ties", TiesParams, context=ties_context, chunkable=True)
+@register("ties", TiesParams, context=ties_context, chunkable=True,
+          space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
 def ties(base: torch.Tensor, deltas, p: TiesParams, name: str, ctx: Sequence[Trim] | None = None,
          offset: int = 0) -> torch.Tensor:
     """Trim, elect sign, disjoint mean of task vectors."""

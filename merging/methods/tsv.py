@@ -109,7 +109,8 @@ def _coefficients(p: TsvParams, prepared: TsvUpdates) -> list[float]:
     return [p.alpha * prepared.scale * w for w in p.per_model("weights", len(prepared.updates), 1.0)]
 
 
-@register("tsv", TsvParams, prepare=prepare, chunkable=True, coefficients=_coefficients)
+@register("tsv", TsvParams, prepare=prepare, chunkable=True, coefficients=_coefficients,
+          space={"weights": (0.0, 1.0), "alpha": (0.3, 1.5)}, sums=True)
 def tsv(base: torch.Tensor, deltas, p: TsvParams, name: str) -> torch.Tensor:
     """TSV-M: per-task low-rank SVD, decorrelated singular vectors, summed update.
 

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 from safetensors import SafetensorError
 
-from .. import __version__
-from ..checkpoint import DTYPES, CheckpointError, CheckpointReader, CheckpointWriter, content_hash
+from core.devices import DTYPES
+from core.errors import CheckpointError
+from core.hashing import content_hash
+
+from ..card import model_card
+from ..checkpoint import CheckpointReader, CheckpointWriter
 from .c2m3 import c2m3, merge_in_universe
 from .spec import PermutationSpec, identity_perms, llama_spec, permute_state, spec_from_module
 from .weight_matching import weight_matching
@@ -110,7 +113,7 @@ def repair_batches(data: str, n: int, batch_size: int, tokenizer_from: Path | No
     if path.suffix == ".jsonl":
         from transformers import AutoTokenizer
 
-        from fitness.benchmarks import load_benchmark
+        from data.benchmarks import load_benchmark
 
         items = load_benchmark(path).items[:n]
         tok = AutoTokenizer.from_pretrained(tokenizer_from)
@@ -159,7 +162,7 @@ def align(method: str, spec: PermutationSpec, states: list[dict[str, torch.Tenso
 def merge_permutation(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
                       card_extra: Mapping[str, Any] | None = None) -> Path:
     """Runs a `MergeSpec` whose method is c2m3 or weight_matching (see the module docstring)."""
-    from ..engine import resolve_device
+    from core.devices import resolve_device
 
     out = Path(out_dir)  # merge() has refused an existing folder unless overwrite
     params = spec.method_params()
@@ -184,7 +187,8 @@ def merge_permutation(spec, out_dir: str | os.PathLike, *, overwrite: bool = Fal
     infos = {n: readers[0].info(n) for n in names}
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None
     hashes = {str(p): content_hash(p) for p in paths}
-    card = _card(spec, hashes, {"alignment": info, **(card_extra or {})})
+    card = model_card(spec, hashes, {"alignment": info, **(card_extra or {})},
+                      "The models were aligned (permutations of their hidden units) and averaged.")
     with CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
         for n in writer.expected:
             writer.write(n, merged[n])
@@ -224,16 +228,3 @@ def _repaired(pspec, merged, states, perms, params, folder0: Path, device) -> di
     return {n: sd[n].detach() for n in merged}
 
 
-def _card(spec, hashes: Mapping[str, str], extra: Mapping[str, Any]) -> str:
-    recipe = {
-        "method": spec.method,
-        "params": spec.params,
-        "models": [{"name": m.name, "path": str(m.path), "sha256": hashes[str(m.path)]} for m in spec.models],
-        "output": spec.output.model_dump(),
-        "evomerge_version": __version__,
-        **extra,
-    }
-    return ("---\ntags: [merge, evomerge]\n---\n"
-            f"# Merged with evomerge ({spec.method})\n\n"
-            "The models were aligned (permutations of their hidden units) and averaged. Recipe:\n\n"
-            f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n")

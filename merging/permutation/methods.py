@@ -1,16 +1,14 @@
-"""Registers `c2m3` and `weight_matching` in `merging.methods` (parameters, docs, needs_base=False).
-
-They are not per-tensor functions: `merging.merge` hands them to `merging.permutation.merge`,
-which reads the models whole. Their `fn` only raises when called per tensor (evolve cannot
-use them).
+"""Registers `c2m3` and `weight_matching` in `merging.methods` as `model` methods: they read the
+models whole (`merging.permutation.merge`), so they run as merges, never per tensor (evolve).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from ..methods.registry import MethodParams, register
+from ..methods.registry import Method, MethodParams, add
 
 
 class PermutationParams(MethodParams):
@@ -38,19 +36,15 @@ class PermutationParams(MethodParams):
             raise ValueError("params.weights: must be non-negative with a positive sum")
 
 
-def _whole_models_only(base, deltas, params, name):
-    raise ValueError("this method aligns whole models; run it through merging.merge (it has no per-tensor form)")
+def _run(spec, out_dir, *, overwrite: bool = False, progress: bool = True, card_extra=None, callback=None,
+         should_stop=None) -> Path:
+    """Aligns and writes in one step (no progress events, nothing to stop between)."""
+    from .merge import merge_permutation
+
+    return merge_permutation(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=card_extra)
 
 
-def _c2m3(base, deltas, params, name):
-    """C2M3: cycle-consistent alignment of N models to a universe (Frank-Wolfe), then average (Crisostomi et al. 2024)."""
-    return _whole_models_only(base, deltas, params, name)
-
-
-def _weight_matching(base, deltas, params, name):
-    """Weight matching: align every model to models[0] (Git Re-Basin, Ainsworth et al. 2023), then average."""
-    return _whole_models_only(base, deltas, params, name)
-
-
-register("c2m3", PermutationParams, needs_base=False)(_c2m3)
-register("weight_matching", PermutationParams, needs_base=False)(_weight_matching)
+add(Method("c2m3", PermutationParams, kind="model", needs_base=False, run=_run, doc=(
+    "C2M3: cycle-consistent alignment of N models to a universe (Frank-Wolfe), then average (Crisostomi et al. 2024).")))
+add(Method("weight_matching", PermutationParams, kind="model", needs_base=False, run=_run, doc=(
+    "Weight matching: align every model to models[0] (Git Re-Basin, Ainsworth et al. 2023), then average.")))

@@ -1,9 +1,10 @@
-"""The per-machine cache (`merging.checkpoint.cache_dir`): what it holds, and pruning it.
+"""The per-machine cache: where it is, its sections, and pruning it.
 
-Sections: `endpoints` (LoRA adapters merged once into full checkpoints: the large entries, one
-folder each), `responses` (benchmark answers per model digest), `irt` (fitted item parameters)
-and `hashes` (content-hash memos). Every entry is recomputed when it is missing, so pruning loses
-time, never results. Readers touch an entry when they use it (`touch`), so an entry's age is the
+Each section is registered by the module that fills it (`register_section`): `endpoints`
+(LoRA adapters merged once into full checkpoints: the large entries, one folder each),
+`responses` (benchmark answers per model digest), `irt` (fitted item parameters) and `hashes`
+(content-hash memos). Every entry is recomputed when it is missing, so pruning loses time,
+never results. Readers touch an entry when they use it (`touch`), so an entry's age is the
 time since its last use and pruning by size removes the least recently used first. Entries used
 within `keep_recent` seconds are never removed, so a job that is starting keeps what it reads.
 """
@@ -16,10 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import cache_dir
+SECTIONS: dict[str, bool] = {}  # name -> one entry per folder (else one per file)
 
-SECTIONS = ("endpoints", "responses", "irt", "hashes")
-FOLDER_SECTIONS = ("endpoints",)  # one entry per folder
+
+def register_section(name: str, folder: bool = False) -> None:
+    """Declares a section of the cache (its owner calls this at import)."""
+    SECTIONS[name] = folder
+
+
+def cache_dir() -> Path:
+    """evomerge's per-machine cache: $EVOMERGE_CACHE or ~/.cache/evomerge."""
+    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
 
 
 @dataclass(frozen=True)
@@ -44,11 +52,11 @@ def entries(root: str | os.PathLike | None = None) -> list[Entry]:
     """Every entry of the cache at `root` (default: `cache_dir()`), oldest use first."""
     root = Path(root) if root is not None else cache_dir()
     out = []
-    for section in SECTIONS:
+    for section, per_folder in SECTIONS.items():
         folder = root / section
         if not folder.is_dir():
             continue
-        if section in FOLDER_SECTIONS:
+        if per_folder:
             items = [(p, _folder_bytes(p)) for p in folder.iterdir() if p.is_dir()]
         else:
             items = [(p, p.stat().st_size) for p in folder.rglob("*") if p.is_file()]

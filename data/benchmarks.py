@@ -1,6 +1,6 @@
 """Benchmarks: JSONL files of items, validated on load, and the rules that check answers.
 
-One item a line, one of two kinds (design.md, "Benchmark items"):
+One item a line, one of two kinds:
 
     {"id": "q1", "prompt": "...", "choices": ["...", "..."], "answer": 1}
     {"id": "q2", "prompt": "...", "answer": "42", "match": "number"}

@@ -1,0 +1,30 @@
+"""Devices and dtypes by name, as specs give them."""
+from __future__ import annotations
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` is CUDA when present, else the CPU; a CUDA device asked for where there is none is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} asked for, but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: str | torch.device = "auto") -> str:
+    """The evaluation dtype's name: `auto` is bfloat16 on CUDA and float32 elsewhere (bfloat16
+    matmuls on CPU run several times slower than float32 ones)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if resolve_device(str(device)).type == "cuda" else "float32"
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
