@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         r["avg"], r["norm"] = avg, norm
         ts = "" if r["train_s"] is None else f"{r['train_s']:.1f}"
         print(f"| {name} | " + " | ".join(f"{acc[t]:.3f}" for t in tasks) + f" | {avg:.3f} | {norm:.3f} | {ts} |")
-    print(f"| fine-tunes (own task) | " + " | ".join(f"{own[t]:.3f}" for t in tasks)
+    print("| fine-tunes (own task) | " + " | ".join(f"{own[t]:.3f}" for t in tasks)
           + f" | {sum(own.values()) / len(own):.3f} | 1.000 | {ft_seconds:.1f} |")
     tag = "" if args.alpha is None else f"-alpha{args.alpha:g}"
     out_json = ROOT / "bench" / "out" / f"atm-{preset.name}-seed{manifest['seed']}{tag}.json"

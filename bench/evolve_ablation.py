@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.hooks import Hooks
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _evolve_common import OUT, StageClock, evolve_spec, forget_setup, load_zoo, search_args, set_threads, table  # noqa: E402
 
@@ -90,7 +92,7 @@ def main() -> None:
         forget_setup(spec)  # every run pays its probes and IRT fit, as a user's first job over these models does
         clock = StageClock()
         t0 = time.perf_counter()
-        res = run(spec, out, callback=clock)
+        res = run(spec, out, hooks=Hooks(clock))
         wall = time.perf_counter() - t0
         st = clock.seconds()
         cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.hooks import Hooks
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _evolve_common import OUT, StageClock, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
 
@@ -57,7 +59,7 @@ def main() -> None:
     from fitness.evaluate import evaluate
     from fitness.fitness import eval_settings
     from fitness.spec import EvaluationSpec
-    from merging.spec import method_params
+    from merging.methods import method_params
 
     zoo, manifest = load_zoo(args.preset)
     tasks = args.tasks.split(",")
@@ -67,7 +69,7 @@ def main() -> None:
                        generations=args.generations, seed=args.seed, probes=args.probes, epochs=args.epochs)
     shutil.rmtree(args.out, ignore_errors=True)
     clock = StageClock()
-    res = run(spec, args.out, callback=clock)
+    res = run(spec, args.out, hooks=Hooks(clock))
     print(f"evolve: {res.cost['candidates']} candidates, front {len(res.front)}, stages "
           + ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds().items()), file=sys.stderr, flush=True)
     own = {t: manifest["accuracy"][t][t] for t in tasks}

@@ -62,7 +62,7 @@ from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.subsets import anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset  # noqa: E402
-from merging.spec import method_params  # noqa: E402
+from merging.methods import method_params  # noqa: E402
 
 ESTIMATORS = ["subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map"]
 STRATEGIES = ["random", "balanced", "random_kind", "anchor", "entropy", "adaptive", "adaptive_pop"]

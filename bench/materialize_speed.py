@@ -75,7 +75,7 @@ def interleaved_times(a, b, reps: int) -> tuple[float, float]:
 
 def bench_family(label: str, base: Path, fts: list[Path], methods: list[str], reps: int) -> list[list]:
     from evolve.materialize import ResidentMerge
-    from merging.spec import method_params
+    from merging.methods import method_params
 
     rows = []
     ResidentMerge(base, fts, "linear", device="cpu")  # warm-up: imports, lazy init, page cache

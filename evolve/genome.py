@@ -20,8 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from merging.methods import MethodParams, get_method
-from merging.spec import method_params
+from merging.methods import MethodParams, get_method, method_params
 
 PER_MODEL = ("weights", "density")
 GLOBAL = ("lambda", "alpha")

@@ -1,6 +1,6 @@
 """An evolve job from spec to Pareto front: `run(spec, out_dir)` and `export(out_dir, cid, dir)`.
 
-Stages (each reported to `callback` as {"type": "stage", "stage": ...}):
+Stages (each reported to the hooks as {"type": "stage", "stage": ...}):
 1. endpoints: the base and every model are evaluated on the full benchmarks once per
    machine (response cache; an adapter is first merged into a cached full folder);
 2. probes: a few random merges of the job's own kind (its method at Latin-hypercube points of
@@ -24,13 +24,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from core.cache import cache_dir, register_section, touch
-from core.fs import atomic_write
+from core.fs import atomic_file, atomic_write
 from core.hashing import content_hash
+from core.hooks import NO_HOOKS, Hooks
 from core.locks import exclusive
 from data.benchmarks import load_benchmark
 from fitness.evaluate import Responses, evaluate_folder
@@ -49,7 +50,6 @@ from .spec import EvolveSpec
 
 register_section("endpoints", folder=True)  # adapters merged into full checkpoints
 
-Callback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -60,11 +60,8 @@ class EvolveResult:
     true_hypervolume: float | None
     cost: dict[str, Any]
     out_dir: Path
-
-
-def _emit(callback: Callback | None, event: dict[str, Any]) -> None:
-    if callback:
-        callback(event)
+    objectives: list[dict[str, str]]  # in order: name, sense (max or min)
+    complete: bool  # false when the hooks stopped the search early
 
 
 def endpoint_folder(base: Path, model: Path) -> Path:
@@ -175,7 +172,7 @@ def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
                          reanchor_every=plan.reanchor_every)
 
 
-def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None = None) -> Setup:
+def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None) -> Setup:
     """Stages 1-3 (endpoints, probes, irt) and the resident model and search space of stage 4."""
     from transformers import AutoTokenizer
 
@@ -187,7 +184,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None 
     paths = [m.path for m in spec.models]
     cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
 
-    _emit(callback, {"type": "stage", "stage": "endpoints"})
+    hooks.emit({"type": "stage", "stage": "endpoints"})
     benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
     endpoints: dict[str, list[Responses]] = {k: [] for k in benches}
     for folder in [spec.base, *(endpoint_folder(spec.base, p) for p in paths)]:
@@ -195,7 +192,7 @@ def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None 
             endpoints[k].append(evaluate_folder(folder, b, settings, batch_size=ev.batch_size, device=spec.device))
             cost["endpoint_items"] += len(b)
 
-    _emit(callback, {"type": "stage", "stage": "probes"})
+    hooks.emit({"type": "stage", "stage": "probes"})
     probes: dict[str, list[Responses]] = {k: [] for k in benches}
     resident = None
     space = search_space(spec)
@@ -214,49 +211,51 @@ def setup(spec: EvolveSpec, callback: Callback | None = None, plan: Plan | None 
             probes[k].append(cached_responses(digest, b, settings, spec.device, lambda b=b: compute(b)))
             cost["probe_items"] += len(b)  # counted as a first run pays it, cached or not
 
-    _emit(callback, {"type": "stage", "stage": "irt"})
+    hooks.emit({"type": "stage", "stage": "irt"})
     fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
-    _emit(callback, {"type": "irt", "benchmarks": fitness.describe()})
+    hooks.emit({"type": "irt", "benchmarks": fitness.describe()})
 
     resident = resident or resident_merge(spec, plan)
     return Setup(fitness, resident, space, benches, cost)
 
 
-def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, callback: Callback | None = None,
-        should_stop: Callable[[], bool] | None = None, resume: bool = False, overwrite: bool = False) -> EvolveResult:
+def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, hooks: Hooks = NO_HOOKS,
+        resume: bool = False, overwrite: bool = False) -> EvolveResult:
     """Runs the job in `out_dir` (see the module docstring); `resume` continues the run there,
-    `overwrite` replaces one; with neither, a folder holding a run is refused."""
+    `overwrite` replaces one; with neither, a folder holding a run is refused. `hooks` get the
+    stage and progress events; when they ask to stop, the search ends after the candidate being
+    scored and the result is the front so far (`complete` false; `resume` continues it)."""
     spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
     with exclusive(out_dir, "an evolve run"):  # one process per run folder
-        return _run(spec, Path(out_dir), callback, should_stop, resume, overwrite)
+        return _run(spec, Path(out_dir), hooks, resume, overwrite)
 
 
-def _run(spec: EvolveSpec, out: Path, callback: Callback | None, should_stop: Callable[[], bool] | None,
-         resume: bool, overwrite: bool) -> EvolveResult:
+def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: bool) -> EvolveResult:
     claim_run_folder(out, spec, resume, overwrite)
     plan = check_plan(spec)  # a job that cannot fit is refused before anything is written or loaded
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
     atomic_write(out / INPUTS_FILE, json.dumps(input_hashes(spec), indent=2))
-    job = setup(spec, callback, plan)
+    job = setup(spec, hooks, plan)
     fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
 
-    _emit(callback, {"type": "stage", "stage": "search"})
+    hooks.emit({"type": "stage", "stage": "search"})
     problem = MergeProblem(space, fitness.objectives)
     evaluator = CandidateEvaluator(space, resident, fitness)
     s = spec.search
     result = run_search(problem, evaluator, out, algorithm=s.algorithm, population=s.population,
                         generations=s.generations, seed=s.seed, resume=resume, fingerprint=_fingerprint(spec),
-                        callback=lambda p: _emit(callback, {"type": "progress", **p.to_json()}),
-                        should_stop=should_stop)
+                        callback=lambda p: hooks.emit({"type": "progress", **p.to_json()}),
+                        should_stop=hooks.should_stop)
     cands = result.candidates
     cost["search_items"] = int(sum(c.cost.get("items", 0) for c in cands))
     cost["candidates"] = len(cands)
     cost["evaluated_this_run"] = evaluator.evaluated
 
     true_hv = None
-    if spec.final_check and not (should_stop and should_stop()):
-        _emit(callback, {"type": "stage", "stage": "final_check"})
+    complete = not hooks.stopping()
+    if spec.final_check and complete:
+        hooks.emit({"type": "stage", "stage": "final_check"})
         exact = all(o.estimator == "full" for o in spec.objectives)  # the search already measured them
         for cid in result.front:
             c = cands[cid]
@@ -276,13 +275,14 @@ def _run(spec: EvolveSpec, out: Path, callback: Callback | None, should_stop: Ca
     spent = cost["probe_items"] + cost["search_items"]
     cost["item_ratio_vs_full"] = (full_per_candidate * len(cands)) / spent if spent else None
     front = [_front_entry(cands[i], i == result.knee) for i in result.front]
-    res = EvolveResult(front, result.knee, result.hypervolume, true_hv, cost, out)
+    objectives = [{"name": o.name, "sense": o.sense} for o in fitness.objectives]
+    res = EvolveResult(front, result.knee, result.hypervolume, true_hv, cost, out, objectives, complete)
     doc = {"objectives": [o.__dict__ for o in fitness.objectives], "front": front, "knee": result.knee,
            "hypervolume": result.hypervolume, "true_hypervolume": true_hv, "reference_point": result.reference_point,
-           "cost": cost, "fitness": fitness.describe(), "complete": not (should_stop and should_stop())}
+           "cost": cost, "fitness": fitness.describe(), "complete": complete}
     atomic_write(out / "front.json", json.dumps(doc, indent=2))
     plot_front(out / "front.png", cands, result.front, fitness.objectives)
-    _emit(callback, {"type": "done", "knee": result.knee, "front": len(front)})
+    hooks.emit({"type": "done", "knee": result.knee, "front": len(front)})
     return res
 
 
@@ -314,10 +314,9 @@ def plot_front(path: Path, cands: list[Candidate], front: list[int], objectives)
     ax.set_ylabel(names[1] if len(names) > 1 else "generation")
     ax.legend(loc="best")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def load_run(out_dir: str | os.PathLike) -> tuple[EvolveSpec, list[Candidate]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from core.cache import cache_dir as evomerge_cache_dir
 from core.cache import register_section, touch
 from core.devices import DTYPES, resolve_device
+from core.fs import atomic_file
 from core.hashing import content_hash
 from data.benchmarks import Benchmark, Item, is_correct
 
@@ -99,13 +99,9 @@ class Responses:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic write of an .npz file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, item_ids=np.array(self.item_ids, dtype=str), correct=self.correct,
-                 output_tokens=self.output_tokens, outputs=np.array(self.outputs, dtype=str))
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, item_ids=np.array(self.item_ids, dtype=str), correct=self.correct,
+                     output_tokens=self.output_tokens, outputs=np.array(self.outputs, dtype=str))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Responses":

@@ -283,35 +283,3 @@ def anchor_subset(k: int, item_params: ItemParams | None = None, responses=None,
 
     idx, w = _stratified(k, _groups(groups, X.shape[0]), anchors_of, np.random.default_rng(_seed(seed)))
     return Subset(idx, w, "anchor")
-
-
-# ---- registry --------------------------------------------------------------------------------
-STRATEGIES = ("random", "balanced", "anchor", "entropy")
-
-
-def select(strategy: str, k: int, *, n_items: int | None = None, item_params: ItemParams | None = None,
-           responses=None, probe_responses=None, groups=None, seed: int = 0, features: str = "irt") -> Subset:
-    """One entry point by name. ``random`` needs n_items; ``balanced`` responses (the known
-    models'); ``anchor`` item_params (or responses with features='correctness'); ``entropy``
-    probe_responses (defaults to ``responses``)."""
-    if strategy == "random":
-        if n_items is None and item_params is not None:
-            n_items = item_params.n_items
-        if n_items is None:
-            known = responses if responses is not None else probe_responses
-            if known is None:
-                raise ValueError("random subsets need n_items")
-            n_items = np.shape(known)[1]
-        return random_subset(n_items, k, seed=seed, groups=groups)
-    if strategy == "balanced":
-        if responses is None:
-            raise ValueError("balanced subsets need responses [known models, items]")
-        return balanced_subset(responses, k, seed=seed, groups=groups)
-    if strategy == "anchor":
-        return anchor_subset(k, item_params, responses, seed=seed, groups=groups, features=features)
-    if strategy == "entropy":
-        probes = probe_responses if probe_responses is not None else responses
-        if probes is None:
-            raise ValueError("entropy subsets need probe_responses [probes, items]")
-        return entropy_subset(probes, k, seed=seed, groups=groups)
-    raise ValueError(f"unknown subset strategy {strategy!r}; choose from {STRATEGIES}")

@@ -61,20 +61,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.hooks import NO_HOOKS, Hooks
 
 from .methods.registry import Method, add, get_method, method_params
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 MAX_STEPS = 10_000_000  # per task: a bound on a typo, far above any budget ATM is run with
-
-
-class Interrupted(Exception):
-    """Raised when `should_stop()` turns true; the state on disk lets a later run resume."""
 
 
 class LoraParams(BaseModel):
@@ -238,18 +236,17 @@ def _train_dtype(p: AtmParams, device: torch.device) -> torch.dtype:
 
 
 class _Progress:
-    """Step events for the callback (at most every 0.5 s, and at each task's end) and a tqdm bar."""
+    """Step events for the hooks (at most every 0.5 s, and at each task's end) and a tqdm bar."""
 
-    def __init__(self, callback, should_stop, total_steps: int, done_steps: int, show: bool, iterations: int):
+    def __init__(self, hooks: Hooks, total_steps: int, done_steps: int, show: bool, iterations: int):
         from tqdm import tqdm
 
-        self.callback, self.should_stop, self.total, self.done = callback, should_stop, total_steps, done_steps
+        self.hooks, self.total, self.done = hooks, total_steps, done_steps
         self.iterations, self.last = iterations, 0.0
         self.bar = tqdm(total=total_steps, initial=done_steps, desc="atm", unit="step", disable=not show, leave=False)
 
     def emit(self, data: dict) -> None:
-        if self.callback is not None:
-            self.callback(data)
+        self.hooks.emit(data)
 
     def step(self, iteration: int, task: str, step: int, steps: int, loss: float) -> None:
         self.done += 1
@@ -261,27 +258,26 @@ class _Progress:
             self.emit({"type": "progress", "stage": "atm", "iteration": iteration, "iterations": self.iterations,
                        "task": task, "step": step, "steps": steps, "loss": round(loss, 6),
                        "fraction": round(self.done / max(self.total, 1), 4)})
-        if self.should_stop is not None and self.should_stop():
-            raise Interrupted()
+        self.hooks.check()
 
 
 def run_atm(spec, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
-            callback: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-            card_extra: dict | None = None) -> Path:
+            card_extra: dict | None = None, hooks: Hooks = NO_HOOKS) -> Path:
     """Runs ATM as `spec` (a MergeSpec with `method: atm`) says and writes the result to `out_dir`.
 
-    `callback(event)` receives progress events (`{"type": "progress", "iteration", "task",
+    `hooks.progress` receives progress events (`{"type": "progress", "iteration", "task",
     "step", "steps", "loss", ...}` and `{"type": "iteration", "iteration", "loss": {task: mean}}`);
-    when `should_stop()` turns true the run raises `Interrupted` and a later call resumes. One
+    when `hooks.should_stop()` turns true the run raises `core.hooks.Stopped` and a later call
+    resumes. One
     process at a time per `out_dir` (`core.locks`): a second is refused, its state untouched.
     """
     from core.locks import exclusive
 
     with exclusive(out_dir, "an ATM merge"):
-        return _run_atm(spec, Path(out_dir), overwrite, progress, callback, should_stop, card_extra)
+        return _run_atm(spec, Path(out_dir), overwrite, progress, hooks, card_extra)
 
 
-def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_stop, card_extra) -> Path:
+def _run_atm(spec, out: Path, overwrite: bool, progress: bool, hooks: Hooks, card_extra) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.devices import DTYPES, resolve_device
@@ -333,7 +329,7 @@ def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_
     _clean(state_dir, state)
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
     done_steps = sum(sum(s) for s in steps[: state["iteration"]])
-    bar = _Progress(callback, should_stop, sum(sum(s) for s in steps), done_steps, progress, p.iterations)
+    bar = _Progress(hooks, sum(sum(s) for s in steps), done_steps, progress, p.iterations)
 
     def theta_path() -> Path:
         return Path(spec.base) if state["theta"] is None else state_dir / state["theta"]
@@ -380,8 +376,7 @@ def _run_atm(spec, out: Path, overwrite: bool, progress: bool, callback, should_
                 bar.done += n_steps
                 bar.bar.update(n_steps)
                 continue
-            if should_stop is not None and should_stop():
-                raise Interrupted()
+            hooks.check()
             t0 = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(prev, dtype=train_dtype)
             seen: list[float] = []

@@ -8,6 +8,7 @@ starts, and the output appears only when complete (see `checkpoint.CheckpointWri
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from core.devices import DTYPES, resolve_device
 from core.errors import CheckpointError
 from core.hashing import content_hash
+from core.hooks import NO_HOOKS, Hooks
 
 from .card import model_card
 from .checkpoint import CheckpointWriter
@@ -81,23 +83,23 @@ def check_output(out_dir: str | os.PathLike, spec: MergeSpec, overwrite: bool) -
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True, params: Callable[[str], MethodParams] | None = None,
-          card_extra: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> Path:
+          card_extra: Mapping[str, Any] | None = None, hooks: Hooks = NO_HOOKS) -> Path:
     """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
     genomes); otherwise the spec's parameters apply to every tensor. `card_extra` adds
-    entries to the recipe in the model card. A `model` or `training` method runs whole (its
-    `run`): ATM (`merging.atm.run_atm`) sends `callback` its progress events, `should_stop`
-    interrupts it (`merging.atm.Interrupted`) and a later call with the same spec and `out_dir`
-    resumes.
+    entries to the recipe in the model card; `progress` shows a bar. `hooks` get progress
+    events (`{"type": "progress", "tensors", "total", "fraction"}`, at most every 0.5 s) and
+    are asked between tensors whether to stop (`core.hooks.Stopped`; nothing is written then).
+    A `model` or `training` method runs whole (its `run`): ATM (`merging.atm.run_atm`) reports
+    its steps and, stopped, resumes on a later call with the same spec and `out_dir`.
     """
     spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
     check_output(out_dir, spec, overwrite)
     method = get_method(spec.method)
     if method.run is not None:  # a whole-model or training method runs whole
         return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
-                          callback=callback, should_stop=should_stop)
+                          hooks=hooks)
     out = Path(out_dir)
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)
@@ -105,9 +107,15 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     hashes = {str(p): content_hash(p) for p in [spec.base, *[m.path for m in spec.models]]}
     p = params or spec.method_params()
     infos = {n: reader.info(n) for n in reader.names()}
+    last = 0.0
     with CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
         stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected)
-        for name, tensor in tqdm(stream, total=len(infos), desc=f"merge ({spec.method})", unit="tensor",
-                                 disable=not progress, leave=False):
+        for done, (name, tensor) in enumerate(tqdm(stream, total=len(infos), desc=f"merge ({spec.method})",
+                                                   unit="tensor", disable=not progress, leave=False), 1):
             writer.write(name, tensor)
+            if time.monotonic() - last > 0.5 or done == len(infos):
+                last = time.monotonic()
+                hooks.emit({"type": "progress", "tensors": done, "total": len(infos),
+                            "fraction": round(done / len(infos), 4)})
+            hooks.check()
         return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))

@@ -1,7 +1,7 @@
 """Seeded supervised training of a causal LM on (prompt, answer) pairs.
 
 `train(model, tokenizer, pairs, steps)` is the one loop the zoo uses for pretraining,
-full fine-tunes and LoRA adapters (`zoo.train` re-exports it), and the loop ATM
+full fine-tunes and LoRA adapters, and the loop ATM
 (`merging.atm`) uses to fine-tune the current merge on each task. Plain PyTorch: AdamW,
 linear warmup then cosine decay (or a constant rate), gradient clipping, loss on the
 answer tokens (and the closing eos) only. Batches are drawn from a seeded generator, so

@@ -51,13 +51,14 @@ class ProgressPrinter:
 def cmd_evolve(args) -> None:
     import json
 
+    from core.hooks import Hooks
     from evolve import EvolveSpec, run
 
     data = load_spec_file(args.spec)
     if args.device:
         data["device"] = args.device
     spec = EvolveSpec.model_validate(data)
-    result = run(spec, args.out, callback=None if args.quiet else ProgressPrinter(), resume=args.resume,
+    result = run(spec, args.out, hooks=Hooks(None if args.quiet else ProgressPrinter()), resume=args.resume,
                  overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
                       "hypervolume": result.hypervolume, "true_hypervolume": result.true_hypervolume,

@@ -17,7 +17,6 @@ Run it with `evomerge worker --device cuda:0` or `python -m service.worker --dev
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import math
 import os
@@ -26,18 +25,16 @@ import socket
 import sys
 import tarfile
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from core.fs import atomic_file
+from core.hooks import Hooks, Stopped
 
 from .config import Settings
 from .store import Job, Store
 
 log = logging.getLogger("evomerge.worker")
-
-
-class Stopped(Exception):
-    """Raised inside a merge when `should_stop()` turns true between tensors."""
 
 
 def jsonable(obj: Any) -> Any:
@@ -94,67 +91,34 @@ class Lease(threading.Thread):
 
 # -- running one job ------------------------------------------------------------------------
 
-def run_merge(spec, job_dir: Path, emit: Callable[[dict], None], should_stop: Callable[[], bool]):
-    """One merge into job_dir/model; the result is candidate 0 with the spec's parameters."""
+def run_merge(spec, job_dir: Path, hooks: Hooks):
+    """One merge into job_dir/model; the result is candidate 0 with the spec's parameters. A
+    training method (ATM) resumes from its state beside job_dir/model."""
     from merging import merge
-    from merging.checkpoint import CheckpointReader
     from merging.methods import get_method
 
-    if get_method(spec.method).kind == "training":  # progress per step, resumes from its state beside job_dir/model
-        from merging.atm import Interrupted
-
-        emit({"type": "stage", "stage": spec.method})
-        try:
-            merge(spec, job_dir / "model", overwrite=True, progress=False, callback=emit, should_stop=should_stop)
-        except Interrupted:
-            raise Stopped() from None
-        return [{"id": 0, "params": spec.params, "objectives": {}, "true_objectives": None, "on_front": True}], \
-            {"knee": 0, "objectives": []}
-    reader = CheckpointReader(spec.base)
-    total = sum(1 for n in reader.names() if reader.info(n).dtype.is_floating_point)
-    fixed = spec.method_params()
-    state = {"done": 0, "last": 0.0}
-
-    def params(name: str):  # called once per floating tensor, before it is merged
-        if should_stop():
-            raise Stopped()
-        state["done"] += 1
-        now = time.monotonic()
-        if now - state["last"] > 0.5 or state["done"] == total:
-            state["last"] = now
-            emit({"type": "progress", "tensors": state["done"], "total": total,
-                  "fraction": round(state["done"] / max(total, 1), 4)})
-        return fixed
-
-    emit({"type": "stage", "stage": "merging"})
-    merge(spec, job_dir / "model", overwrite=True, progress=False, params=params)
+    hooks.emit({"type": "stage", "stage": "merging" if get_method(spec.method).kind != "training" else spec.method})
+    merge(spec, job_dir / "model", overwrite=True, progress=False, hooks=hooks)
     candidates = [{"id": 0, "params": spec.params, "objectives": {}, "true_objectives": None, "on_front": True}]
     return candidates, {"knee": 0, "objectives": []}
 
 
-def run_evolve(spec, job_dir: Path, emit, should_stop, resume: bool):
+def run_evolve(spec, job_dir: Path, hooks: Hooks, resume: bool):
     """A Pareto search in job_dir/search (checkpointed there); the result is its front."""
-    import json
-
     import evolve
 
-    def callback(event) -> None:
+    def progress(event) -> None:
         data = jsonable(event)
         data.setdefault("type", "progress")
-        emit(data)
+        hooks.emit(data)
 
-    out = job_dir / "search"
-    result = evolve.run(spec, out, callback=callback, should_stop=should_stop, resume=resume)
+    result = evolve.run(spec, job_dir / "search", hooks=Hooks(progress, hooks.should_stop), resume=resume)
     front = [jsonable(c) | {"on_front": True} for c in result.front]
-    try:  # names in order, and whether each is maximized or minimized
-        declared = json.loads((out / "front.json").read_text())["objectives"]
-        names, senses = [o["name"] for o in declared], {o["name"]: o.get("sense") for o in declared}
-    except (OSError, ValueError, KeyError, TypeError):
-        names, senses = list(dict.fromkeys(k for c in front for k in (c.get("objectives") or {}))), {}
     summary = {"knee": jsonable(result.knee), "hypervolume": jsonable(result.hypervolume),
-               "true_hypervolume": jsonable(getattr(result, "true_hypervolume", None)),
-               "cost": jsonable(getattr(result, "cost", None)), "objectives": names, "senses": senses}
-    return front, summary
+               "true_hypervolume": jsonable(result.true_hypervolume), "cost": jsonable(result.cost),
+               "objectives": [o["name"] for o in result.objectives],
+               "senses": {o["name"]: o["sense"] for o in result.objectives}}
+    return front, summary, result.complete
 
 
 def build_checkpoint_tar(settings: Settings, job: Job, cid: int) -> Path:
@@ -173,17 +137,11 @@ def build_checkpoint_tar(settings: Settings, job: Job, cid: int) -> Path:
         folder = exports / str(cid)
         if not (folder / "config.json").is_file():
             # on the CPU where export allows it: the API process should not compete with workers for a GPU
-            cpu = {"device": "cpu"} if "device" in inspect.signature(evolve.export).parameters else {}
-            evolve.export(job_dir / "search", cid, folder, overwrite=True, **cpu)
+            evolve.export(job_dir / "search", cid, folder, overwrite=True, device="cpu")
     if not folder.is_dir():
         raise FileNotFoundError(f"the output of job {job.id} is missing from the artifacts folder")
-    tmp = exports / f".{cid}.tar.{os.getpid()}.{threading.get_ident()}"
-    try:
-        with tarfile.open(tmp, "w") as tf:
-            tf.add(folder, arcname=f"{job.id}-{cid}")
-        os.replace(tmp, tar_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(tar_path) as tmp, tarfile.open(tmp, "w") as tf:
+        tf.add(folder, arcname=f"{job.id}-{cid}")
     return tar_path
 
 
@@ -247,11 +205,12 @@ class Worker:
             spec = parse_spec(job.spec).model_copy(update={"device": self.device})  # claim() matched them
             job_dir = self.settings.job_dir(job.id)
             job_dir.mkdir(parents=True, exist_ok=True)
+            hooks = Hooks(emit, should_stop)
             if job.kind == "merge":
-                candidates, summary = run_merge(spec, job_dir, emit, should_stop)
-            else:
-                candidates, summary = run_evolve(spec, job_dir, emit, should_stop, resume=job.attempts > 1)
-            stopped = job.kind != "merge" and should_stop()  # a search returns early when asked to stop
+                candidates, summary = run_merge(spec, job_dir, hooks)
+            else:  # a search returns early when asked to stop
+                candidates, summary, complete = run_evolve(spec, job_dir, hooks, resume=job.attempts > 1)
+                stopped = not complete
             self.store.set_candidates(job.id, candidates)
         except Stopped:
             stopped, summary = True, None

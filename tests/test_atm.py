@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.hooks import Hooks, Stopped
 from data.benchmarks import from_items, load_benchmark
 from fitness.evaluate import evaluate_folder
 from merging import CheckpointReader, MergeSpec, merge
-from merging.atm import Interrupted, load_pairs, state_dir_for
+from merging.atm import load_pairs, state_dir_for
 from merging.training import LoraSpec, train
 from zoo.build import eval_settings
 from zoo.presets import get_preset
@@ -88,7 +89,7 @@ def test_one_iteration_is_finetune_then_task_arithmetic(tiny_zoo, data, tmp_path
 def test_total_steps_split_and_combine_with_ties(tiny_zoo, data, tmp_path):
     events = []
     spec = atm_spec(tiny_zoo, data, iterations=3, total_steps=[4, 5], combine="ties", combine_params={"density": 0.5})
-    out = merge(spec, tmp_path / "out", progress=False, callback=events.append)
+    out = merge(spec, tmp_path / "out", progress=False, hooks=Hooks(events.append))
     info = json.loads((out / "atm.json").read_text())
     assert [h["steps"] for h in info["history"]] == [{"cip": 1, "srt": 1}, {"cip": 1, "srt": 2}, {"cip": 2, "srt": 2}]
     assert info["alpha"] == 1.0  # TIES already averages: the authors apply it with scaling 1
@@ -113,12 +114,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_zoo, data, tmp_pat
         return any(e["type"] == "progress" and e["iteration"] == 2 and e["task"] == "cip" and e["step"] == 3
                    for e in seen[:-1]) and seen[-1]["task"] == "srt"
 
-    with pytest.raises(Interrupted):
-        merge(spec, out, progress=False, callback=seen.append, should_stop=stop)
+    with pytest.raises(Stopped):
+        merge(spec, out, progress=False, hooks=Hooks(seen.append, stop))
     state = json.loads((state_dir_for(out) / "state.json").read_text())
     assert state["iteration"] == 1 and not out.exists()
     later = []
-    merge(spec, out, progress=False, callback=later.append)
+    merge(spec, out, progress=False, hooks=Hooks(later.append))
     first_step = next(e for e in later if e["type"] == "progress")
     assert first_step["iteration"] == 2 and first_step["task"] == ("cip" if stop_after == "iteration" else "srt")
     assert_same_weights(out, whole)
@@ -128,8 +129,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_zoo, data, tmp_pat
 def test_a_changed_spec_does_not_reuse_old_state(tiny_zoo, data, tmp_path):
     out = tmp_path / "out"
     spec = atm_spec(tiny_zoo, data, iterations=2, steps_per_iteration=2)
-    with pytest.raises(Interrupted):
-        merge(spec, out, progress=False, should_stop=lambda: (state_dir_for(out) / "theta-1").exists())
+    with pytest.raises(Stopped):
+        merge(spec, out, progress=False, hooks=Hooks(should_stop=lambda: (state_dir_for(out) / "theta-1").exists()))
     changed = atm_spec(tiny_zoo, data, iterations=2, steps_per_iteration=2, lr=2e-3)
     merge(changed, out, progress=False)
     fresh = merge(changed, tmp_path / "fresh", progress=False)

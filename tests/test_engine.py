@@ -11,10 +11,9 @@ from factories import perturbed, save, state_dict, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from core.errors import CheckpointError
+from core.hooks import Hooks, Stopped
 from merging import merge
-from merging.methods import methods
-from merging.methods import get_method
-from merging.spec import method_params
+from merging.methods import get_method, method_params, methods
 from service.cli import main
 
 
@@ -39,6 +38,24 @@ def test_copies_of_base_give_base(tmp_path, family, method):
     assert set(got) == set(want)
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_hooks_see_every_tensor_and_stop_a_merge_before_it_is_written(tmp_path, family):
+    """Progress events end at the base's tensor count; a stop asked mid-merge raises Stopped and
+    leaves no output folder (the writer's temporary folder is removed)."""
+    from merging.checkpoint import CheckpointReader
+
+    base, models = family
+    events = []
+    merge(spec_for(base, models), tmp_path / "out", progress=False, hooks=Hooks(events.append))
+    total = len(CheckpointReader(base).names())
+    assert events[-1] == {"type": "progress", "tensors": total, "total": total, "fraction": 1.0}
+    assert [e["tensors"] for e in events] == sorted(e["tensors"] for e in events)
+    seen = []
+    with pytest.raises(Stopped):
+        merge(spec_for(base, models), tmp_path / "stopped", progress=False,
+              hooks=Hooks(seen.append, should_stop=lambda: len(seen) >= 1))
+    assert not (tmp_path / "stopped").exists() and list(tmp_path.glob("*stopped*")) == []
 
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.3, "weights": [1.0, 0.5, 2.0]}),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from factories import state_dict
 
+from core.hooks import Hooks
 from data.benchmarks import load_benchmark
 from evolve import EvolveSpec, export, run
 from evolve.genome import SearchSpace
@@ -34,7 +35,7 @@ def spec_for(zoo, manifest, **search):
 def finished(tiny_zoo, tiny_zoo_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("evolve") / "run"
     events = []
-    result = run(spec_for(tiny_zoo, tiny_zoo_manifest), out, callback=events.append)
+    result = run(spec_for(tiny_zoo, tiny_zoo_manifest), out, hooks=Hooks(events.append))
     return out, result, events
 
 
@@ -83,6 +84,7 @@ def test_in_memory_candidate_equals_export(finished, tmp_path):
 KILL = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
+from core.hooks import Hooks
 from evolve import run
 from test_evolve import spec_for
 import json, pathlib
@@ -91,7 +93,7 @@ manifest = json.loads((zoo / "zoo.json").read_text())
 def cb(e):
     if e.get("type") == "progress" and e["generation"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-run(spec_for(zoo, manifest), {out!r}, callback=cb)
+run(spec_for(zoo, manifest), {out!r}, hooks=Hooks(cb))
 """
 
 

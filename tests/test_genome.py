@@ -8,7 +8,7 @@ from evolve.genome import GLOBAL, PER_MODEL, SearchSpace, block_of
 from merging.methods import methods
 
 DEFAULT_SPACE = {name: m.space for name, m in methods("tensor").items()}  # each method's own default
-from merging.spec import method_params
+from merging.methods import method_params
 
 CASES = [(method, blocks) for method in DEFAULT_SPACE for blocks in (1, 3)]
 

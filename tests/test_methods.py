@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from merging.methods import get_method, methods
+from merging.methods import get_method, method_params, methods
 from merging.methods.tsv import tsv_c, tsv_m_factors
-from merging.spec import method_params
 
 
 def run(method, base, deltas, name="layers.0.mlp.up_proj.weight", **params):

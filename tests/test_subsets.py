@@ -12,7 +12,6 @@ from fitness.subsets import (
     difficulty_strata,
     entropy_subset,
     random_subset,
-    select,
 )
 
 GROUPS = np.repeat([0, 1, 2], [400, 150, 50])
@@ -128,13 +127,10 @@ def test_balanced_subsets_keep_the_strata_and_balance_the_known_models(probes):
     one = balanced_subset(probes, 20, seed=4, groups=labels, draws=1)
     assert imbalance(sub) < imbalance(one)  # more draws, closer to the known accuracies
     assert imbalance(sub) < np.quantile([imbalance(random_subset(600, 20, s, labels)) for s in range(300)], 0.05)
-    assert select("balanced", 20, responses=probes, groups=labels, seed=4).indices.tolist() == sub.indices.tolist()
     with pytest.raises(ValueError, match="no NaN"):
         balanced_subset(np.where(probes > 0, np.nan, 0.0), 5)
     with pytest.raises(ValueError, match="draws must be a positive integer"):
         balanced_subset(probes, 5, draws=0)
-    with pytest.raises(ValueError, match="need responses"):
-        select("balanced", 5, n_items=600)
 
 
 def test_balanced_subsets_estimate_new_models_better_than_random_ones():
@@ -216,13 +212,7 @@ def test_anchor_subsets(items, probes):
         anchor_subset(5)
 
 
-def test_select_and_serialisation(items, probes):
-    assert np.array_equal(select("random", 10, n_items=600, seed=1).indices, random_subset(600, 10, seed=1).indices)
-    assert len(select("random", 10, item_params=items)) == 10
-    assert np.array_equal(select("entropy", 10, probe_responses=probes).indices, entropy_subset(probes, 10).indices)
-    assert select("anchor", 10, item_params=items).strategy == "anchor"
-    with pytest.raises(ValueError):
-        select("best", 10, n_items=600)
+def test_serialisation(probes):
     s = entropy_subset(probes, 10, seed=5)
     back = Subset.from_dict(s.to_dict())
     assert np.array_equal(back.indices, s.indices) and np.array_equal(back.weights, s.weights)

@@ -9,6 +9,7 @@ import torch
 
 from data.benchmarks import load_benchmark
 from fitness.evaluate import evaluate_folder
+from merging.training import LoraSpec, encode_pair, train
 from zoo.build import (
     BASE_MAX,
     FT_MIN,
@@ -23,7 +24,6 @@ from zoo.build import (
 )
 from zoo.presets import get_preset
 from zoo.tasks import TASKS, train_sampler
-from zoo.train import LoraSpec, encode_pair, train
 
 TINY = get_preset("tiny")
 

@@ -47,16 +47,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core.fs import publish_permissions
+from core.fs import atomic_write, publish_permissions
 from core.hashing import file_sha256 as file_hash
 from data.benchmarks import load_benchmark
 from fitness.evaluate import EvalSettings, evaluate, load_model
+from merging.training import LoraSpec, train
 
 from .benchmarks import held_out_prompts, write_task_benchmark
 from .presets import Preset, get_preset
 from .tasks import TASKS, pretrain_sampler, train_sampler
 from .tokenizer import build_tokenizer
-from .train import LoraSpec, train
 
 FORMAT = 1
 MANIFEST = "zoo.json"
@@ -301,11 +301,8 @@ def merge_check(root: Path, manifest: dict, log: Callable[[str], None], pool=Non
     Also merges, for each composed benchmark (`tasks.compose`), just its two parents, and
     records that merge's accuracy on it under `transfer`: no threshold, it is measured.
     """
-    try:
-        from merging import merge
-    except ImportError:
-        log("merge check skipped: `merging` is not importable")
-        return None
+    from merging import merge
+
     preset = get_preset(manifest["preset"])
     benchmarks = {t: b["path"] for t, b in manifest["benchmarks"].items()}
     full = [n for n, m in manifest["models"].items() if m["kind"] == "full"]
@@ -382,9 +379,7 @@ def verify(root: Path, manifest: dict) -> list[str]:
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _reusable(root: Path, preset: Preset, seed: int, log) -> dict | None:

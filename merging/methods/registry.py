@@ -60,7 +60,7 @@ class Method:
     `kind`: `tensor` methods are `fn` over one tensor at a time (what `merging.merge` streams and an
     evolve job's resident merge writes); `model` methods align whole models first (c2m3,
     weight_matching) and `training` methods fine-tune (ATM): both run whole, through
-    `run(spec, out_dir, *, overwrite, progress, card_extra, callback, should_stop) -> Path`.
+    `run(spec, out_dir, *, overwrite, progress, card_extra, hooks) -> Path`.
     `space` is the default search space of an evolve job (parameter -> bounds); `sums`: the
     update is a sum of task vectors, not a mean (ATM's default scale is then 1/n);
     `check_models(params, models)` checks the spec's models where the default rule (every model

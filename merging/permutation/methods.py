@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from core.hooks import NO_HOOKS, Hooks
+
 from ..methods.registry import Method, MethodParams, add
 
 
@@ -36,8 +38,8 @@ class PermutationParams(MethodParams):
             raise ValueError("params.weights: must be non-negative with a positive sum")
 
 
-def _run(spec, out_dir, *, overwrite: bool = False, progress: bool = True, card_extra=None, callback=None,
-         should_stop=None) -> Path:
+def _run(spec, out_dir, *, overwrite: bool = False, progress: bool = True, card_extra=None,
+         hooks: Hooks = NO_HOOKS) -> Path:
     """Aligns and writes in one step (no progress events, nothing to stop between)."""
     from .merge import merge_permutation
 
