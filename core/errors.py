@@ -3,7 +3,12 @@ from __future__ import annotations
 
 
 class CheckpointError(ValueError):
-    """A model folder that cannot be read or written as asked (or a device that is not there)."""
+    """A model folder that cannot be read or written as asked (or a device that is not there);
+    `field`, when known, is the spec field that named it (`models[1].path`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class FieldError(ValueError):

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import FieldError
+
 PLACES = ("gpu", "host", "disk")
 STORE_ORDER = ("dense", "lowrank", "sparse")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -55,13 +57,9 @@ AUTO_BATCH_MAX = 256  # batch_size: auto takes the largest batch that fits, at m
 _DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class PlanError(ValueError):
+class PlanError(FieldError):
     """A job that does not fit (or cannot be planned); `field` is the spec field to change and
     the message starts with it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 @dataclass

@@ -68,9 +68,12 @@ def open_inputs(base: str | os.PathLike, paths: list[str | os.PathLike]):
     infos = {n: reader.info(n) for n in reader.names()}
     sources = []
     for i, p in enumerate(paths):
-        src = open_source(p)
+        try:
+            src = open_source(p)
+        except CheckpointError as e:
+            raise CheckpointError(str(e), field=f"models[{i}].path") from None
         problem = src.mismatch(infos)
         if problem:
-            raise CheckpointError(f"models[{i}] ({p}) does not match the base {base}: {problem}")
+            raise CheckpointError(f"models[{i}] ({p}) does not match the base {base}: {problem}", field=f"models[{i}].path")
         sources.append(src)
     return reader, sources

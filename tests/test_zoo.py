@@ -220,3 +220,15 @@ def test_submit_returns_results_in_job_order_whatever_the_submission_order():
     assert ran == []  # nothing runs before a result is asked for
     assert results[1]() == 1 and ran == [4, 3, 2, 1]
     assert [r() for r in results] == [9, 1, 16, 4] and ran == [4, 3, 2, 1]
+
+
+def test_a_stopped_build_leaves_nothing(tmp_path):
+    """Hooks see the build's log lines; a stop asked at the first one raises Stopped before any
+    model trains, and neither the zoo folder nor a temporary build folder is left."""
+    from core.hooks import Hooks, Stopped
+
+    events = []
+    with pytest.raises(Stopped):
+        build_zoo(tmp_path / "zoo", "tiny", 0, log=lambda line: None, hooks=Hooks(events.append, lambda: bool(events)))
+    assert events[0]["type"] == "log" and "building the tiny zoo" in events[0]["message"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []

@@ -49,6 +49,7 @@ import torch
 
 from core.fs import atomic_write, publish_permissions
 from core.hashing import file_sha256 as file_hash
+from core.hooks import NO_HOOKS, Hooks
 from data.benchmarks import load_benchmark
 from fitness.evaluate import EvalSettings, evaluate, load_model
 from merging.training import LoraSpec, train
@@ -401,13 +402,22 @@ def _reusable(root: Path, preset: Preset, seed: int, log) -> dict | None:
 
 
 def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str], None] = print,
-              strict: bool = True, workers: int | None = None) -> dict:
+              strict: bool = True, workers: int | None = None, hooks: Hooks = NO_HOOKS) -> dict:
     """Builds (or reuses) the zoo in `out` and returns its manifest; see the module docstring.
 
     `workers` processes (default: one per CPU core, at most 4) train the fine-tunes and
-    evaluate the models side by side; the weights do not depend on it.
+    evaluate the models side by side; the weights do not depend on it. Each line of the build's
+    log also goes to `hooks` as `{"type": "log", "message"}`, and a stop they ask for is honoured
+    at the next line (`core.hooks.Stopped`; a zoo already in `out` stays as it was).
     """
     from transformers.utils import logging as hf_logging
+
+    def report(line: str, _log=log) -> None:
+        _log(line)
+        hooks.emit({"type": "log", "message": line})
+        hooks.check()
+
+    log = report
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the build log
     out = Path(out)

@@ -40,17 +40,18 @@ def open_models(paths: list[str | os.PathLike]) -> list[CheckpointReader]:
         try:
             readers.append(CheckpointReader(p))
         except CheckpointError as e:
-            raise CheckpointError(f"models[{i}]: {e}") from None
+            raise CheckpointError(f"models[{i}]: {e}", field=f"models[{i}].path") from None
     ref = {n: readers[0].info(n) for n in readers[0].names()}
     for i, r in enumerate(readers[1:], 1):
         names = set(r.names())
         if names != set(ref):
             extra = sorted(names ^ set(ref))[0]
-            raise CheckpointError(f"models[{i}] ({paths[i]}): tensor names differ from models[0] (e.g. {extra})")
+            raise CheckpointError(f"models[{i}] ({paths[i]}): tensor names differ from models[0] (e.g. {extra})",
+                                  field=f"models[{i}].path")
         for n in ref:
             if r.info(n).shape != ref[n].shape:
                 raise CheckpointError(f"models[{i}] ({paths[i]}): {n} has shape {r.info(n).shape}, "
-                                      f"models[0] has {ref[n].shape}")
+                                      f"models[0] has {ref[n].shape}", field=f"models[{i}].path")
     return readers
 
 
