@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -48,3 +49,31 @@ _UMASK = _read_umask()
 def publish_permissions(folder: str | os.PathLike) -> None:
     """Gives a folder made by `tempfile.mkdtemp` (mode 0700) the mode a plain mkdir would have."""
     os.chmod(folder, 0o777 & ~_UMASK)
+
+
+def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Renames the finished folder `tmp` onto `out`, with the permissions a plain mkdir gives; an
+    existing `out` is moved aside first and removed after, so `out` is always a whole folder."""
+    tmp, out = Path(tmp), Path(out)
+    publish_permissions(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out` to fill; when the block ends without an error it replaces
+    `out` (`replace_folder`), else it is removed: `out` is never seen half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -43,7 +43,12 @@ _MAX_EXPONENT = 1000  # 1e99999999 is a number nobody means, and exact arithmeti
 
 
 class BenchmarkError(ValueError):
-    """A benchmark file or item that is not valid; the message names the file and line."""
+    """A benchmark file or item that is not valid; the message names the file and line, and
+    `line` is that line's number when there is one."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
 
 
 @dataclass(frozen=True)
@@ -196,12 +201,15 @@ def parse_items(lines: Iterable[str], source: str = "<items>") -> list[Item]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise BenchmarkError(f"{where}: not valid JSON ({e.msg} at column {e.colno})", n) from None
         except RecursionError:
-            raise BenchmarkError(f"{where}: not a benchmark item (nested too deeply)") from None
-        item = _item(obj, where)
+            raise BenchmarkError(f"{where}: not a benchmark item (nested too deeply)", n) from None
+        try:
+            item = _item(obj, where)
+        except BenchmarkError as e:
+            raise BenchmarkError(str(e), n) from None
         if item.id in first_line:
-            raise BenchmarkError(f"{where}: duplicate id {item.id!r} (first on line {first_line[item.id]})")
+            raise BenchmarkError(f"{where}: duplicate id {item.id!r} (first on line {first_line[item.id]})", n)
         first_line[item.id] = n
         items.append(item)
     if not items:

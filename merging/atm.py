@@ -458,22 +458,15 @@ def _clean(state_dir: Path, state: dict) -> None:
 def _save_task_model(model, folder: Path, base_infos: dict, is_lora: bool) -> None:
     """A task's fine-tune as a folder `open_source` reads: a float32 checkpoint with the base's
     tensor names, or the LoRA adapter (the delta is then scale * B @ A, as peft merges it)."""
-    import tempfile
 
-    from core.fs import publish_permissions
+    from core.fs import atomic_folder
 
     from .checkpoint import write_checkpoint
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     if is_lora:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             model.save_pretrained(tmp)
-            publish_permissions(tmp)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return
     sd = model.state_dict()
     missing = [k for k in base_infos if k not in sd]

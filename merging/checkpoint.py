@@ -28,7 +28,7 @@ import torch
 
 from core.devices import dtype_size
 from core.errors import CheckpointError
-from core.fs import publish_permissions
+from core.fs import replace_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -360,18 +360,10 @@ def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Renames `tmp` to `out`; an existing `out` (overwrite) is moved aside first, then removed.
-    The folder gets the usual permissions (mkdtemp makes it private to its owner)."""
-    publish_permissions(tmp)
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(f"{out}: output folder exists")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    """Renames `tmp` to `out` (`core.fs.replace_folder`); an existing `out` only if `overwrite`."""
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: output folder exists")
+    replace_folder(tmp, out)
 
 
 def write_checkpoint(

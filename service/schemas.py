@@ -15,28 +15,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Union
+from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.errors import CheckpointError
 from core.validation import field_path, non_finite
+from evolve.spec import EvolveSpec
 from merging.checkpoint import CheckpointReader
 from merging.spec import MergeSpec
 
-try:  # evolve jobs arrive with the evolve package; until then only merges are accepted
-    from evolve.spec import EvolveSpec
-except ModuleNotFoundError as e:  # pragma: no cover - depends on the installation
-    if e.name not in ("evolve", "evolve.spec"):
-        raise
-    EvolveSpec = None
-
-if EvolveSpec is not None:
-    JobSpec = Annotated[Union[MergeSpec, EvolveSpec], Field(discriminator="kind")]
-    KINDS: tuple[str, ...] = ("merge", "evolve")
-else:  # a one-member union cannot carry a discriminator
-    JobSpec = MergeSpec  # type: ignore[misc]
-    KINDS = ("merge",)
+JobSpec = Annotated[Union[MergeSpec, EvolveSpec], Field(discriminator="kind")]
+KINDS: tuple[str, ...] = ("merge", "evolve")
 
 _ADAPTER = TypeAdapter(JobSpec)
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w\[\].]*): ")
@@ -53,18 +43,27 @@ class SpecError(ValueError):
 field_name = field_path  # ('models', 1, 'path') -> 'models[1].path'
 
 
+def describe_error(err: Mapping[str, Any], loc: Sequence[Any] | None = None) -> tuple[str, str]:
+    """(field, message) of one pydantic error, as every refusal of the API and the CLI names it:
+    the location (`loc`, default the error's own) as a field path, pydantic's "Value error, "
+    dropped, and a message that names a field of its own (`params.weights: 3 values for 2
+    models`, from a validator of the whole spec) credited to that field."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "path_type":
+        msg = "must be a path (a string)"
+    field = field_name(err["loc"] if loc is None else loc)
+    m = _FIELD_PREFIX.match(msg)
+    if m and (not field or m.group(1).startswith(field)):
+        field, msg = m.group(1), msg[m.end():]
+    return field, msg
+
+
 def _from_validation_error(e: ValidationError) -> SpecError:
     err = e.errors(include_url=False)[0]
     loc = list(err["loc"])
     if len(KINDS) > 1 and loc and loc[0] in KINDS:  # the union's tag, not a field
         loc = loc[1:]
-    msg = str(err["msg"]).replace("Value error, ", "")
-    if err["type"] == "path_type":
-        msg = "must be a path (a string)"
-    field = field_name(loc)
-    m = _FIELD_PREFIX.match(msg)
-    if m and (not field or m.group(1).startswith(field)):  # validators that name their own field
-        field, msg = m.group(1), msg[m.end():]
+    field, msg = describe_error(err, loc)
     if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
         field, msg = "kind", f"must be one of {', '.join(KINDS)}"
     return SpecError(field or "spec", msg, 422)
@@ -72,15 +71,13 @@ def _from_validation_error(e: ValidationError) -> SpecError:
 
 def parse_spec(data: Any) -> Any:
     """A JSON/YAML mapping -> a MergeSpec or EvolveSpec; SpecError (422) names the first bad field."""
-    if isinstance(data, (MergeSpec,) + ((EvolveSpec,) if EvolveSpec else ())):
+    if isinstance(data, (MergeSpec, EvolveSpec)):
         return data
     if not isinstance(data, dict):
         raise SpecError("spec", "a job spec is a JSON object (kind, base, models, method, ...)", 422)
     bad = non_finite(data)
     if bad is not None:
         raise SpecError(field_name(bad) or "spec", "must be a finite number (not NaN or infinity)", 422)
-    if data.get("kind") == "evolve" and EvolveSpec is None:
-        raise SpecError("kind", "evolve jobs are not available in this installation (no evolve.spec)", 422)
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
@@ -141,7 +138,7 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     (the service passes its artifacts folder, see `resolve_path`). With `gpu_memory` and/or
     `host_memory` (the workers' budgets, bytes), an evolve spec's memory plan must fit them
     (`check_plan_budgets`)."""
-    from merging.task_vectors import open_inputs, open_source
+    from merging.task_vectors import open_inputs
 
     roots, ex = list(model_roots), list(excluded)
     if not device_accepted(spec.device, devices):
@@ -162,8 +159,7 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
         open_inputs(base, [paths[i] for i in present])
     except CheckpointError as e:
         msg = str(e)
-        m = re.match(r"models\[(\d+)\]", msg)
-        i = present[int(m.group(1))] if m else next((i for i in present if _fails(open_source, paths[i])), present[0])
+        i = present[_model_index(e.field)]
         marker = f"does not match the base {base}: "
         if marker in msg:
             msg = f"{spec.models[i].path} does not match the base {spec.base}: {msg.split(marker, 1)[1]}"
@@ -212,8 +208,7 @@ def _check_baseless(spec: Any, roots: list[Path], ex: list[Path], uploaded: Call
     try:
         open_models(paths)
     except CheckpointError as e:
-        m = re.match(r"models\[(\d+)\]", str(e))
-        raise SpecError(f"models[{int(m.group(1)) if m else 0}].path", str(e)) from None
+        raise SpecError(f"models[{_model_index(e.field)}].path", str(e)) from None
     params = dict(spec.params)
     for key in ("data", "spec"):
         given = params.get(key)
@@ -257,12 +252,9 @@ def _benchmark_file(given: Path, field: str, roots: list[Path], uploaded: Callab
     return path
 
 
-def _fails(open_source, path: Path) -> bool:
-    try:
-        open_source(path)
-        return False
-    except CheckpointError:
-        return True
+def _model_index(field: str | None) -> int:
+    """i of the `models[i].path` an input error names (CheckpointError.field), else 0."""
+    return int(field.split("[", 1)[1].split("]", 1)[0]) if field and field.startswith("models[") else 0
 
 
 def spec_json(spec: Any) -> dict:

@@ -60,15 +60,6 @@ class Job(Base):
     finished_at: Mapped[float | None] = mapped_column(Float)
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "kind": self.kind, "status": self.status, "owner": self.owner, "device": self.device,
-            "worker": self.worker, "attempts": self.attempts, "cancel_requested": self.cancel_requested,
-            "error": self.error, "progress": self.progress, "evaluations": self.evaluations, "result": self.result,
-            "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "spec": self.spec,
-        }
-
 
 class Event(Base):
     __tablename__ = "events"
@@ -90,10 +81,6 @@ class CandidateRow(Base):
     objectives: Mapped[dict] = mapped_column(JSON)
     true_objectives: Mapped[dict | None] = mapped_column(JSON)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.cid, "params": self.params, "objectives": self.objectives,
-                "true_objectives": self.true_objectives, "on_front": self.on_front}
-
 
 class BenchmarkRow(Base):
     __tablename__ = "benchmarks"
@@ -105,10 +92,6 @@ class BenchmarkRow(Base):
     hash: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "owner": self.owner, "items": self.items, "hash": self.hash, "bytes": self.bytes,
-                "created_at": self.created_at}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

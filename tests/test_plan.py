@@ -357,8 +357,8 @@ def test_service_refuses_a_job_over_its_budget(tmp_path):
     import httpx
     from factories import family
 
-    from service.app import BackgroundServer
     from service.config import Settings
+    from service.serve import BackgroundServer
 
     models = family(tmp_path / "models")
     (models / "bench.jsonl").write_text(json.dumps({"id": "q1", "prompt": "2+2=", "answer": "4"}) + "\n")

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from factories import family, perturbed, save, tiny_llama
 
-from service.app import BackgroundServer
 from service.config import Settings, parse_tokens
 from service.schemas import field_name
+from service.serve import BackgroundServer
 
 TOKENS = "alice:a-token,bob:b-token,root:r-token:admin"
 

@@ -18,9 +18,9 @@ import torch
 from factories import perturbed, save, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from service.app import BackgroundServer
 from service.client import ApiError, Client
 from service.config import Settings, parse_tokens
+from service.serve import BackgroundServer
 from service.worker import worker_command
 
 

@@ -21,9 +21,9 @@ from factories import family, perturbed
 from transformers import AutoModelForCausalLM
 
 from merging import merge
-from service.app import BackgroundServer
 from service.client import ApiError, Client
 from service.config import Settings
+from service.serve import BackgroundServer
 from service.store import Store
 from service.worker import worker_command
 
@@ -199,14 +199,11 @@ def test_failing_job_then_the_worker_serves_the_next(service, models, tmp_path):
 
 
 def test_cli_commands(service, tmp_path, capsys):
-    import argparse
-
     import yaml
 
-    from service.client import add_commands
+    from service.cli.parser import build_parser
 
-    parser = argparse.ArgumentParser(prog="evomerge")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
 
     def run(*argv: str) -> str:
         args = parser.parse_args([*argv, "--url", service.client.url])
@@ -241,7 +238,7 @@ def children(pid: int) -> list[int]:
 def test_serve_runs_api_and_a_worker_per_device(models, tmp_path):
     port = free_port()
     art = tmp_path / "artifacts"
-    code = f"from service.app import serve; serve('127.0.0.1', {port}, None, {str(art)!r}, [{str(models)!r}], ['cpu'])"
+    code = f"from service.serve import serve; serve('127.0.0.1', {port}, None, {str(art)!r}, [{str(models)!r}], ['cpu'])"
     env = os.environ | {"EVOMERGE_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     workers: list[int] = []

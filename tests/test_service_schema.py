@@ -7,8 +7,8 @@ from factories import perturbed, save, tiny_llama  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from service.app import BackgroundServer  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.serve import BackgroundServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

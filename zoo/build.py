@@ -47,7 +47,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core.fs import atomic_write, publish_permissions
+from core.fs import atomic_folder, atomic_write
 from core.hashing import file_sha256 as file_hash
 from core.hooks import NO_HOOKS, Hooks
 from data.benchmarks import load_benchmark
@@ -443,10 +443,9 @@ def build_zoo(out: Path, preset: str = "tiny", seed: int = 0, log: Callable[[str
 
 def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=None) -> dict:
     t0 = time.perf_counter()
-    for stale in out.parent.glob(f".{out.name}.build-*"):  # left by a killed build (we hold the lock)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
+    with atomic_folder(out) as work:
         manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "preset_config": p.to_json(),
                     "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
                     "eval_settings": eval_settings(p).__dict__ | {"stop": list(eval_settings(p).stop)}}
@@ -479,11 +478,4 @@ def _build(out: Path, p: Preset, seed: int, log: Callable[[str], None], pool=Non
         manifest["checks"] = quality_checks(manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         _write_manifest(work, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        publish_permissions(work)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return manifest

@@ -1,0 +1,37 @@
+"""Request bodies read by hand: job specs and benchmark uploads are read raw (not declared as
+FastAPI body parameters) so that size limits and malformed JSON get the API's own one-line
+answers, naming `body`, instead of FastAPI's."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from service.errors import ApiError
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (checked as it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body: {what} larger than the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON; 422 naming `body` for anything else, NaN and infinities included."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+    try:
+        return json.loads(raw or b"null", parse_constant=no_constant)
+    except RecursionError:
+        raise ApiError(422, "body: nested too deeply", "body") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, f"body: not valid JSON ({str(e).splitlines()[0]})", "body") from None

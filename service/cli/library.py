@@ -1,0 +1,147 @@
+"""The library commands: what runs on this machine, in this process, without the service:
+merge, evolve, plan, export, zoo build, compress, cache and methods."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from service.client import load_spec_file
+
+
+def cmd_merge(args) -> None:
+    from merging import MergeSpec, merge
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    spec = MergeSpec.model_validate(data)
+    out = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(out)
+
+
+class ProgressPrinter:
+    """One line per stage and per generation on stderr (a progress bar for the search)."""
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "stage":
+            print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+        elif kind == "progress":
+            best = ", ".join(f"{k}={v:.4g}" for k, v in event["best"].items())
+            eta = event.get("eta_seconds")
+            done, total = event["generation"], event["generations"]
+            bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
+            print(f"  gen {done}/{total} [{bar}] evals {event['evaluations']}  best {best}  "
+                  f"HV {event['hypervolume']:.4g}" + (f"  ETA {eta:.0f}s" if eta is not None else ""),
+                  file=sys.stderr, flush=True)
+
+
+def cmd_evolve(args) -> None:
+    from core.hooks import Hooks
+    from evolve import EvolveSpec, run
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    spec = EvolveSpec.model_validate(data)
+    result = run(spec, args.out, hooks=Hooks(None if args.quiet else ProgressPrinter()), resume=args.resume,
+                 overwrite=args.overwrite)
+    print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
+                      "hypervolume": result.hypervolume, "true_hypervolume": result.true_hypervolume,
+                      "cost": result.cost}, indent=2))
+
+
+class DoesNotFit(Exception):
+    """`evomerge plan`: the job does not fit (exit 1, its one line on stderr)."""
+
+
+def cmd_plan(args) -> None:
+    from evolve import EvolveSpec
+    from evolve.plan import plan_job
+
+    data = load_spec_file(args.spec)
+    if args.device:
+        data["device"] = args.device
+    if data.get("kind", "evolve") != "evolve":
+        raise ValueError(f"kind: evomerge plan plans evolve jobs, not {data.get('kind')!r} "
+                         "(a merge streams one tensor at a time)")
+    plan = plan_job(EvolveSpec.model_validate(data), args.gpu_memory, args.host_memory)
+    print(plan.table())
+    if not plan.fits:
+        raise DoesNotFit(str(plan.error))
+
+
+def cmd_export(args) -> None:
+    from evolve import export
+
+    print(export(args.run, args.candidate, args.out, overwrite=args.overwrite, progress=not args.quiet))
+
+
+def cmd_zoo_build(args) -> None:
+    from zoo.build import build_zoo
+
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("evomerge zoo build: --workers must be at least 1")
+    build_zoo(Path(args.out), preset=args.preset, seed=args.seed, workers=args.workers,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(Path(args.out) / "zoo.json")
+
+
+def cmd_compress(args) -> None:
+    from merging.compress import compress
+
+    report = compress(args.base, args.model, args.out, args.fraction, device=args.device or "auto",
+                      overwrite=args.overwrite)
+    worst = min(report["per_matrix"].items(), key=lambda kv: kv[1], default=("-", 1.0))
+    print(f"{report['out']}: kept {100 * report['kept_energy']:.2f}% of the task vector's energy at rank "
+          f"fraction {args.fraction} (lowest: {worst[0]} {100 * worst[1]:.2f}%)")
+
+
+def cmd_methods(args) -> None:
+    from merging.methods import methods
+
+    for kind, title in (("tensor", "per-tensor methods (merge, evolve)"),
+                        ("model", "whole-model methods (merge only; align, then average; base optional)"),
+                        ("training", "training methods (merge only; models give `train` data)")):
+        print(f"{title}:")
+        for name, m in sorted(methods(kind).items()):
+            fields = ", ".join(f.alias or k for k, f in m.params.model_fields.items())
+            print(f"  {name:16} {m.summary}  params: {fields}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def cmd_cache(args) -> None:
+    from core.cache import SECTIONS, cache_dir, entries, remove, select
+
+    root = cache_dir()
+    found = entries(root)
+    if args.cache_command == "info":
+        now = time.time()
+        print(f"{root}: {len(found)} entries, {_human(sum(e.bytes for e in found))}")
+        for section in SECTIONS:
+            mine = [e for e in found if e.section == section]
+            if mine:
+                idle = (now - min(e.last_used for e in mine)) / 86400
+                print(f"  {section:10} {len(mine):6} entries {_human(sum(e.bytes for e in mine)):>10}  "
+                      f"least recently used {idle:.1f} days ago")
+        return
+    if args.older_than is None and args.max_size is None:
+        raise ValueError("cache prune: give --older-than and/or --max-size")
+    chosen = select(found, older_than=args.older_than, max_bytes=args.max_size, keep_recent=args.keep_recent)
+    size = sum(e.bytes for e in chosen)
+    if args.dry_run:
+        for e in chosen:
+            print(f"  would remove {e.section}/{e.path.name} ({_human(e.bytes)})")
+        print(f"{root}: would remove {len(chosen)} of {len(found)} entries, {_human(size)}")
+        return
+    freed = remove(chosen)
+    print(f"{root}: removed {len(chosen)} of {len(found)} entries, {_human(freed)} freed")

@@ -1,0 +1,186 @@
+"""The `evomerge` argument parser: every command, its flags and its help, in one place; each
+subcommand sets `func`, the function in `service.cli.library` or `service.cli.service` that runs it."""
+from __future__ import annotations
+
+import argparse
+import re
+
+from service.client import DEFAULT_URL
+
+from .library import (
+    cmd_cache,
+    cmd_compress,
+    cmd_evolve,
+    cmd_export,
+    cmd_merge,
+    cmd_methods,
+    cmd_plan,
+    cmd_zoo_build,
+)
+from .service import (
+    cmd_benchmark,
+    cmd_cancel,
+    cmd_demo,
+    cmd_download,
+    cmd_serve,
+    cmd_status,
+    cmd_submit,
+    cmd_worker,
+)
+
+
+def _duration(text: str) -> float:
+    """`"30d"`, `"12h"`, `"90m"`, `"45s"` or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
+    return float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
+
+
+def _size(text: str) -> int:
+    from core.errors import CheckpointError
+    from merging.checkpoint import parse_size
+
+    try:
+        return parse_size(text)
+    except CheckpointError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 10GB or 500MiB") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging on one GPU.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _library_commands(sub)
+    _service_commands(sub)
+    return ap
+
+
+def _library_commands(sub) -> None:
+    p = sub.add_parser("merge", help="merge models as a spec of kind: merge says")
+    p.add_argument("spec", help="YAML job spec (kind: merge)")
+    p.add_argument("--out", required=True, help="output HF model folder (must not exist)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("evolve", help="search merge parameters for a Pareto front (kind: evolve)")
+    p.add_argument("spec", help="YAML job spec (kind: evolve)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, candidates.jsonl, front.json, front.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evolve)
+
+    p = sub.add_parser("plan", help="the memory plan of an evolve job: bytes of each component and where it "
+                                    "lives; exit 1 when it does not fit")
+    p.add_argument("spec", help="YAML job spec (kind: evolve)")
+    p.add_argument("--gpu-memory", type=_size, help="plan for a GPU of this size, e.g. 24GB (default: the free "
+                                                    "memory of this machine's GPU, when the job runs on cuda)")
+    p.add_argument("--host-memory", type=_size, help="host memory to plan for, e.g. 32GB (default: MemAvailable)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="write one candidate of an evolve run as a HF model folder")
+    p.add_argument("run", help="the evolve run folder")
+    p.add_argument("--candidate", type=int, required=True, help="candidate id (see front.json)")
+    p.add_argument("--out", required=True, help="output HF model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("zoo", help="the project's small real models and benchmarks")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    z = zsub.add_parser("build", help="build (or verify and reuse) a zoo")
+    z.add_argument("--out", required=True)
+    z.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--workers", type=int, default=None,
+                   help="processes training fine-tunes side by side (default: one per core, at most 4; "
+                        "weights do not depend on it)")
+    z.set_defaults(func=cmd_zoo_build)
+
+    p = sub.add_parser("compress", help="TSV-C: keep a fraction of each task-vector matrix's singular triplets")
+    p.add_argument("--base", required=True)
+    p.add_argument("--model", required=True, help="fine-tuned folder or LoRA adapter of the base")
+    p.add_argument("--fraction", type=float, default=0.1, help="kept fraction of each matrix's rank")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("cache", help="the per-machine cache ($EVOMERGE_CACHE): sizes, and pruning")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    c = csub.add_parser("info", help="entries and sizes per section (endpoints, responses, irt, hashes)")
+    c.set_defaults(func=cmd_cache)
+    c = csub.add_parser("prune", help="remove entries unused for a while, or the least recently used beyond a size "
+                                      "(every entry is recomputed when needed again)")
+    c.add_argument("--older-than", type=_duration, help="remove entries unused for longer, e.g. 30d")
+    c.add_argument("--max-size", type=_size, help="then remove the least recently used until the cache fits, e.g. 10GB")
+    c.add_argument("--keep-recent", type=_duration, default=3600.0,
+                   help="never remove an entry used this recently (default 1h: a job starting now keeps its inputs)")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    c.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("methods", help="list the merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+
+def _service_commands(sub) -> None:
+    def client_args(p):
+        p.add_argument("--url", help=f"API address (default: $EVOMERGE_URL or {DEFAULT_URL})")
+        p.add_argument("--token", help="bearer token (default: $EVOMERGE_TOKEN)")
+
+    p = sub.add_parser("serve", help="run the REST API and one worker per device")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", help="SQLAlchemy URL (default: $EVOMERGE_DB or SQLite in the artifacts folder)")
+    p.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS or ./artifacts)")
+    p.add_argument("--model-root", action="append", dest="model_roots",
+                   help="folder model paths must lie in (repeatable; default: $EVOMERGE_MODEL_ROOTS or the CWD)")
+    p.add_argument("--devices", help="comma-separated devices to start workers on; '' for none "
+                                     "(default: every GPU, or the CPU)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run jobs from the store on one device")
+    p.add_argument("--db", help="SQLAlchemy URL (default: $EVOMERGE_DB)")
+    p.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS or ./artifacts)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a job spec to the service")
+    p.add_argument("spec", help="YAML job spec")
+    p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+    client_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show a job (or list jobs without an ID)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--json", action="store_true", help="print the whole job as JSON")
+    client_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("id")
+    client_args(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("download", help="download a result candidate as a HF folder (or .tar)")
+    p.add_argument("id")
+    p.add_argument("cid", type=int, nargs="?", default=0, help="candidate id (a merge job's result is 0)")
+    p.add_argument("--out", help="destination folder, or a path ending in .tar (default: ./<id>-<cid>)")
+    client_args(p)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("benchmark", help="upload a JSONL benchmark to the service")
+    p.add_argument("name")
+    p.add_argument("file")
+    client_args(p)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("demo", help="build the tiny zoo, run an evolve job through the service, download the knee")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--generations", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
