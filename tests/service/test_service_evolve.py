@@ -23,6 +23,8 @@ from service.config import Settings, parse_tokens
 from service.serve import BackgroundServer
 from service.worker import worker_command
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
@@ -202,6 +204,7 @@ def point(cid: int) -> str:
     return f"[...document.querySelectorAll('#plot circle')].find(c => c.dataset.cid === '{cid}')"
 
 
+@pytest.mark.browser
 def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
     if not (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")):
         pytest.fail("no Chromium installed (Debian: apt-get install chromium; scripts/setup.sh does it as root)")

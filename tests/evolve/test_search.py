@@ -89,7 +89,7 @@ def test_front_is_non_dominated_and_in_memory_equals_export(tmp_path):
 
 
 SCRIPT = """
-import sys; sys.path.insert(0, {tests!r})
+import sys; sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # the test module and factories
 from pathlib import Path
 from test_search import search
 search(Path({root!r}), Path({out!r}), resume={resume}, kill_after={kill})

@@ -20,7 +20,7 @@ import pytest
 from evolve.plan import PlanError, check_plan, plan_job
 from evolve.spec import EvolveSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GB = 10**9
 
 ARCHS = {
@@ -399,6 +399,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "lowrank", "sparse"])
 def test_plan_matches_measured_peak(tmp_path, kind):
     """The plan's host total against the measured peak RSS increase of building a resident merge

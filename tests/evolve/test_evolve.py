@@ -15,6 +15,8 @@ from evolve import EvolveSpec, export, run
 from evolve.genome import SearchSpace
 from fitness.evaluate import EvalSettings, evaluate_folder
 
+pytestmark = pytest.mark.slow
+
 
 def spec_for(zoo, manifest, **search):
     tasks = ["rev", "cip"]
@@ -83,7 +85,7 @@ def test_in_memory_candidate_equals_export(finished, tmp_path):
 
 KILL = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # the test module and factories
 from core.hooks import Hooks
 from evolve import run
 from test_evolve import spec_for

@@ -10,6 +10,8 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.serve import BackgroundServer  # noqa: E402
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):

@@ -10,7 +10,7 @@ import pytest
 
 from core.locks import FolderBusy, exclusive, lock_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HOLD = """
 import sys, time

@@ -121,7 +121,7 @@ def test_readme_evolve_example_is_a_valid_spec():
 
     from evolve.spec import EvolveSpec
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"```yaml\n(kind: evolve\n.*?)```", readme, re.S).group(1)
     spec = EvolveSpec.model_validate(yaml.safe_load(block))
     assert [(o.estimator, o.subset.strategy, o.subset.size) for o in spec.objectives] == [

@@ -25,6 +25,8 @@ from zoo.build import (
 from zoo.presets import get_preset
 from zoo.tasks import TASKS, train_sampler
 
+pytestmark = pytest.mark.slow
+
 TINY = get_preset("tiny")
 
 

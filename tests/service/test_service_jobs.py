@@ -27,6 +27,8 @@ from service.serve import BackgroundServer
 from service.store import Store
 from service.worker import worker_command
 
+pytestmark = pytest.mark.service
+
 # Runs service.worker with every merged tensor delayed by argv[1] seconds.
 SLOW_WORKER = """
 import sys, time

@@ -16,6 +16,8 @@ from service.config import Settings, parse_tokens
 from service.schemas import field_name
 from service.serve import BackgroundServer
 
+pytestmark = pytest.mark.service
+
 TOKENS = "alice:a-token,bob:b-token,root:r-token:admin"
 
 

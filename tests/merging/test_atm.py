@@ -20,6 +20,8 @@ from zoo.build import eval_settings
 from zoo.presets import get_preset
 from zoo.train_data import write_train_data
 
+pytestmark = pytest.mark.slow
+
 TASKS = ["cip", "srt"]
 
 

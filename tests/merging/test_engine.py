@@ -208,7 +208,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, family):
     spec = write_spec(tmp_path, spec_for(base, models, "linear"))
     out = tmp_path / "m"
     r = subprocess.run([sys.executable, "-c", KILL_ON_FIRST_TENSOR.format(spec=spec, out=str(out))],
-                       capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+                       capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[2]))
     assert r.returncode == 128 + signal.SIGTERM and "terminated" in r.stderr, r.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
 

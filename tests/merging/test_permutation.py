@@ -31,7 +31,9 @@ from merging.permutation.weight_matching import cycle_error, objective, relative
 from service.cli import main
 from zoo import digits
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "permutation-digits"
+pytestmark = pytest.mark.slow
+
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "permutation-digits"
 
 
 @pytest.fixture(scope="session")
@@ -422,7 +424,7 @@ def test_llama_family_members_differ(tmp_path):
     assert build_llama_family(tmp_path, seeds=(0,), steps=2) == fs[:1]  # reused
 
 
-LLAMA_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "permutation-llama-family"
+LLAMA_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "permutation-llama-family"
 
 
 def test_c2m3_and_repair_merge_pretrained_llamas(tmp_path, tiny_zoo):
