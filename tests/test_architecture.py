@@ -96,3 +96,15 @@ def test_no_import_cycles():
     g = graph()
     g = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in g.items()}
     assert [c for c in strongly_connected(g) if len(c) > 1] == []
+
+
+def test_every_layer_is_packaged_and_shipped():
+    """Each package of ALLOWED is installed (pyproject's packages.find) and copied into the image
+    (docker/Dockerfile): a new layer left out of either would import in the tests and fail on install."""
+    import re
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(p.rstrip("*") for p in include) == sorted(ALLOWED)
+    copied = re.findall(r"^COPY (\w+) \./\1$", (ROOT / "docker" / "Dockerfile").read_text(), re.M)
+    assert sorted(copied) == sorted(ALLOWED)
