@@ -10,7 +10,8 @@ For each preset (MMLU-Pro math: 1,351 ten-option items; ARC-Challenge: 735 four-
    endpoints' abilities under those parameters give the endpoint prior and mp-IRT's endpoint thetas;
 4. for k = 10 / 20 / 50 / 100: ``--draws`` random subsets of k items (one per draw, shared by all
    candidates, as a job scores every candidate on one subset) scored by subset mean, p-IRT, gp-IRT
-   (lam 0.5), gmp-IRT (delta 0.5) and map (p-IRT at the MAP ability under the endpoint prior), and
+   (lam 0.5), gmp-IRT (delta 0.5), map (p-IRT at the MAP ability under the endpoint prior), blend
+   (``blend_irt``: subset mean, map and the known rows' mean, weights by leave-one-out on the known rows), and
    adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); plus "guess": the known
    rows' mean accuracy for every candidate (no evaluation at all).
 
@@ -40,14 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fitness.adaptive import accuracy_sd, endpoint_prior, map_theta, predicted_accuracy, run_cat  # noqa: E402
-from fitness.estimators import estimate  # noqa: E402
+from fitness.estimators import blend_irt, calibrate_blend, estimate  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.simulate import PRESETS, REAL, Simulation, describe, merge_family, simulate  # noqa: E402
 
 FIXED = ["subset_mean", "p_irt", "gp_irt", "gmp_irt", "map"]
-COLUMNS = FIXED + ["adaptive", "guess"]
+COLUMNS = FIXED + ["blend", "adaptive", "guess"]
 LABELS = {"subset_mean": "subset mean", "p_irt": "p-IRT", "gp_irt": "gp-IRT", "gmp_irt": "gmp-IRT", "map": "map",
-          "adaptive": "adaptive p-IRT", "guess": "guess known mean"}
+          "blend": "blend (LOO)", "adaptive": "adaptive p-IRT", "guess": "guess known mean"}
 NAMES = {"mmlu_pro_math": "MMLU-Pro math", "arc_challenge": "ARC-Challenge"}
 Z90 = 1.6448536269514722
 
@@ -73,9 +74,16 @@ def one_world(cfg, seed: int, args) -> dict:
         ends = known[: args.parents]
         thetas = estimate_theta(ends, params)
         prior = endpoint_prior(estimate_theta(ends, params, method="map", prior_sd=1.0))
+
+        def prior_of(p, answers):
+            return endpoint_prior(estimate_theta(answers, p, method="map", prior_sd=1.0))
+
+        fit = (lambda r: fit_item_params(r, "2pl")) if setting == "known" else (lambda r: params)
         for k in args.ks:
             res = out.setdefault((setting, k), {c: [] for c in COLUMNS})
             res["guess"].append({"pred": guess, "truth": truth})
+            # the weights by leave-one-out on the known rows (a leaderboard's parameters are not refitted)
+            blend = calibrate_blend(known, args.parents, subsets[k][0], None, fit, prior_of, seed=seed)
             for idx in subsets[k]:
                 ys = Y[:, idx]
                 for est in FIXED[:-1]:
@@ -86,6 +94,8 @@ def one_world(cfg, seed: int, args) -> dict:
                     pred.append(predicted_accuracy(params, idx, y, th))
                     sd.append(accuracy_sd(params, idx, th, prec))
                 res["map"].append({"pred": np.array(pred), "sd": np.array(sd), "truth": truth})
+                res["blend"].append({"pred": np.asarray(blend_irt(ys, idx, None, params, prior=prior, blend=blend)),
+                                     "truth": truth})
             pred, sd = [], []
             for i in range(Y.shape[0]):
                 r = run_cat(params, lambda j, i=i: Y[i, j], prior, budget=k, round_size=5, stop_sd=0)

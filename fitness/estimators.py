@@ -20,12 +20,15 @@ picks one by name from ``ESTIMATORS``.
     gmp_irt      delta * subset_mean + (1 - delta) * mp_irt, delta = 0.5   (MERGE^3)
     map_irt      p_irt with theta_hat = MAP under a normal prior on ability (the endpoints'
                  spread, `fitness.adaptive.endpoint_prior`): the CAT's estimator on a fixed subset
+    blend_irt    w_m subset_mean + w_q map_irt + w_g (the known rows' mean accuracy), weights on
+                 the simplex fitted by leave-one-out on the known rows (``calibrate_blend``)
 
 with P_j(theta) = sigmoid(a_j . theta - b_j) (see ``fitness.irt``). The IRT part predicts the
 unseen items from the ability the subset reveals; the blends hedge against IRT's model error.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -236,6 +239,63 @@ def map_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thet
     return _out(np.array([fixed_map_accuracy(item_params, seen, row, prior) for row in y]), single)
 
 
+@dataclass(frozen=True)
+class Blend:
+    """``blend_irt``'s weights on the subset mean, the IRT prediction and the known rows' mean
+    accuracy (``known``, the value a candidate gets when nothing is learnt from its answers);
+    they are non-negative and sum to 1."""
+
+    mean: float
+    irt: float
+    prior: float
+    known: float
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known}
+
+
+def blend_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *, prior=None,
+              blend: Blend | None = None) -> Estimate:
+    """(n/N) ybar_seen + (1 - n/N) [w_mean subset_mean + w_irt mean_{j unseen} P_j(theta_map)
+    + w_prior (the known rows' mean accuracy)], with the weights of ``calibrate_blend``: the seen
+    answers count as what they are, the weights estimate the unseen items' mean (so with every
+    item seen the estimate is exact, as for p-IRT).
+
+    Why: with item parameters fitted on few rows (a job's endpoints and probes), IRT's prediction
+    carries a bias no number of items removes (noisy discriminations, a 1-D model of answers
+    with guessing and misfit), the subset mean is unbiased with variance ~ p (1 - p) / k, and
+    merges of the same endpoints spread only a few points around the known rows' mean (guessing
+    it errs 5-7 points on real answers: ../shared/real-answers.md). A stacked combination
+    (Wolpert 1992; Breiman 1996) with weights that minimize the squared error where the truth is
+    known, on rows each predicted from item parameters fitted without it, is at or below its
+    best part in expectation at every k; tinyBenchmarks' gp-IRT (Polo et al. 2024) is the
+    two-part case with a formula for the weight.
+    """
+    if blend is None:
+        raise ValueError("blend_irt needs blend weights (fitness.estimators.calibrate_blend)")
+    y, single = _rows(responses)
+    seen, _, N = _split(subset_idx, item_params, y.shape[1])
+    parts = _blend_parts(y, seen, weights, item_params, prior, blend.known)
+    return _out(_blend_value(parts, np.array([blend.mean, blend.irt, blend.prior]), seen.size / N), single)
+
+
+def _blend_parts(y: Array, seen: Array, weights, item_params: ItemParams, prior, known: float) -> Array:
+    """[models, 4]: the plain mean of the seen answers, then the three estimates of the unseen
+    items' mean that the weights mix: subset mean, IRT (mean P_j over the unseen items at the MAP
+    ability), the known rows' mean."""
+    N, n = item_params.n_items, seen.size
+    plain = y.mean(axis=1)
+    total = np.atleast_1d(map_irt(y, seen, None, item_params, prior=prior))
+    unseen_irt = (total * N - plain * n) / (N - n) if n < N else plain
+    return np.column_stack([plain, np.atleast_1d(subset_mean(y, seen, weights)), unseen_irt,
+                            np.full(y.shape[0], known)])
+
+
+def _blend_value(parts: Array, w: Array, share: float) -> Array:
+    """The seen items count as answered (their share n/N of the benchmark); the weights estimate the rest."""
+    return share * parts[:, 0] + (1.0 - share) * (parts[:, 1:] @ w)
+
+
 # ---- calibration -----------------------------------------------------------------------------
 def gp_irt_lambda(train_responses, item_params: ItemParams, n: int) -> float:
     """gp-IRT's blend weight, as tinyBenchmarks computes it (``tutorials/training_irt.ipynb``):
@@ -257,6 +317,40 @@ def gp_irt_lambda(train_responses, item_params: ItemParams, n: int) -> float:
     return float(b ** 2 / (b ** 2 + v / (4 * n))) if b > 0 else 0.0
 
 
+def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[Array], ItemParams],
+                    prior_of: Callable[[ItemParams, Array], object], *, draws: int = 8, seed: int = 0,
+                    step: float = 0.02) -> Blend:
+    """``blend_irt``'s weights for subsets of this size, by leave-one-out over the known ``rows``
+    [models, items] (full answers, so each row's accuracy t is known): each row is predicted from
+    item parameters ``fit`` on the other rows and the prior ``prior_of(params, answers)`` from the
+    other endpoints' answers (the first ``n_endpoints`` rows are the endpoints; a row
+    the parameters were fitted on looks better predicted than a new model will be), on the job's
+    subset and ``draws - 1`` random subsets of its size (one subset alone gives noisy weights),
+    as its subset mean m, its map_irt q and the other rows' mean accuracy g. The weights are
+    those on the simplex (a grid of ``step``) minimizing sum (w_m m + w_q q + w_g g - t)^2."""
+    y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+    n_rows, N = y.shape
+    idx0 = np.asarray(subset_idx, dtype=int)
+    rng = np.random.default_rng(seed)
+    subsets = [(idx0, weights)] + [(np.sort(rng.choice(N, idx0.size, replace=False)), None) for _ in range(draws - 1)]
+    parts, truth, shares = [], [], []
+    for r in range(n_rows):
+        rest = np.delete(y, r, axis=0)
+        params = fit(rest)
+        prior = prior_of(params, rest[: n_endpoints - (r < n_endpoints)])
+        for idx, w in subsets:
+            parts.append(_blend_parts(y[r : r + 1, idx], idx, w, params, prior, rest.mean())[0])
+            truth.append(y[r].mean())
+            shares.append(idx.size / N)
+    X, t, share = np.array(parts), np.array(truth), np.array(shares)
+    ticks = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)
+    grid = np.array([(a, b, 1.0 - a - b) for a in ticks for b in ticks if a + b <= 1.0 + 1e-9])
+    pred = share[:, None] * X[:, :1] + (1.0 - share[:, None]) * (X[:, 1:] @ grid.T)
+    best = grid[int(np.argmin(((pred - t[:, None]) ** 2).sum(axis=0)))]
+    m, q, g = (float(max(v, 0.0)) for v in best)
+    return Blend(m, q, g, float(y.mean()))
+
+
 def judge(estimated, exact) -> dict[str, float]:
     """How well estimates track the exact accuracies over a set of held-out models: mean absolute
     error, and Spearman rank correlation (what an evolutionary search needs is the ordering)."""
@@ -276,16 +370,17 @@ ESTIMATORS: dict[str, Callable[..., Estimate]] = {
     "mp_irt": mp_irt,
     "gmp_irt": gmp_irt,
     "map_irt": map_irt,
+    "blend_irt": blend_irt,
 }
-NEEDS_ITEM_PARAMS = frozenset({"p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt"})
-NEEDS_PRIOR = frozenset({"map_irt"})
+NEEDS_ITEM_PARAMS = frozenset({"p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "blend_irt"})
+NEEDS_PRIOR = frozenset({"map_irt", "blend_irt"})
 NEEDS_ENDPOINTS = frozenset({"mp_irt", "gmp_irt"})
 
 
 def estimate(name: str, responses, subset_idx=None, weights=None, item_params: ItemParams | None = None,
              endpoint_thetas=None, **options) -> Estimate:
     """Accuracy estimate by estimator name (see ``ESTIMATORS``); ``options`` go to that estimator
-    (``lam`` for gp_irt, ``delta`` for gmp_irt, ``theta_method``/``prior_sd`` for p/gp_irt, ``prior`` for map_irt)."""
+    (``lam`` for gp_irt, ``blend`` for blend_irt, ``delta`` for gmp_irt, ``theta_method``/``prior_sd`` for p/gp_irt, ``prior`` for map_irt)."""
     try:
         fn = ESTIMATORS[name]
     except KeyError:

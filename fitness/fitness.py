@@ -43,7 +43,7 @@ from core.devices import resolve_dtype
 from data.benchmarks import Benchmark, load_benchmark
 
 from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
-from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, estimate
+from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .irt import ItemParams, estimate_theta, fit_item_params
 from .spec import EvaluationSpec, ObjectiveSpec
@@ -80,6 +80,7 @@ class BenchmarkFit:
     endpoint_thetas: np.ndarray | None
     irt_rows: int  # response rows the IRT fit used (endpoints + probes)
     prior: Prior | None = None  # adaptive strategy or map_irt: the endpoint prior on ability
+    blend: Blend | None = None  # blend_irt: its weights, calibrated on the known rows
 
     @property
     def adaptive(self) -> bool:
@@ -223,6 +224,8 @@ class Fitness:
             w = fit.subset.weights / fit.subset.weights.sum()
             return float(resp.output_tokens[pos].astype(float) @ w)
         options = {"prior": fit.prior} if s.estimator in NEEDS_PRIOR else {}
+        if s.estimator == "blend_irt":
+            options["blend"] = fit.blend
         return float(estimate(s.estimator, resp.correct[pos].astype(float), fit.subset.indices, fit.subset.weights,
                               fit.item_params, fit.endpoint_thetas, **options))
 
@@ -251,7 +254,8 @@ class Fitness:
     def describe(self) -> dict:
         return {k: {"items": len(f.benchmark), "strategy": f.subset.strategy,
                     "subset": min(self._subset_spec(k).size, len(f.benchmark)) if f.adaptive else len(f.subset),
-                    "irt_rows": f.irt_rows, "irt": f.item_params is not None} for k, f in self.fits.items()}
+                    "irt_rows": f.irt_rows, "irt": f.item_params is not None,
+                    **({"blend": f.blend.to_json()} if f.blend is not None else {})} for k, f in self.fits.items()}
 
 
 def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec,
@@ -289,7 +293,16 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
     else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
         subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
-    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior)
+    blend = None
+    if any(s.estimator == "blend_irt" for s in specs):
+        min_sd = sub.adaptive_settings()["min_sd"]
+
+        def prior_of(p: ItemParams, answers: np.ndarray):
+            return endpoint_prior(estimate_theta(answers, p, method="map", prior_sd=1.0), min_sd)
+
+        blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights,
+                                lambda rows: fitted_item_params(rows, irt), prior_of, seed=sub.seed)
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend)
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:

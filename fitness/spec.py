@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 from core.validation import GivenPath
 
-ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "full")
+ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "blend_irt", "full")
 
 
 ADAPTIVE_FIELDS = ("round", "prior", "stop_sd", "min_sd")
@@ -132,6 +132,9 @@ class ObjectiveSpec(BaseModel):
     def _metric_estimator(self) -> "ObjectiveSpec":
         if self.metric == "mean_output_tokens" and self.estimator not in ("subset_mean", "full"):
             raise ValueError(f"estimator: mean_output_tokens is estimated by subset_mean or full, not {self.estimator}")
+        if self.estimator == "blend_irt" and self.subset.strategy == "adaptive":
+            raise ValueError("estimator: blend_irt weighs the subset mean, which items chosen per candidate bias; "
+                             "give it a fixed subset (subset.strategy random or balanced)")
         return self
 
     @property

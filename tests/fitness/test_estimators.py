@@ -36,8 +36,12 @@ def make_world(seed, n_items=600, n_models=150, dims=2, n_endpoints=3):
 
 
 def opts(name, world):
-    """What `estimate` needs besides the common arguments: map_irt's prior (the endpoints' spread)."""
-    return {"prior": endpoint_prior(world["endpoints"])} if name in NEEDS_PRIOR else {}
+    """What `estimate` needs besides the common arguments: map_irt's prior (the endpoints' spread),
+    blend_irt's weights too (fixed ones here: their calibration has its own tests)."""
+    from fitness.estimators import Blend
+
+    out = {"prior": endpoint_prior(world["endpoints"])} if name in NEEDS_PRIOR else {}
+    return out | ({"blend": Blend(0.3, 0.5, 0.2, 0.6)} if name == "blend_irt" else {})
 
 
 def mean_abs_errors(world, names, n_subsets=6, k=K_SMALL, item_params=None, endpoints=None):
@@ -156,7 +160,9 @@ def test_gp_irt_lambda_trusts_a_good_irt_model_more(world):
 
 
 def test_registry_and_errors(world):
-    assert set(ESTIMATORS) == {"subset_mean", "full", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt"}
+    assert set(ESTIMATORS) == {"subset_mean", "full", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "blend_irt"}
+    with pytest.raises(ValueError, match="blend weights"):
+        estimate("blend_irt", [1, 0], [0, 1], None, world["items"], prior=Prior(np.zeros(2), 1.0))
     with pytest.raises(ValueError, match="prior"):
         estimate("map_irt", [1, 0], [0, 1], None, world["items"])
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -248,3 +254,102 @@ def test_bad_inputs_are_refused_not_turned_into_numbers(world, case, call, words
     with pytest.raises(ValueError) as e:
         call(world, y, idx)
     assert words in str(e.value)
+
+
+def _map_fit(rows):
+    return fit_item_params(rows, "2pl")
+
+
+def _endpoint_prior(params, answers):
+    return endpoint_prior(estimate_theta(answers, params, method="map", prior_sd=1.0))
+
+
+def test_blend_puts_everything_on_the_known_mean_when_every_row_scores_the_same():
+    """Closed case: rows with the same number of right answers (in different items) have the same
+    accuracy, so the other rows' mean predicts each row exactly and the least-squares weights are
+    (0, 0, 1); the estimate is then that accuracy whatever a candidate answers."""
+    from fitness.estimators import Blend, blend_irt, calibrate_blend
+
+    rng = np.random.default_rng(3)
+    rows = np.zeros((8, 60))
+    for r in rows:
+        r[rng.choice(60, 24, replace=False)] = 1.0
+    idx = np.arange(0, 60, 6)
+    blend = calibrate_blend(rows, 3, idx, None, _map_fit, _endpoint_prior, draws=3)
+    assert blend.prior >= 0.9 and blend.known == pytest.approx(0.4)
+    assert blend.mean + blend.irt + blend.prior == pytest.approx(1.0)
+    params = _map_fit(rows)
+    only_known = Blend(0.0, 0.0, 1.0, 0.4)  # the 10 seen answers count as given, the known mean stands for the rest
+    got = blend_irt(np.ones(10), idx, None, params, prior=_endpoint_prior(params, rows[:3]), blend=only_known)
+    assert got == pytest.approx(10 / 60 + 50 / 60 * 0.4)
+
+
+@pytest.mark.parametrize("preset", ["mmlu_pro_math", "arc_challenge"])
+def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answers(preset):
+    """On the simulator's answers (guessing floors, slips, misfitting items, two ability traits:
+    a 1-D 2PL is the wrong model), item parameters from a job's 17 known rows, merges of the same
+    parents as candidates: over seeds, blend_irt's mean absolute error is at most the subset
+    mean's at k = 20 and 50, and at most map_irt's (the stack's weights can always fall back on
+    either)."""
+    from dataclasses import replace
+
+    from fitness.estimators import blend_irt, calibrate_blend
+    from fitness.simulate import PRESETS, Simulation, merge_family
+
+    cfg = replace(PRESETS[preset], n_items=300)
+    err = {name: [] for name in ("mean", "map", "blend")}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        sim = Simulation.draw(cfg, rng)
+        parents = sim.abilities(4, rng)
+        probes, _ = merge_family(parents, 13, rng, noise_sd=1.0)
+        known = sim.answer(np.vstack([parents, probes]), rng)
+        cand, _ = merge_family(parents, 30, rng, noise_sd=1.0)
+        truth, answers = sim.accuracy(cand), sim.answer(cand, rng)
+        params = _map_fit(known)
+        prior = _endpoint_prior(params, known[:4])
+        for k in (20, 50):
+            idx = np.sort(rng.choice(300, k, replace=False))
+            blend = calibrate_blend(known, 4, idx, None, _map_fit, _endpoint_prior, draws=4, seed=seed)
+            y = answers[:, idx]
+            err["mean"].append(np.abs(subset_mean(y, idx) - truth).mean())
+            err["map"].append(np.abs(map_irt(y, idx, None, params, prior=prior) - truth).mean())
+            err["blend"].append(np.abs(blend_irt(y, idx, None, params, prior=prior, blend=blend) - truth).mean())
+    mae = {name: float(np.mean(v)) for name, v in err.items()}
+    assert mae["blend"] <= mae["mean"] and mae["blend"] <= mae["map"] + 0.002, mae
+
+
+def test_blend_irt_needs_a_fixed_subset():
+    from pydantic import ValidationError
+
+    from fitness.spec import ObjectiveSpec
+
+    with pytest.raises(ValidationError, match="estimator: blend_irt"):
+        ObjectiveSpec(benchmark="b.jsonl", estimator="blend_irt", subset={"strategy": "adaptive"})
+    assert ObjectiveSpec(benchmark="b.jsonl", estimator="blend_irt").subset.strategy == "random"
+
+
+def test_a_job_calibrates_blend_irt_on_its_known_rows():
+    """fit_benchmark calibrates the weights on the endpoints and probes for the job's subset, the
+    job's value is blend_irt by hand with them, and describe() reports them."""
+    from data.benchmarks import from_items
+    from fitness.estimators import blend_irt
+    from fitness.evaluate import Responses
+    from fitness.fitness import Fitness, fit_benchmark
+    from fitness.spec import EvaluationSpec, ObjectiveSpec
+
+    bench = from_items("b", [{"id": f"g{i}", "prompt": "p", "answer": "a"} for i in range(120)])
+    rng = np.random.default_rng(4)
+    skill, difficulty = np.linspace(-1.5, 1.5, 9), rng.normal(0, 1, 120)
+    answers = [Responses(bench.ids, (rng.random(120) < 1 / (1 + np.exp(difficulty - s))).astype(np.uint8),
+                         np.ones(120, int), [""] * 120) for s in skill]
+    spec = ObjectiveSpec(benchmark="b.jsonl", estimator="blend_irt", subset={"size": 15, "seed": 2})
+    fit = fit_benchmark(bench, [spec], EvaluationSpec(), answers[:3], answers[3:8])
+    b = fit.blend
+    assert b is not None and b.mean + b.irt + b.prior == pytest.approx(1.0) and min(b.mean, b.irt, b.prior) >= 0
+    assert b.known == pytest.approx(np.mean([r.correct.mean() for r in answers[:8]]))
+    cand, idx = answers[8], fit.subset.indices
+    got = Fitness._estimate(spec, fit, Responses([cand.item_ids[i] for i in idx], cand.correct[idx], np.ones(15, int),
+                                                 [""] * 15), np.arange(15))
+    y = cand.correct[idx].astype(float)
+    assert got == pytest.approx(float(blend_irt(y, idx, fit.subset.weights, fit.item_params, prior=fit.prior, blend=b)))
