@@ -95,7 +95,7 @@ def one_world(cfg, seed: int, args) -> dict:
                     sd.append(accuracy_sd(params, idx, th, prec))
                 res["map"].append({"pred": np.array(pred), "sd": np.array(sd), "truth": truth})
                 res["blend"].append({"pred": np.asarray(blend_irt(ys, idx, None, params, prior=prior, blend=blend)),
-                                     "truth": truth})
+                                     "sd": np.full(truth.shape, blend.rmse), "truth": truth})
             pred, sd = [], []
             for i in range(Y.shape[0]):
                 r = run_cat(params, lambda j, i=i: Y[i, j], prior, budget=k, round_size=5, stop_sd=0)
@@ -184,7 +184,7 @@ def main() -> None:
 
     tables, record["results"] = [], {}
     head = ("| setting | k | " + " | ".join(LABELS[c] for c in COLUMNS) +
-            " | Spearman (subset mean / map / adaptive) | 90 % coverage (map / adaptive) |")
+            " | Spearman (subset mean / map / blend / adaptive) | 90 % coverage (map / blend / adaptive) |")
     tables += [head, "| --- " * (head.count("|") - 1) + "|"]
     compact = ["| setting | k items | " + " | ".join(LABELS[c] for c in COLUMNS) + " |",
                "| --- " * (len(COLUMNS) + 2) + "|"]
@@ -210,7 +210,8 @@ def main() -> None:
                 record["results"][name][f"{setting}/{k}"] = s
                 tables.append(f"| {label} | {k} | " + " | ".join(f"{s[c]['mae']:.1f}" for c in COLUMNS) +
                               f" | {s['subset_mean']['spearman']:.2f} / {s['map']['spearman']:.2f} / "
-                              f"{s['adaptive']['spearman']:.2f} | {100 * s['map']['coverage']:.0f} / "
+                              f"{s['blend']['spearman']:.2f} / {s['adaptive']['spearman']:.2f} | "
+                              f"{100 * s['map']['coverage']:.0f} / {100 * s['blend']['coverage']:.0f} / "
                               f"{100 * s['adaptive']['coverage']:.0f} |")
             compact.append(f"| {label} | {' / '.join(map(str, args.ks))} | " +
                            " | ".join(" / ".join(f"{per_k[k][c]['mae']:.1f}" for k in args.ks) for c in COLUMNS) + " |")

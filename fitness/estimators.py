@@ -249,9 +249,10 @@ class Blend:
     irt: float
     prior: float
     known: float
+    rmse: float = float("nan")  # the calibration's leave-one-out error at these weights: the estimate's sd
 
     def to_json(self) -> dict:
-        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known}
+        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known, "rmse": self.rmse}
 
 
 def blend_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *, prior=None,
@@ -327,7 +328,9 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
     the parameters were fitted on looks better predicted than a new model will be), on the job's
     subset and ``draws - 1`` random subsets of its size (one subset alone gives noisy weights),
     as its subset mean m, its map_irt q and the other rows' mean accuracy g. The weights are
-    those on the simplex (a grid of ``step``) minimizing sum (w_m m + w_q q + w_g g - t)^2."""
+    those on the simplex (a grid of ``step``) minimizing sum (w_m m + w_q q + w_g g - t)^2; the
+    root mean square of those leave-one-out errors is the blend's ``rmse``, the sd to report
+    with an estimate (it contains what the model gets wrong, which a Laplace sd leaves out)."""
     y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     n_rows, N = y.shape
     idx0 = np.asarray(subset_idx, dtype=int)
@@ -346,9 +349,10 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
     ticks = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)
     grid = np.array([(a, b, 1.0 - a - b) for a in ticks for b in ticks if a + b <= 1.0 + 1e-9])
     pred = share[:, None] * X[:, :1] + (1.0 - share[:, None]) * (X[:, 1:] @ grid.T)
-    best = grid[int(np.argmin(((pred - t[:, None]) ** 2).sum(axis=0)))]
-    m, q, g = (float(max(v, 0.0)) for v in best)
-    return Blend(m, q, g, float(y.mean()))
+    sse = ((pred - t[:, None]) ** 2).sum(axis=0)
+    best = int(np.argmin(sse))
+    m, q, g = (float(max(v, 0.0)) for v in grid[best])
+    return Blend(m, q, g, float(y.mean()), float(np.sqrt(sse[best] / t.size)))
 
 
 def judge(estimated, exact) -> dict[str, float]:

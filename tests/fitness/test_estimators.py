@@ -284,13 +284,14 @@ def test_blend_puts_everything_on_the_known_mean_when_every_row_scores_the_same(
     assert got == pytest.approx(10 / 60 + 50 / 60 * 0.4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["mmlu_pro_math", "arc_challenge"])
 def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answers(preset):
     """On the simulator's answers (guessing floors, slips, misfitting items, two ability traits:
     a 1-D 2PL is the wrong model), item parameters from a job's 17 known rows, merges of the same
     parents as candidates: over seeds, blend_irt's mean absolute error is at most the subset
     mean's at k = 20 and 50, and at most map_irt's (the stack's weights can always fall back on
-    either)."""
+    either); the interval +- 1.645 rmse holds about 90 % of the truths (240 of them per preset)."""
     from dataclasses import replace
 
     from fitness.estimators import blend_irt, calibrate_blend
@@ -298,6 +299,7 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
 
     cfg = replace(PRESETS[preset], n_items=300)
     err = {name: [] for name in ("mean", "map", "blend")}
+    inside = []
     for seed in range(4):
         rng = np.random.default_rng(seed)
         sim = Simulation.draw(cfg, rng)
@@ -314,9 +316,13 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
             y = answers[:, idx]
             err["mean"].append(np.abs(subset_mean(y, idx) - truth).mean())
             err["map"].append(np.abs(map_irt(y, idx, None, params, prior=prior) - truth).mean())
-            err["blend"].append(np.abs(blend_irt(y, idx, None, params, prior=prior, blend=blend) - truth).mean())
+            got = blend_irt(y, idx, None, params, prior=prior, blend=blend)
+            err["blend"].append(np.abs(got - truth).mean())
+            inside.append(np.abs(got - truth) <= 1.6449 * blend.rmse)
     mae = {name: float(np.mean(v)) for name, v in err.items()}
     assert mae["blend"] <= mae["mean"] and mae["blend"] <= mae["map"] + 0.002, mae
+    coverage = float(np.mean(np.concatenate(inside)))
+    assert 0.85 <= coverage <= 0.97, coverage  # the leave-one-out rmse as the sd: a 90 % interval
 
 
 def test_blend_irt_needs_a_fixed_subset():
