@@ -48,6 +48,7 @@ class Candidate:
     cost: dict[str, float] = field(default_factory=dict)
     true_objectives: dict[str, float] | None = None
     trace: dict[str, Any] | None = None  # adaptive subsets: items asked, answers, ability (Score.trace)
+    sd: dict[str, float] | None = None  # each estimate's sd where its estimator reports one (Score.sd)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,7 +118,8 @@ class CandidateEvaluator:
         cost = {"items": score.items, "forward_passes": score.forward_passes,
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1}
         c = Candidate(len(self.candidates), key, self.generation, [float(v) for v in x],
-                      self.space.decode(x), dict(score.values), cost, trace=getattr(score, "trace", None) or None)
+                      self.space.decode(x), dict(score.values), cost, trace=getattr(score, "trace", None) or None,
+                      sd=dict(getattr(score, "sd", None) or {}) or None)
         self.by_key[key] = c
         self.candidates.append(c)
         self.evaluated += 1

@@ -287,8 +287,8 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
 
 
 def _front_entry(c: Candidate, knee: bool) -> dict[str, Any]:
-    return {"id": c.id, "params": c.params, "objectives": c.objectives, "true_objectives": c.true_objectives,
-            "genome": c.genome, "knee": knee}
+    return {"id": c.id, "params": c.params, "objectives": c.objectives, "sd": c.sd,
+            "true_objectives": c.true_objectives, "genome": c.genome, "knee": knee}
 
 
 def _rewrite_candidates(path: Path, cands: list[Candidate]) -> None:

@@ -3,7 +3,9 @@
 Built once per job by `Fitness.fit` from full evaluations of the endpoint models (the base
 and the models being merged) and of a few probe merges:
 1. per benchmark, IRT item parameters are fitted on that response matrix (`fitness.irt`), unless
-   no objective needs them, or the spec imports a fitted parameter file;
+   no objective needs them, or the spec imports a fitted parameter file, or parameters are stored
+   for the benchmark's items (`fitness.params_store`: fitted on a leaderboard or imported; the
+   newest entry is used, and `describe()` says which source, `irt_source`);
 2. the endpoints' abilities theta_i are estimated by maximum likelihood on all their answers;
 3. the subset of items each candidate will answer is extracted (random, balanced: the random
    draw on which endpoints and probes score as in full, IRT anchors, or the highest-entropy
@@ -42,6 +44,7 @@ from core.cache import register_section, touch
 from core.devices import resolve_dtype
 from data.benchmarks import Benchmark, load_benchmark
 
+from . import params_store
 from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
@@ -70,6 +73,9 @@ class Score:
     seconds: float = 0.0
     # adaptive benchmarks: {benchmark key: CatSession.trace()} (items, answers, theta, sd, rounds)
     trace: dict[str, Any] = field(default_factory=dict)
+    # the estimate's sd, for the objectives whose estimator reports one (blend_irt: its
+    # leave-one-out rmse; a CAT's p_irt / map_irt: the Laplace sd, which leaves model error out)
+    sd: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class BenchmarkFit:
     irt_rows: int  # response rows the IRT fit used (endpoints + probes)
     prior: Prior | None = None  # adaptive strategy or map_irt: the endpoint prior on ability
     blend: Blend | None = None  # blend_irt: its weights, calibrated on the known rows
+    irt_source: str | None = None  # where item_params came from: fitted here, params_file, or stored
 
     @property
     def adaptive(self) -> bool:
@@ -158,7 +165,7 @@ class Fitness:
     def score(self, model) -> Score:
         """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds);
         every fixed subset goes through the model in one batched evaluation."""
-        t0, values, items, passes = time.perf_counter(), {}, 0, 0
+        t0, values, sd, items, passes = time.perf_counter(), {}, {}, 0, 0
         asked = {key: self._items(key) for key in self.fits if not self._is_adaptive(key)}
         answers = self._run(model, asked) if asked else {}
         items = sum(len(idx) for idx in asked.values())
@@ -168,6 +175,8 @@ class Fitness:
             pos = np.searchsorted(asked[key], fit.subset.indices)
             for s in (s for s in self.specs if str(s.benchmark) == key):
                 values[s.label] = self._estimate(s, fit, resp, pos)
+                if s.estimator == "blend_irt":
+                    sd[s.label] = fit.blend.rmse
         trace: dict[str, Any] = {}
         adaptive = [k for k in self.fits if self._is_adaptive(k)]
         if adaptive:
@@ -175,7 +184,10 @@ class Fitness:
             values.update(a_values)
             items += a_items
             passes += a_passes
-        return Score(values, items, passes, time.perf_counter() - t0, trace)
+            for s in self.specs:
+                if str(s.benchmark) in trace and s.metric == "accuracy" and s.estimator in ("p_irt", "map_irt"):
+                    sd[s.label] = trace[str(s.benchmark)]["sd"]
+        return Score(values, items, passes, time.perf_counter() - t0, trace, sd)
 
     def _score_adaptive(self, model, keys: list[str]) -> tuple[dict[str, float], int, int, dict[str, Any]]:
         """CAT on every benchmark in ``keys`` at once: one batched evaluation per round carries
@@ -255,6 +267,7 @@ class Fitness:
         return {k: {"items": len(f.benchmark), "strategy": f.subset.strategy,
                     "subset": min(self._subset_spec(k).size, len(f.benchmark)) if f.adaptive else len(f.subset),
                     "irt_rows": f.irt_rows, "irt": f.item_params is not None,
+                    **({"irt_source": f.irt_source} if f.irt_source is not None else {}),
                     **({"blend": f.blend.to_json()} if f.blend is not None else {})} for k, f in self.fits.items()}
 
 
@@ -265,14 +278,18 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         raise ValueError(f"objectives on {bench.name} must share one subset spec")
     Y = response_matrix(list(endpoints) + list(probes)).astype(float)
     irt = evaluation.irt
-    params = None
+    params, source = None, None
     if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy in ("anchor", "adaptive"):
+        stored = None if irt.params_file is not None else params_store.latest(bench.hash)
         if irt.params_file is not None:
             params = ItemParams.load(irt.params_file)
             if params.n_items != len(bench):
                 raise ValueError(f"irt.params_file has {params.n_items} items, {bench.name} has {len(bench)}")
+            source = f"params_file ({Path(irt.params_file).name})"
+        elif stored is not None:  # leaderboard parameters stored for these items (fitness.params_store)
+            params, source = stored.params(), stored.source()
         else:
-            params = fitted_item_params(Y, irt)
+            params, source = fitted_item_params(Y, irt), f"fitted on {len(Y)} rows"
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     prior = None
     if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
@@ -302,7 +319,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
 
         blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights,
                                 lambda rows: fitted_item_params(rows, irt), prior_of, seed=sub.seed)
-    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend)
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source)
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:

@@ -56,6 +56,12 @@ def test_front_is_non_dominated_and_reported(finished):
     assert all(c["true_objectives"] is not None for c in doc["front"])
     assert doc["cost"]["items_per_candidate"] <= 40 < doc["cost"]["full_items_per_candidate"]
     assert (out / "front.png").stat().st_size > 1000
+    # each adaptive estimate keeps its sd: the CAT's own, per benchmark, in the front too
+    for c in cands:
+        for t in ("rev", "cip"):
+            key = next(k for k in c["trace"] if k.endswith(f"{t}.jsonl"))
+            assert c["sd"][f"{t}:accuracy"] == c["trace"][key]["sd"] > 0
+    assert all(f["sd"] == next(c["sd"] for c in cands if c["id"] == f["id"]) for f in doc["front"])
 
 
 def test_exported_knee_loads_and_scores_its_true_objectives(finished, tiny_zoo, tiny_zoo_manifest, tmp_path):
