@@ -45,7 +45,7 @@ from core.devices import resolve_dtype
 from data.benchmarks import Benchmark, load_benchmark
 
 from . import params_store
-from .adaptive import CatSession, PopulationPrior, Prior, endpoint_prior
+from .adaptive import CatSession, PopulationPrior, Prior, calibrate_model_sd, endpoint_prior
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .irt import ItemParams, estimate_theta, fit_item_params
@@ -74,7 +74,8 @@ class Score:
     # adaptive benchmarks: {benchmark key: CatSession.trace()} (items, answers, theta, sd, rounds)
     trace: dict[str, Any] = field(default_factory=dict)
     # the estimate's sd, for the objectives whose estimator reports one (blend_irt: its
-    # leave-one-out rmse; a CAT's p_irt / map_irt: the Laplace sd, which leaves model error out)
+    # leave-one-out rmse; a CAT's p_irt / map_irt: its Laplace sd with the model error that
+    # calibrate_model_sd measured on the known rows)
     sd: dict[str, float] = field(default_factory=dict)
 
 
@@ -88,6 +89,7 @@ class BenchmarkFit:
     prior: Prior | None = None  # adaptive strategy or map_irt: the endpoint prior on ability
     blend: Blend | None = None  # blend_irt: its weights, calibrated on the known rows
     irt_source: str | None = None  # where item_params came from: fitted here, params_file, or stored
+    model_sd: float = 0.0  # adaptive: what the CAT's Laplace sd leaves out (fitness.adaptive.calibrate_model_sd)
 
     @property
     def adaptive(self) -> bool:
@@ -145,7 +147,9 @@ class Fitness:
         blob = {
             "objectives": [s.model_dump(mode="json") for s in self.specs],
             "evaluation": self.evaluation.model_dump(mode="json"),
-            "fits": {k: [f.benchmark.hash, f.subset.to_dict()] for k, f in self.fits.items()},
+            # stored parameters by their entry id: a later upload must not change a resumed run's scores
+            "fits": {k: [f.benchmark.hash, f.subset.to_dict()] + ([f.irt_source] if (f.irt_source or "").startswith(
+                     "stored") else []) for k, f in self.fits.items()},
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -186,7 +190,7 @@ class Fitness:
             passes += a_passes
             for s in self.specs:
                 if str(s.benchmark) in trace and s.metric == "accuracy" and s.estimator in ("p_irt", "map_irt"):
-                    sd[s.label] = trace[str(s.benchmark)]["sd"]
+                    sd[s.label] = float(np.hypot(trace[str(s.benchmark)]["sd"], self.fits[str(s.benchmark)].model_sd))
         return Score(values, items, passes, time.perf_counter() - t0, trace, sd)
 
     def _score_adaptive(self, model, keys: list[str]) -> tuple[dict[str, float], int, int, dict[str, Any]]:
@@ -268,6 +272,7 @@ class Fitness:
                     "subset": min(self._subset_spec(k).size, len(f.benchmark)) if f.adaptive else len(f.subset),
                     "irt_rows": f.irt_rows, "irt": f.item_params is not None,
                     **({"irt_source": f.irt_source} if f.irt_source is not None else {}),
+                    **({"model_sd": f.model_sd} if f.adaptive else {}),
                     **({"blend": f.blend.to_json()} if f.blend is not None else {})} for k, f in self.fits.items()}
 
 
@@ -310,16 +315,22 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
     else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
         subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
-    blend = None
-    if any(s.estimator == "blend_irt" for s in specs):
+    blend, model_sd = None, 0.0
+    calibrate = any(s.estimator == "blend_irt" for s in specs) or (
+        sub.strategy == "adaptive" and any(s.estimator in ("p_irt", "map_irt") for s in specs))
+    if calibrate:  # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
         min_sd = sub.adaptive_settings()["min_sd"]
 
         def prior_of(p: ItemParams, answers: np.ndarray):
             return endpoint_prior(estimate_theta(answers, p, method="map", prior_sd=1.0), min_sd)
 
-        blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights,
-                                lambda rows: fitted_item_params(rows, irt), prior_of, seed=sub.seed)
-    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source)
+        refit = (lambda rows: fitted_item_params(rows, irt)) if source.startswith("fitted") else (lambda rows: params)
+        if sub.strategy == "adaptive":
+            st = sub.adaptive_settings()
+            model_sd = calibrate_model_sd(Y, len(endpoints), refit, prior_of, min(sub.size, len(bench)), st["round"])
+        else:
+            blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights, refit, prior_of, seed=sub.seed)
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd)
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:

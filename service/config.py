@@ -64,6 +64,7 @@ class Settings:
     tokens: dict[str, User] = field(default_factory=dict)  # empty: authentication off
     max_body_bytes: int = 1 << 20  # job specs
     max_benchmark_bytes: int = 32 << 20  # benchmark uploads
+    max_irt_bytes: int = 64 << 20  # item parameter uploads: a response matrix (CSV) or parameters (JSON)
     rate_limit_per_minute: int = 30
     heartbeat_seconds: float = 2.0  # also how soon a running job notices a cancel
     stale_seconds: float = 30.0  # a running job without a heartbeat this long is resumed elsewhere

@@ -111,6 +111,36 @@ class BenchmarkList(BaseModel):
     benchmarks: list[BenchmarkOut]
 
 
+class IrtParamsOut(BaseModel):
+    """Item parameters stored for a benchmark's items (`fitness.params_store`): where they came
+    from (``fitted`` on a response matrix of ``rows`` models, or ``imported``) and when."""
+
+    id: str
+    benchmark: str
+    benchmark_hash: str
+    items: int
+    source: str
+    rows: int
+    model: str
+    dims: int
+    created_at: str
+    observed: int | None = None
+    fitter: str | None = None
+    file: str | None = None
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> Self:
+        return cls.model_validate({k: summary.get(k) for k in cls.model_fields if k in summary})
+
+
+class IrtParamsList(BaseModel):
+    """A benchmark's stored item parameters, oldest first; a job uses the last."""
+
+    benchmark: str
+    hash: str
+    entries: list[IrtParamsOut]
+
+
 class Health(BaseModel):
     status: str
     kinds: list[str]

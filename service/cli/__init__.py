@@ -1,5 +1,5 @@
 """`evomerge` command line: `main` parses the arguments (`service.cli.parser`), runs the command
-(`service.cli.library`: merge, evolve, plan, export, zoo, compress, cache, methods;
+(`service.cli.library`: merge, evolve, plan, export, zoo, compress, cache, methods, irt;
 `service.cli.service`: serve, worker, submit, status, cancel, download, benchmark, demo) and
 turns its errors into one line on stderr and an exit status: 1 for a plan that does not fit,
 2 for a refused input, 130 / 143 for ^C / SIGTERM."""

@@ -1,5 +1,5 @@
 """The library commands: what runs on this machine, in this process, without the service:
-merge, evolve, plan, export, zoo build, compress, cache and methods."""
+merge, evolve, plan, export, zoo build, compress, cache, methods and irt (leaderboard item parameters)."""
 from __future__ import annotations
 
 import json
@@ -145,3 +145,61 @@ def cmd_cache(args) -> None:
         return
     freed = remove(chosen)
     print(f"{root}: removed {len(chosen)} of {len(found)} entries, {_human(freed)} freed")
+
+
+def _irt_benchmark(ref: str):
+    """`--benchmark`: a JSONL file, or the name of a benchmark uploaded to this machine's service
+    (its store: $EVOMERGE_DB, or the SQLite file in $EVOMERGE_ARTIFACTS)."""
+    from core.errors import FieldError
+    from data.benchmarks import load_benchmark
+
+    if Path(ref).is_file():
+        return load_benchmark(ref)
+    from service.config import Settings
+
+    settings = Settings.from_env()
+    if settings.db_url or (settings.artifacts / "evomerge.db").is_file():
+        from service.store import Store
+
+        store = Store(settings.database_url)
+        try:
+            row = store.get_benchmark(ref)
+        finally:
+            store.close()
+        if row is not None:
+            return load_benchmark(row.path, name=ref)
+    raise FieldError("benchmark", f"{ref!r} is neither a JSONL file nor a benchmark uploaded to the service "
+                                  f"(artifacts {settings.artifacts})")
+
+
+def _entry_line(e) -> str:
+    m = e.meta
+    rows = f"{m.get('rows', 0)} rows" if m.get("rows") else "rows unknown"
+    return (f"{m.get('benchmark', '?')}  {str(m.get('benchmark_hash', ''))[:12]}  {m.get('items', '?')} items  "
+            f"{m.get('source', '?')} ({rows})  {m.get('model', '?')}  {m.get('created_at', '')}  {e.id}")
+
+
+def cmd_irt(args) -> None:
+    """`evomerge irt fit|import|list`: item parameters per benchmark (fitness.params_store)."""
+    from fitness import params_store
+
+    if args.irt_command == "list":
+        found = params_store.entries()
+        if args.benchmark:
+            bench = _irt_benchmark(args.benchmark)
+            found = [e for e in found if e.meta.get("benchmark_hash") == bench.hash]
+        for e in found:
+            print(_entry_line(e))
+        if not found:
+            print(f"no stored item parameters in {params_store.store_root()}", file=sys.stderr)
+        return
+    bench = _irt_benchmark(args.benchmark)
+    if args.irt_command == "fit":
+        y, _ = params_store.read_matrix(args.responses, bench)
+        entry = params_store.fit_matrix(bench, y, model=args.model, dims=args.dims, fitter=args.fitter,
+                                        seed=args.seed, file=Path(args.responses).name)
+    else:
+        params, extra = params_store.read_params(args.params, bench)
+        entry = params_store.save_entry(bench, params, {"source": "imported", "rows": extra["rows"],
+                                                        "file": Path(args.params).name})
+    print(_entry_line(entry))

@@ -12,6 +12,7 @@ from .library import (
     cmd_compress,
     cmd_evolve,
     cmd_export,
+    cmd_irt,
     cmd_merge,
     cmd_methods,
     cmd_plan,
@@ -125,6 +126,28 @@ def _library_commands(sub) -> None:
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("irt", help="IRT item parameters per benchmark, fitted on a leaderboard's answers or "
+                                   "imported; a job on that benchmark uses them (docs/guide.md)")
+    isub = p.add_subparsers(dest="irt_command", required=True)
+    i = isub.add_parser("fit", help="fit item parameters on a response matrix and store them")
+    i.add_argument("--responses", required=True, help="CSV or Parquet (a row per model, a column per item id, "
+                                                      "1/0/blank; a first column of model names is allowed) or NPZ "
+                                                      "(responses, item_ids)")
+    i.add_argument("--benchmark", required=True, help="JSONL file, or the name of a benchmark uploaded to the service")
+    i.add_argument("--model", default="2pl", choices=["1pl", "2pl", "multidim_2pl"])
+    i.add_argument("--dims", type=int, default=1, help="ability dimensions (multidim_2pl only)")
+    i.add_argument("--fitter", default="map", choices=["map", "py-irt"])
+    i.add_argument("--seed", type=int, default=42)
+    i.set_defaults(func=cmd_irt)
+    i = isub.add_parser("import", help="store tinyBenchmarks-style parameters (A, B, item_ids; JSON or NPZ)")
+    i.add_argument("--params", required=True, help="JSON or NPZ with A ([dims, items] or [items, dims]), B "
+                                                   "([items]) and item_ids")
+    i.add_argument("--benchmark", required=True, help="JSONL file, or the name of a benchmark uploaded to the service")
+    i.set_defaults(func=cmd_irt)
+    i = isub.add_parser("list", help="one line per stored entry: benchmark, hash, items, source, rows, model, date")
+    i.add_argument("--benchmark", help="only this benchmark's entries")
+    i.set_defaults(func=cmd_irt)
 
 
 def _service_commands(sub) -> None:

@@ -56,11 +56,13 @@ def test_front_is_non_dominated_and_reported(finished):
     assert all(c["true_objectives"] is not None for c in doc["front"])
     assert doc["cost"]["items_per_candidate"] <= 40 < doc["cost"]["full_items_per_candidate"]
     assert (out / "front.png").stat().st_size > 1000
-    # each adaptive estimate keeps its sd: the CAT's own, per benchmark, in the front too
+    # each adaptive estimate keeps its sd: the CAT's Laplace sd with the job's model error, in the front too
     for c in cands:
         for t in ("rev", "cip"):
             key = next(k for k in c["trace"] if k.endswith(f"{t}.jsonl"))
-            assert c["sd"][f"{t}:accuracy"] == c["trace"][key]["sd"] > 0
+            model_sd = doc["fitness"][key]["model_sd"]
+            assert c["sd"][f"{t}:accuracy"] == pytest.approx(float(np.hypot(c["trace"][key]["sd"], model_sd)))
+            assert c["sd"][f"{t}:accuracy"] > 0 and model_sd >= 0
     assert all(f["sd"] == next(c["sd"] for c in cands if c["id"] == f["id"]) for f in doc["front"])
 
 

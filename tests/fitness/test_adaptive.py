@@ -280,3 +280,43 @@ def test_resumed_run_selects_the_same_items(tiny_zoo, tiny_zoo_manifest, tmp_pat
     # and the record says so: every candidate's items are in candidates.jsonl
     rows = [json.loads(x) for x in (tmp_path / "crashed" / "candidates.jsonl").read_text().splitlines()]
     assert [r["trace"] for r in rows] == [c.trace for c in through]
+
+
+@pytest.mark.slow
+def test_model_sd_makes_the_cat_interval_cover_simulated_truths():
+    """Misspecified answers (the simulator's ARC preset: guessing, slips, misfit, two traits) and
+    item parameters from 17 known rows: the CAT's Laplace sd alone puts far fewer than 90 % of the
+    candidates' true accuracies inside estimate +- 1.645 sd; with calibrate_model_sd's term added
+    it no longer falls short of 90 % (it errs on the wide side: 96-97 % here, estimated from 13
+    probe rows; issue 22 asks for within 5 points, bench/README.md has the measured shares)."""
+    from dataclasses import replace
+
+    from fitness.adaptive import calibrate_model_sd
+    from fitness.irt import estimate_theta, fit_item_params
+    from fitness.simulate import PRESETS, Simulation, merge_family
+
+    def fit(rows):
+        return fit_item_params(rows, "2pl")
+
+    def prior_of(params, answers):
+        return endpoint_prior(estimate_theta(answers, params, method="map", prior_sd=1.0))
+
+    cfg = replace(PRESETS["arc_challenge"], n_items=400)
+    laplace, total = [], []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        sim = Simulation.draw(cfg, rng)
+        parents = sim.abilities(4, rng)
+        probes, _ = merge_family(parents, 13, rng, noise_sd=1.0)
+        known = sim.answer(np.vstack([parents, probes]), rng)
+        cand, _ = merge_family(parents, 30, rng, noise_sd=1.0)
+        truth, answers = sim.accuracy(cand), sim.answer(cand, rng)
+        params = fit(known)
+        prior = prior_of(params, known[:4])
+        model_sd = calibrate_model_sd(known, 4, fit, prior_of, budget=20)
+        for i in range(len(cand)):
+            r = run_cat(params, lambda idx, i=i: answers[i, idx], prior, budget=20)
+            err = abs(r.accuracy - truth[i])
+            laplace.append(err <= 1.6449 * r.sd)
+            total.append(err <= 1.6449 * float(np.hypot(r.sd, model_sd)))
+    assert np.mean(laplace) < 0.8 and 0.87 <= np.mean(total) <= 0.99, (np.mean(laplace), np.mean(total))

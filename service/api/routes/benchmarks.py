@@ -1,8 +1,11 @@
-"""Benchmark routes: upload a benchmark as JSONL items under a name, and list the uploads.
+"""Benchmark routes: upload a benchmark as JSONL items under a name, and list the uploads; store
+IRT item parameters for an uploaded benchmark's items (fitted on a leaderboard's response matrix,
+or imported) and list them.
 
 An evolve spec may name an uploaded benchmark instead of a file under the model roots. Each
 upload is a new file named by its content's hash: jobs accepted earlier keep measuring what
-was checked when they were submitted.
+was checked when they were submitted. Item parameters go to `fitness.params_store` (this
+machine's store, keyed by the benchmark's content hash), where a job on the benchmark finds them.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from core.fs import atomic_write
-from service.api.body import read_body
+from service.api.body import parse_json, read_body
 from service.api.deps import SettingsDep, StoreDep, UserDep, may_see, owner_of
-from service.api.models import BenchmarkList, BenchmarkOut
+from service.api.models import BenchmarkList, BenchmarkOut, IrtParamsList, IrtParamsOut
 from service.errors import ApiError
 from service.store import BenchmarkRow
 
@@ -59,3 +62,61 @@ async def upload_benchmark(request: Request, name: str, user: UserDep, settings:
 def list_benchmarks(user: UserDep, store: StoreDep):
     return BenchmarkList(benchmarks=[BenchmarkOut.of(b) for b in store.list_benchmarks() if may_see(user, b.owner)])
 
+
+
+CSV_TYPES = ("text/csv", "application/csv", "text/plain")
+JSON_TYPES = ("application/json", "text/json")
+
+
+def _visible_benchmark(store, user, name: str):
+    """The uploaded benchmark `name` parsed (404 naming `name` when the caller has none such)."""
+    from data.benchmarks import load_benchmark
+
+    row = store.get_benchmark(name)
+    if row is None or not may_see(user, row.owner):
+        raise ApiError(404, f"name: no uploaded benchmark {name!r}", "name")
+    return load_benchmark(row.path, name=name)
+
+
+def _store_irt(bench, media: str, raw: bytes):
+    """Fits (CSV) or imports (JSON) and stores; a FieldError becomes a 422 naming its field."""
+    from core.errors import FieldError
+    from fitness import params_store
+
+    try:
+        if media in CSV_TYPES:
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise FieldError("body", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+            y, _ = params_store.parse_csv_matrix(text, bench)
+            return params_store.fit_matrix(bench, y, file="upload.csv")
+        return params_store.import_params(bench, parse_json(raw), file="upload.json")
+    except FieldError as e:
+        raise ApiError(422, str(e), e.field) from None
+    except ValueError as e:
+        raise ApiError(422, f"body: {str(e).splitlines()[0]}", "body") from None
+
+
+@router.post("/v1/benchmarks/{name}/irt", status_code=201, response_model=IrtParamsOut,
+             summary="Store item parameters for an uploaded benchmark: a response matrix (text/csv, fitted "
+                     "here) or parameters A, B, item_ids (application/json)")
+async def upload_irt(request: Request, name: str, user: UserDep, settings: SettingsDep, store: StoreDep):
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in CSV_TYPES + JSON_TYPES:
+        raise ApiError(415, f"content-type: a response matrix is text/csv, parameters application/json, not "
+                            f"{media or 'none'}", "content-type")
+    bench = await run_in_threadpool(_visible_benchmark, store, user, name)
+    raw = await read_body(request, settings.max_irt_bytes, "the item parameters")
+    entry = await run_in_threadpool(_store_irt, bench, media, raw)
+    return IrtParamsOut.of(entry.summary())
+
+
+@router.get("/v1/benchmarks/{name}/irt", response_model=IrtParamsList,
+            summary="Item parameters stored for an uploaded benchmark's items (a job uses the last)")
+def list_irt(name: str, user: UserDep, store: StoreDep):
+    from fitness import params_store
+
+    bench = _visible_benchmark(store, user, name)
+    return IrtParamsList(benchmark=name, hash=bench.hash,
+                         entries=[IrtParamsOut.of(e.summary()) for e in params_store.entries(bench.hash)])
