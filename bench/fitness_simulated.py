@@ -40,13 +40,21 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fitness.adaptive import accuracy_sd, endpoint_prior, map_theta, predicted_accuracy, run_cat  # noqa: E402
+from fitness.adaptive import (  # noqa: E402
+    accuracy_sd,
+    calibrate_model_sd,
+    endpoint_prior,
+    map_theta,
+    predicted_accuracy,
+    run_cat,
+)
 from fitness.estimators import blend_irt, calibrate_blend, estimate  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.simulate import PRESETS, REAL, Simulation, describe, merge_family, simulate  # noqa: E402
 
 FIXED = ["subset_mean", "p_irt", "gp_irt", "gmp_irt", "map"]
 COLUMNS = FIXED + ["blend", "adaptive", "guess"]
+EXTRA = ["adaptive_sd"]  # the CAT's estimates with calibrate_model_sd's sd: coverage only
 LABELS = {"subset_mean": "subset mean", "p_irt": "p-IRT", "gp_irt": "gp-IRT", "gmp_irt": "gmp-IRT", "map": "map",
           "blend": "blend (LOO)", "adaptive": "adaptive p-IRT", "guess": "guess known mean"}
 NAMES = {"mmlu_pro_math": "MMLU-Pro math", "arc_challenge": "ARC-Challenge"}
@@ -80,10 +88,11 @@ def one_world(cfg, seed: int, args) -> dict:
 
         fit = (lambda r: fit_item_params(r, "2pl")) if setting == "known" else (lambda r: params)
         for k in args.ks:
-            res = out.setdefault((setting, k), {c: [] for c in COLUMNS})
+            res = out.setdefault((setting, k), {c: [] for c in COLUMNS + EXTRA})
             res["guess"].append({"pred": guess, "truth": truth})
             # the weights by leave-one-out on the known rows (a leaderboard's parameters are not refitted)
             blend = calibrate_blend(known, args.parents, subsets[k][0], None, fit, prior_of, seed=seed)
+            model_sd = calibrate_model_sd(known, args.parents, fit, prior_of, k)
             for idx in subsets[k]:
                 ys = Y[:, idx]
                 for est in FIXED[:-1]:
@@ -102,6 +111,7 @@ def one_world(cfg, seed: int, args) -> dict:
                 pred.append(r.accuracy)
                 sd.append(r.sd)
             res["adaptive"].append({"pred": np.array(pred), "sd": np.array(sd), "truth": truth})
+            res["adaptive_sd"].append({"pred": np.array(pred), "sd": np.hypot(np.array(sd), model_sd), "truth": truth})
     return out
 
 
@@ -184,7 +194,8 @@ def main() -> None:
 
     tables, record["results"] = [], {}
     head = ("| setting | k | " + " | ".join(LABELS[c] for c in COLUMNS) +
-            " | Spearman (subset mean / map / blend / adaptive) | 90 % coverage (map / blend / adaptive) |")
+            " | Spearman (subset mean / map / blend / adaptive) | 90 % coverage (map / blend / adaptive / adaptive with "
+            "model sd) |")
     tables += [head, "| --- " * (head.count("|") - 1) + "|"]
     compact = ["| setting | k items | " + " | ".join(LABELS[c] for c in COLUMNS) + " |",
                "| --- " * (len(COLUMNS) + 2) + "|"]
@@ -204,15 +215,15 @@ def main() -> None:
             label = f"{NAMES[name]}, IRT on {rows_n} {'known rows' if setting == 'known' else 'leaderboard models'}"
             per_k = {}
             for k in args.ks:
-                runs = {c: [r for w in worlds for r in w[setting, k][c]] for c in COLUMNS}
-                s = {c: summarize(runs[c]) for c in COLUMNS}
+                runs = {c: [r for w in worlds for r in w[setting, k][c]] for c in COLUMNS + EXTRA}
+                s = {c: summarize(runs[c]) for c in COLUMNS + EXTRA}
                 per_k[k] = s
                 record["results"][name][f"{setting}/{k}"] = s
                 tables.append(f"| {label} | {k} | " + " | ".join(f"{s[c]['mae']:.1f}" for c in COLUMNS) +
                               f" | {s['subset_mean']['spearman']:.2f} / {s['map']['spearman']:.2f} / "
                               f"{s['blend']['spearman']:.2f} / {s['adaptive']['spearman']:.2f} | "
                               f"{100 * s['map']['coverage']:.0f} / {100 * s['blend']['coverage']:.0f} / "
-                              f"{100 * s['adaptive']['coverage']:.0f} |")
+                              f"{100 * s['adaptive']['coverage']:.0f} / {100 * s['adaptive_sd']['coverage']:.0f} |")
             compact.append(f"| {label} | {' / '.join(map(str, args.ks))} | " +
                            " | ".join(" / ".join(f"{per_k[k][c]['mae']:.1f}" for k in args.ks) for c in COLUMNS) + " |")
     total = time.perf_counter() - t_start
