@@ -2,7 +2,8 @@
 
 Plain HTML with a small inline script (no CDN, works offline): it reads the job and its
 front from the JSON API, follows the server-sent events for progress, and draws the front
-as SVG, two objectives at a time (selectors pick the pair when there are more). Clicking a
+as SVG, two objectives at a time (selectors pick the pair when there are more), with error
+bars of +- 1 sd on the estimates whose estimator reports one. Clicking a
 point shows the candidate's parameters and a download button that waits out the 202s
 while the checkpoint tar is built. The page holds no data itself; all of it comes from
 the API with the caller's credentials (the token cookie).
@@ -90,7 +91,9 @@ function draw() {
   const W = 460, H = 360, m = 50, cs = front.candidates;
   const xn = $("xs").value, yn = $("ys").value, one = front.objectives.length < 2;
   const X = c => one ? c.id : c.objectives[xn], Y = c => one ? (front.objectives.length ? c.objectives[front.objectives[0]] : 0) : c.objectives[yn];
-  const xs = cs.map(X), ys = cs.map(Y), lo = a => Math.min(...a), hi = a => Math.max(...a);
+  const sdOf = (c, n) => (c.sd || {})[n] || 0, SX = c => one ? 0 : sdOf(c, xn), SY = c => sdOf(c, one ? front.objectives[0] : yn);
+  const xs = cs.flatMap(c => [X(c) - SX(c), X(c) + SX(c)]), ys = cs.flatMap(c => [Y(c) - SY(c), Y(c) + SY(c)]);
+  const lo = a => Math.min(...a), hi = a => Math.max(...a);
   const sx = v => m + (W - 2 * m) * (hi(xs) === lo(xs) ? .5 : (v - lo(xs)) / (hi(xs) - lo(xs)));
   const sy = v => H - m - (H - 2 * m) * (hi(ys) === lo(ys) ? .5 : (v - lo(ys)) / (hi(ys) - lo(ys)));
   svg.append(el("line", {x1: m, y1: H - m, x2: W - m, y2: H - m, stroke: "#999"}), el("line", {x1: m, y1: m, x2: m, y2: H - m, stroke: "#999"}));
@@ -99,6 +102,11 @@ function draw() {
   svg.append(el("text", {x: 14, y: H / 2, transform: `rotate(-90 14 ${H / 2})`, "text-anchor": "middle"}, one ? label(front.objectives[0] || "") : label(yn)));
   for (const [v, s, a] of [[lo(xs), sx, "x"], [hi(xs), sx, "x"], [lo(ys), sy, "y"], [hi(ys), sy, "y"]])
     svg.append(a === "x" ? el("text", {x: s(v), y: H - m + 16, "text-anchor": "middle", "font-size": 11}, fmt(v)) : el("text", {x: m - 4, y: s(v) + 4, "text-anchor": "end", "font-size": 11}, fmt(v)));
+  for (const c of cs) {  // error bars: estimate +- 1 sd, where the estimator reports an sd
+    const dx = SX(c), dy = SY(c);
+    if (dx) svg.append(el("line", {class: "err", x1: sx(X(c) - dx), x2: sx(X(c) + dx), y1: sy(Y(c)), y2: sy(Y(c)), stroke: "#9ab"}));
+    if (dy) svg.append(el("line", {class: "err", x1: sx(X(c)), x2: sx(X(c)), y1: sy(Y(c) - dy), y2: sy(Y(c) + dy), stroke: "#9ab"}));
+  }
   for (const c of cs) {
     const dot = el("circle", {cx: sx(X(c)), cy: sy(Y(c)), r: c.id === front.knee ? 7 : 5, fill: c.id === front.knee ? "#e83" : "#37b", "data-cid": c.id});
     if (selected === c.id) dot.classList.add("sel");
@@ -110,7 +118,7 @@ function draw() {
 function select(c) {
   selected = c.id; draw();
   const d = $("detail"); d.replaceChildren(el("p", {}, `candidate ${c.id}` + (c.id === front.knee ? " (knee)" : "")));
-  if (Object.keys(c.objectives || {}).length) d.append(el("pre", {}, JSON.stringify({objectives: c.objectives, true_objectives: c.true_objectives}, null, 1)));
+  if (Object.keys(c.objectives || {}).length) d.append(el("pre", {}, JSON.stringify({objectives: c.objectives, sd: c.sd, true_objectives: c.true_objectives}, null, 1)));
   d.append(el("pre", {id: "params"}, JSON.stringify(c.params, null, 1)));
   const b = el("button", {id: "download"}, "Download checkpoint (.tar)"), note = el("span", {id: "dlnote"});
   b.addEventListener("click", () => download(c.id, note)); d.append(b, " ", note);

@@ -80,6 +80,7 @@ class CandidateRow(Base):
     params: Mapped[Any] = mapped_column(JSON)
     objectives: Mapped[dict] = mapped_column(JSON)
     true_objectives: Mapped[dict | None] = mapped_column(JSON)
+    sd: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # each estimate's sd, where reported
 
 
 class BenchmarkRow(Base):
@@ -107,6 +108,21 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _add_missing_columns(engine) -> None:
+    """Brings a database made by an older evomerge up to the tables above: columns added since
+    (nullable ones only, e.g. candidates.sd) are added with ALTER TABLE; nothing is dropped."""
+    from sqlalchemy import inspect, text
+
+    have = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in have.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 class Store:
     """All database access; each method is one short transaction."""
 
@@ -123,6 +139,7 @@ class Store:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -274,7 +291,7 @@ class Store:
             for c in candidates:
                 s.add(CandidateRow(job_id=job_id, cid=int(c["id"]), on_front=bool(c.get("on_front", True)),
                                    params=c.get("params"), objectives=c.get("objectives") or {},
-                                   true_objectives=c.get("true_objectives")))
+                                   true_objectives=c.get("true_objectives"), sd=c.get("sd")))
 
     def candidates(self, job_id: str) -> list[CandidateRow]:
         with self.session() as s:

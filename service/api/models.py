@@ -69,11 +69,12 @@ class CandidateOut(BaseModel):
     objectives: dict[str, Number | None]
     true_objectives: dict[str, Number | None] | None
     on_front: bool
+    sd: dict[str, Number | None] | None = None  # each estimate's sd, where its estimator reports one
 
     @classmethod
     def of(cls, row: CandidateRow) -> Self:
         return cls(id=row.cid, params=row.params, objectives=row.objectives, true_objectives=row.true_objectives,
-                   on_front=row.on_front)
+                   on_front=row.on_front, sd=row.sd)
 
 
 class FrontOut(BaseModel):

@@ -232,6 +232,15 @@ def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
         browser.js("{ const x = document.getElementById('xs'); x.value = x.options[1].value; "
                    "x.dispatchEvent(new Event('change')) }")
         assert browser.js("document.querySelectorAll('#plot circle').length") == len(front["candidates"])
+        # estimates that report an sd get error bars (this job's subset means report none): one
+        # bar per candidate for an sd on the y objective, spanning +- 1 sd around its point
+        assert browser.js("document.querySelectorAll('#plot line.err').length") == 0
+        bars = browser.js("{ const x = document.getElementById('xs'), y = document.getElementById('ys'); "
+                          "x.value = x.options[0].value; y.value = y.options[1].value; "
+                          "front.candidates.forEach(c => c.sd = {[y.value]: 0.5}); draw(); "
+                          "[...document.querySelectorAll('#plot line.err')].map(l => "
+                          "[+l.getAttribute('x1') - +l.getAttribute('x2'), +l.getAttribute('y1') - +l.getAttribute('y2')]) }")
+        assert len(bars) == len(front["candidates"]) and all(dx == 0 and dy != 0 for dx, dy in bars)
         # a finished job shows no stage and no time left, whatever progress it last reported
         assert browser.js("document.getElementById('stage').textContent") == ""
         shown = browser.js("showProgress({generation: 1, generations: 2, eta_seconds: 50}); "

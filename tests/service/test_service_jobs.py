@@ -127,7 +127,7 @@ def test_merge_end_to_end(service, models, tmp_path):
 
     front = service.client.front(job["id"])
     assert front["candidates"] == [{"id": 0, "params": {"density": 0.5}, "objectives": {}, "true_objectives": None,
-                                    "on_front": True}]
+                                    "on_front": True, "sd": None}]
     got = service.client.download(job["id"], 0, tmp_path / "merged")
     expected = merge(merge_spec(base=models / "base", models=[{"name": "math", "path": models / "math"},
                                                               {"name": "ja", "path": models / "ja"}]),
@@ -268,3 +268,29 @@ def _healthy(c: Client) -> bool:
         return c.health()["status"] == "ok"
     except ApiError:
         return False
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path):
+    """A database made before candidates had an sd column: the store adds it (ALTER TABLE) and
+    keeps the rows; candidates written after carry their sd through the API's model."""
+    import sqlite3
+
+    from service.api.models import CandidateOut
+    from service.store import Store
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as con:  # the candidates table as evomerge 0.1 made it
+        con.execute("CREATE TABLE candidates (job_id VARCHAR NOT NULL, cid INTEGER NOT NULL, on_front BOOLEAN, "
+                    "params JSON, objectives JSON, true_objectives JSON, PRIMARY KEY (job_id, cid))")
+        con.execute("INSERT INTO candidates VALUES ('old', 0, 1, '{}', ?, NULL)", ['{"a": 0.5}'])
+    store = Store(f"sqlite:///{db}")
+    try:
+        (old,) = store.candidates("old")
+        assert old.objectives == {"a": 0.5} and old.sd is None
+        job = store.add_job("evolve", {}, "cpu", None)
+        store.set_candidates(job.id, [{"id": 3, "params": {}, "objectives": {"a": 0.4}, "sd": {"a": 0.02}}])
+        assert CandidateOut.of(store.candidate(job.id, 3)).sd == {"a": 0.02}
+    finally:
+        store.close()
+    with sqlite3.connect(db) as con:
+        assert "sd" in [row[1] for row in con.execute("PRAGMA table_info(candidates)")]

@@ -134,8 +134,8 @@ def live_candidates(run_dir: Path) -> list[CandidateOut]:
     estimated objectives only; the front and true objectives come when the job ends."""
     from evolve.search import CANDIDATES_FILE, read_candidates
 
-    return [CandidateOut(id=c.id, params=c.params, objectives=c.objectives, true_objectives=None, on_front=False)
-            for c in read_candidates(run_dir / CANDIDATES_FILE)]
+    return [CandidateOut(id=c.id, params=c.params, objectives=c.objectives, true_objectives=None, on_front=False,
+                         sd=c.sd) for c in read_candidates(run_dir / CANDIDATES_FILE)]
 
 
 @router.get("/v1/jobs/{job_id}/candidates/{cid}/checkpoint",
