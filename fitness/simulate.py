@@ -170,6 +170,28 @@ def simulate(config: SimConfig, n_models: int, seed: int | np.random.Generator =
     return Sample(sim.answer(theta, rng), sim.accuracy(theta), theta, sim)
 
 
+class JobWorld(NamedTuple):
+    """What an evolve job sees of one simulated benchmark: the known rows (the K parents, its
+    endpoints, then the probe merges: full answers), and the candidates (merges of the same
+    parents): their true expected accuracy and one draw of their answers."""
+
+    sim: Simulation
+    known: Array  # [parents + probes, items] 0/1
+    truth: Array  # [candidates] expected accuracy
+    answers: Array  # [candidates, items] 0/1
+
+
+def job_world(config: SimConfig, rng: np.random.Generator, *, parents: int = 4, probes: int = 13,
+              candidates: int = 40, noise_sd: float = 0.3) -> JobWorld:
+    """One benchmark, a job's known rows and its candidates, as tests and bench/ score them."""
+    sim = Simulation.draw(config, rng)
+    ends = sim.abilities(parents, rng)
+    probe_theta, _ = merge_family(ends, probes, rng, noise_sd=noise_sd)
+    known = sim.answer(np.vstack([ends, probe_theta]), rng)
+    cand, _ = merge_family(ends, candidates, rng, noise_sd=noise_sd)
+    return JobWorld(sim, known, sim.accuracy(cand), sim.answer(cand, rng))
+
+
 # ---- presets (calibrated to ../shared/real-answers.md; see describe_preset) ------------------------------
 # Found by random search with local refinement on describe()'s statistics (without the 2PL fit), then
 # checked with it; bench/README.md has the side-by-side table. MMLU-Pro math: a hard benchmark (b around 4)

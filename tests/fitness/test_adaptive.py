@@ -293,7 +293,7 @@ def test_model_sd_makes_the_cat_interval_cover_simulated_truths():
 
     from fitness.adaptive import calibrate_model_sd
     from fitness.irt import estimate_theta, fit_item_params
-    from fitness.simulate import PRESETS, Simulation, merge_family
+    from fitness.simulate import PRESETS, job_world
 
     def fit(rows):
         return fit_item_params(rows, "2pl")
@@ -304,17 +304,11 @@ def test_model_sd_makes_the_cat_interval_cover_simulated_truths():
     cfg = replace(PRESETS["arc_challenge"], n_items=400)
     laplace, total = [], []
     for seed in range(4):
-        rng = np.random.default_rng(seed)
-        sim = Simulation.draw(cfg, rng)
-        parents = sim.abilities(4, rng)
-        probes, _ = merge_family(parents, 13, rng, noise_sd=1.0)
-        known = sim.answer(np.vstack([parents, probes]), rng)
-        cand, _ = merge_family(parents, 30, rng, noise_sd=1.0)
-        truth, answers = sim.accuracy(cand), sim.answer(cand, rng)
+        _, known, truth, answers = job_world(cfg, np.random.default_rng(seed), candidates=30, noise_sd=1.0)
         params = fit(known)
         prior = prior_of(params, known[:4])
         model_sd = calibrate_model_sd(known, 4, fit, prior_of, budget=20)
-        for i in range(len(cand)):
+        for i in range(len(truth)):
             r = run_cat(params, lambda idx, i=i: answers[i, idx], prior, budget=20)
             err = abs(r.accuracy - truth[i])
             laplace.append(err <= 1.6449 * r.sd)

@@ -295,19 +295,14 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
     from dataclasses import replace
 
     from fitness.estimators import blend_irt, calibrate_blend
-    from fitness.simulate import PRESETS, Simulation, merge_family
+    from fitness.simulate import PRESETS, job_world
 
     cfg = replace(PRESETS[preset], n_items=300)
     err = {name: [] for name in ("mean", "map", "blend")}
     inside = []
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        sim = Simulation.draw(cfg, rng)
-        parents = sim.abilities(4, rng)
-        probes, _ = merge_family(parents, 13, rng, noise_sd=1.0)
-        known = sim.answer(np.vstack([parents, probes]), rng)
-        cand, _ = merge_family(parents, 30, rng, noise_sd=1.0)
-        truth, answers = sim.accuracy(cand), sim.answer(cand, rng)
+        _, known, truth, answers = job_world(cfg, rng, candidates=30, noise_sd=1.0)
         params = _map_fit(known)
         prior = _endpoint_prior(params, known[:4])
         for k in (20, 50):

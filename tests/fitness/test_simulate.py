@@ -88,3 +88,15 @@ def test_fit_recovers_difficulties_of_a_simulated_2pl():
     params = fit_item_params(s.responses, "2pl")
     assert np.corrcoef(params.b, s.sim.b)[0, 1] > 0.9
     assert np.corrcoef(params.a[:, 0], s.sim.a[:, 0])[0, 1] > 0.5
+
+
+def test_job_world_shapes_and_seed():
+    """A job's world: parents + probes known rows, candidates' truths are expected accuracies
+    (between the floor and 1), and the same seed gives the same world."""
+    from fitness.simulate import ARC_CHALLENGE, job_world
+
+    w = job_world(ARC_CHALLENGE, np.random.default_rng(5), parents=3, probes=4, candidates=6)
+    assert w.known.shape == (7, ARC_CHALLENGE.n_items) and w.answers.shape == (6, ARC_CHALLENGE.n_items)
+    assert set(np.unique(w.known)) <= {0.0, 1.0} and np.all((w.truth > w.sim.c.mean() - 0.1) & (w.truth < 1))
+    again = job_world(ARC_CHALLENGE, np.random.default_rng(5), parents=3, probes=4, candidates=6)
+    assert np.array_equal(again.known, w.known) and np.array_equal(again.truth, w.truth)
