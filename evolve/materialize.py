@@ -25,6 +25,7 @@ arithmetic: a model on a GPU whose base lies on the host's disk.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -91,7 +92,9 @@ def working_set(method, numel: int, n_models: int, read_size: int) -> tuple[int,
     return build, write
 
 
+@functools.cache
 def _libc() -> Any:
+    """glibc, loaded once (a candidate's materialization trims the heap through it)."""
     try:
         import ctypes
 
