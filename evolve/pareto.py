@@ -42,3 +42,27 @@ def knee_point(F: np.ndarray) -> int:
     if below.max() > 1e-12:
         return int(np.argmax(below))
     return int(np.argmin(np.linalg.norm(Z, axis=1)))
+
+
+def checked_members(F: np.ndarray, knee: int, k: int | None) -> list[int]:
+    """Which members of a front (indices into F) the final check evaluates in full: all when
+    `k` is None, else at most k: the knee, the best member on each objective, then members
+    spread evenly over the front (farthest-point order in objectives scaled to [0, 1], so
+    each addition fills the widest gap left)."""
+    F = np.asarray(F, dtype=float)
+    n = len(F)
+    if k is None or k >= n:
+        return list(range(n))
+    chosen = [knee]
+    for j in range(F.shape[1]):
+        best = int(np.argmin(F[:, j]))
+        if best not in chosen:
+            chosen.append(best)
+    chosen = chosen[:k]
+    lo, hi = F.min(0), F.max(0)
+    Z = (F - lo) / np.where(hi > lo, hi - lo, 1.0)
+    while len(chosen) < k:
+        gap = np.min(np.linalg.norm(Z[:, None, :] - Z[chosen][None, :, :], axis=2), axis=1)
+        gap[chosen] = -1.0
+        chosen.append(int(np.argmax(gap)))
+    return sorted(chosen)

@@ -67,7 +67,7 @@ class MergeProblem(Problem):
         xl, xu = space.bounds
         super().__init__(n_var=space.n_var, n_obj=len(objectives), xl=xl, xu=xu)
         self.objectives = list(objectives)
-        self.evaluate_genome: Callable[[np.ndarray], dict[str, float]] | None = None
+        self.evaluate_genome: Callable[[np.ndarray], Candidate] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -77,8 +77,9 @@ class MergeProblem(Problem):
     def _evaluate(self, X, out, *args, **kwargs):
         if self.evaluate_genome is None:
             raise RuntimeError("MergeProblem has no evaluator attached")
-        values = [self.evaluate_genome(x) for x in X]
-        out["F"] = np.array([[o.to_min(v[o.name]) for o in self.objectives] for v in values])
+        cands = [self.evaluate_genome(x) for x in X]
+        out["F"] = np.array([[o.to_min(c.objectives[o.name]) for o in self.objectives] for c in cands])
+        out["Fvar"] = np.array([[(c.sd or {}).get(o.name, np.nan) ** 2 for o in self.objectives] for c in cands])
 
 
 class CandidateEvaluator:
@@ -104,8 +105,8 @@ class CandidateEvaluator:
     def key(self, x) -> str:
         return genome_key(x, self.space.method, self.space.fixed, self.settings)
 
-    def __call__(self, x: np.ndarray) -> dict[str, float]:
-        return self.candidate(x).objectives
+    def __call__(self, x: np.ndarray) -> Candidate:
+        return self.candidate(x)
 
     def candidate(self, x: np.ndarray) -> Candidate:
         key = self.key(x)

@@ -12,9 +12,11 @@ Stages (each reported to the hooks as {"type": "stage", "stage": ...}):
 3. irt: item parameters, endpoint abilities and subsets (`fitness.Fitness.fit`);
 4. search: pymoo over the search space, candidates materialized in memory and scored on
    the subsets; progress events after every generation; checkpointed for `resume`;
-5. final_check: the front's members evaluated on the full benchmarks, so the true
-   objectives stand next to the estimates (when every objective's estimator is `full`,
-   the search's values are already exact and are copied, not measured again).
+5. final_check: front members evaluated on the full benchmarks, so the true objectives
+   stand next to the estimates: at most `final_check.members` of them (the knee, each
+   objective's best, then evenly spread members; `all` for every one). When every
+   objective's estimator is `full`, the search's values are already exact and are copied.
+The probes' full scores are the free initial data of `bo`.
 Outputs in out_dir: spec.json, candidates.jsonl, front.json, front.png (and state.pkl).
 """
 from __future__ import annotations
@@ -159,6 +161,7 @@ class Setup:
     space: SearchSpace
     benches: dict[str, Any]
     cost: dict[str, Any]
+    probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # genomes, minimized objectives, variances (0)
 
 
 def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
@@ -197,7 +200,8 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None) -
     resident = None
     space = search_space(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
-    for x, digest in probe_recipes(spec, space):
+    recipes = probe_recipes(spec, space)
+    for x, digest in recipes:
         model = None
 
         def compute(b) -> Responses:
@@ -216,7 +220,13 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None) -
     hooks.emit({"type": "irt", "benchmarks": fitness.describe()})
 
     resident = resident or resident_merge(spec, plan)
-    return Setup(fitness, resident, space, benches, cost)
+    initial = None
+    if recipes:
+        objs = fitness.objectives
+        values = [fitness.full_values({k: probes[k][i] for k in benches}) for i in range(len(recipes))]
+        F = np.array([[o.to_min(v[o.name]) for o in objs] for v in values])
+        initial = (np.array([x for x, _ in recipes]), F, np.zeros_like(F))
+    return Setup(fitness, resident, space, benches, cost, initial)
 
 
 def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, hooks: Hooks = NO_HOOKS,
@@ -246,18 +256,28 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
     result = run_search(problem, evaluator, out, algorithm=s.algorithm, population=s.population,
                         generations=s.generations, seed=s.seed, resume=resume, fingerprint=_fingerprint(spec),
                         callback=lambda p: hooks.emit({"type": "progress", **p.to_json()}),
-                        should_stop=hooks.should_stop)
+                        should_stop=hooks.should_stop, batch=s.batch, initial=job.probes,
+                        trust_region={"auto": None, "on": True, "off": False}[s.trust_region])
     cands = result.candidates
     cost["search_items"] = int(sum(c.cost.get("items", 0) for c in cands))
     cost["candidates"] = len(cands)
     cost["evaluated_this_run"] = evaluator.evaluated
+    if result.overhead:
+        cost["search_overhead"] = result.overhead
 
     true_hv = None
     complete = not hooks.stopping()
-    if spec.final_check and complete:
+    if spec.final_check is not None and complete:
         hooks.emit({"type": "stage", "stage": "final_check"})
         exact = all(o.estimator == "full" for o in spec.objectives)  # the search already measured them
-        for cid in result.front:
+        from .pareto import checked_members
+
+        members = spec.final_check.members
+        F_front = np.array([[o.to_min(cands[i].objectives[o.name]) for o in fitness.objectives] for i in result.front])
+        checked = [result.front[j] for j in checked_members(F_front, result.front.index(result.knee),
+                                                            None if members == "all" else members)]
+        cost["final_checked"] = len(checked)
+        for cid in checked:
             c = cands[cid]
             if c.true_objectives is None and exact:
                 c.true_objectives = dict(c.objectives)
@@ -266,7 +286,7 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
                 cost["final_items"] += sum(len(b) for b in benches.values())
         from .pareto import hypervolume
 
-        F = np.array([[o.to_min(cands[i].true_objectives[o.name]) for o in fitness.objectives] for i in result.front])
+        F = np.array([[o.to_min(cands[i].true_objectives[o.name]) for o in fitness.objectives] for i in checked])
         true_hv = hypervolume(F, np.array(result.reference_point))
         _rewrite_candidates(out / CANDIDATES_FILE, cands)
     full_per_candidate = sum(len(b) for b in benches.values())

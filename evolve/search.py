@@ -6,8 +6,11 @@ a resumed run asks for the same populations as an uninterrupted one, and the gen
 already scored are read back from `candidates.jsonl` instead of being evaluated again.
 A crash loses at most the candidate being scored.
 
-Algorithms: NSGA-II (default), NSGA-III, SMS-EMOA, MOEA/D for several objectives; GA,
-CMA-ES (`cmaes.py`, the `cma` package behind the same ask/tell) or NSGA-II for one.
+Algorithms: Bayesian optimization (`bo.py`, BoTorch inside a pymoo Algorithm; the default
+for budgets up to 300 candidates), NSGA-II (the default above), NSGA-III, SMS-EMOA, MOEA/D
+for several objectives; GA, CMA-ES (`cmaes.py`, the `cma` package behind the same ask/tell),
+bo or NSGA-II for one. An evolutionary algorithm asks `generations` populations of
+`population` genomes; `bo` asks population x generations genomes, `batch` at a time.
 The state is written with cloudpickle, which also serializes the local
 functions some of pymoo's operators keep (plain pickle refuses NSGA-III's). MOEA/D holds a
 Python generator mid-run that nothing can pickle: it is not checkpointed, and a resume
@@ -16,10 +19,11 @@ replays it from its seed, which asks for the same genomes, all answered from the
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,20 +37,35 @@ from core.fs import atomic_write
 from .pareto import hypervolume, knee_point, non_dominated
 from .problem import Candidate, CandidateEvaluator, MergeProblem
 
-ALGORITHMS_MULTI = ("nsga2", "nsga3", "smsemoa", "moead")
+ALGORITHMS_MULTI = ("bo", "nsga2", "nsga3", "smsemoa", "moead")
 ALGORITHMS_SINGLE = ("ga", "cmaes")
+BO_MAX_BUDGET = 300  # the default algorithm is bo up to this many candidates, nsga2 above
 STATE_FILE = "state.pkl"
 CANDIDATES_FILE = "candidates.jsonl"
 RUN_FILE = "run.json"
 
 
-def make_algorithm(name: str, population: int, n_obj: int):
+def default_algorithm(population: int, generations: int) -> str:
+    """bo for the budgets one GPU affords, NSGA-II for larger ones."""
+    return "bo" if population * generations <= BO_MAX_BUDGET else "nsga2"
+
+
+def steps(algorithm: str, population: int, generations: int, batch: int) -> int:
+    """How many asks the search makes: one per generation, or one per batch for bo."""
+    return math.ceil(population * generations / batch) if algorithm == "bo" else generations
+
+
+def make_algorithm(name: str, population: int, n_obj: int, *, batch: int = 1, initial=None,
+                   ref_point: np.ndarray | None = None, trust_region: bool | None = None):
     if n_obj > 1 and name not in ALGORITHMS_MULTI:
         raise ValueError(f"search.algorithm: {name} is not a multi-objective algorithm ({', '.join(ALGORITHMS_MULTI)})")
-    if n_obj == 1 and name not in ALGORITHMS_SINGLE + ("nsga2",):
-        raise ValueError(f"search.algorithm: with one objective use {', '.join(ALGORITHMS_SINGLE)} or nsga2")
+    if n_obj == 1 and name not in ALGORITHMS_SINGLE + ("nsga2", "bo"):
+        raise ValueError(f"search.algorithm: with one objective use {', '.join(ALGORITHMS_SINGLE)}, bo or nsga2")
     from pymoo.util.ref_dirs import get_reference_directions
 
+    if name == "bo":
+        from .bo import BayesOpt
+        return BayesOpt(batch=batch, initial=initial, ref_point=ref_point, trust_region=trust_region)
     if name == "nsga2":
         from pymoo.algorithms.moo.nsga2 import NSGA2
         return NSGA2(pop_size=population)
@@ -98,13 +117,18 @@ class SearchResult:
     knee: int  # candidate id
     hypervolume: float
     reference_point: list[float]
+    overhead: dict[str, float] = field(default_factory=dict)  # the algorithm's own time per suggestion
 
 
 def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Path, *, algorithm: str = "nsga2",
                population: int = 16, generations: int = 8, seed: int = 0, resume: bool = False,
                fingerprint: str = "", callback: Callable[[Progress], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> SearchResult:
-    """Runs (or resumes) the search; writes state.pkl and candidates.jsonl in `out_dir`."""
+               should_stop: Callable[[], bool] | None = None, batch: int = 1,
+               initial: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               trust_region: bool | None = None) -> SearchResult:
+    """Runs (or resumes) the search; writes state.pkl and candidates.jsonl in `out_dir`.
+    `initial`: free observations (genomes, minimized objectives, their variances) that
+    `bo` starts from (a job's probes); `batch`, `trust_region`: bo's, see bo.py."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, cand_path = out_dir / STATE_FILE, out_dir / CANDIDATES_FILE
     objectives = problem.objectives
@@ -125,13 +149,15 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
     known = read_candidates(cand_path)
     evaluator.restore(known)
     if algo is None:
-        algo = make_algorithm(algorithm, population, len(objectives))
+        algo = make_algorithm(algorithm, population, len(objectives), batch=batch, initial=initial, ref_point=ref,
+                              trust_region=trust_region)
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
     problem.evaluate_genome = evaluator
     checkpointable = algorithm != "moead"
+    total = steps(algorithm, population, generations, batch)
     if callback and done and evaluator.candidates:  # a resumed run first reports where it stands
         F = _matrix(evaluator.candidates, objectives)
-        callback(Progress(done, generations, len(evaluator.candidates), _best(evaluator.candidates, objectives),
+        callback(Progress(done, total, len(evaluator.candidates), _best(evaluator.candidates, objectives),
                           hypervolume(F, ref), None))
 
     with open(cand_path, "a") as log:
@@ -141,14 +167,19 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
             os.fsync(log.fileno())
 
         evaluator.on_new = record
-        t_start, gens_this_run = time.perf_counter(), 0
-        while done < generations:
+        t_start, gens_this_run, own, asked = time.perf_counter(), 0, [], 0
+        while done < total:
             if should_stop and should_stop():
                 break
             evaluator.generation = done
+            t0 = time.perf_counter()
             pop = algo.ask()
+            t1 = time.perf_counter()
             Evaluator().eval(problem, pop)
+            t2 = time.perf_counter()
             algo.tell(infills=pop)
+            own.append(t1 - t0 + time.perf_counter() - t2)
+            asked += len(pop) if hasattr(pop, "__len__") else 1  # MOEA/D asks one Individual
             done += 1
             gens_this_run += 1
             if checkpointable:
@@ -157,11 +188,15 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
             if callback:
                 F = _matrix(evaluator.candidates, objectives)
                 per_gen = (time.perf_counter() - t_start) / gens_this_run
-                callback(Progress(done, generations, len(evaluator.candidates),
+                callback(Progress(done, total, len(evaluator.candidates),
                                   _best(evaluator.candidates, objectives), hypervolume(F, ref),
-                                  per_gen * (generations - done)))
+                                  per_gen * (total - done)))
         evaluator.on_new = None
-    return summarize(evaluator.candidates, objectives, ref)
+    result = summarize(evaluator.candidates, objectives, ref)
+    if own:
+        result.overhead = {"asks": len(own), "suggestions": asked, "seconds_per_suggestion": sum(own) / max(asked, 1),
+                           "max_seconds_per_ask": max(own)}
+    return result
 
 
 def _matrix(cands: list[Candidate], objectives) -> np.ndarray:

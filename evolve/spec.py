@@ -1,14 +1,14 @@
 """The evolve part of the job spec (reference: docs/spec.md)."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fitness.spec import EvaluationSpec, ObjectiveSpec, share_subsets
 from merging.spec import JobBase
 
-from .search import ALGORITHMS_MULTI, ALGORITHMS_SINGLE
+from .search import ALGORITHMS_MULTI, ALGORITHMS_SINGLE, BO_MAX_BUDGET, default_algorithm
 
 
 class SearchSpec(BaseModel):
@@ -18,10 +18,31 @@ class SearchSpec(BaseModel):
         None, description="bounds per searched parameter; default: the method's usual space")
     granularity: Literal["global", "per_block"] = "global"
     blocks: int = Field(4, ge=1, le=256, description="layer blocks when granularity is per_block")
-    algorithm: Literal[ALGORITHMS_MULTI + ALGORITHMS_SINGLE] = "nsga2"  # type: ignore[valid-type]
-    population: int = Field(16, ge=2, le=10_000)
+    algorithm: Literal[ALGORITHMS_MULTI + ALGORITHMS_SINGLE] | None = Field(  # type: ignore[valid-type]
+        None, description=f"default: bo when population x generations <= {BO_MAX_BUDGET}, nsga2 above")
+    population: int = Field(16, ge=2, le=10_000, description="genomes per generation; bo: the budget is "
+                            "population x generations candidates")
     generations: int = Field(8, ge=1, le=10_000)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    batch: int = Field(1, ge=1, le=256, description="bo: genomes proposed at once (the number of parallel "
+                       "evaluators; 1 on one GPU)")
+    trust_region: Literal["auto", "on", "off"] = Field(
+        "auto", description="bo: maximize the acquisition in a TuRBO trust region; auto: above 12 searched genes")
+
+    @model_validator(mode="after")
+    def _default_algorithm(self) -> "SearchSpec":
+        if self.algorithm is None:
+            self.algorithm = default_algorithm(self.population, self.generations)
+        return self
+
+
+class FinalCheckSpec(BaseModel):
+    """Which members of the final front are evaluated in full after the search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    members: Literal["all"] | Annotated[int, Field(ge=1, le=10_000)] = Field(8, description="all, or at most K members: the knee, "
+                                          "the best member on each objective, then members evenly spaced on the front")
 
 
 class EvolveSpec(JobBase):
@@ -32,7 +53,13 @@ class EvolveSpec(JobBase):
     search: SearchSpec = Field(default_factory=SearchSpec)
     objectives: list[ObjectiveSpec] = Field(..., min_length=1, max_length=16)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    final_check: bool = True
+    final_check: FinalCheckSpec | None = Field(default_factory=FinalCheckSpec,
+                                               description="true (the default members), false (none) or {members}")
+
+    @field_validator("final_check", mode="before")
+    @classmethod
+    def _final_check_bool(cls, v):
+        return {} if v is True else None if v is False else v
 
     @model_validator(mode="before")
     @classmethod

@@ -247,14 +247,17 @@ class Fitness:
 
     def score_full(self, model) -> Score:
         """Exact objectives on every item of every benchmark."""
-        t0, values, items, passes = time.perf_counter(), {}, 0, 0
+        t0, responses, items, passes = time.perf_counter(), {}, 0, 0
         for key, fit in self.fits.items():
-            resp = self._run(model, {key: np.arange(len(fit.benchmark))})[key]
+            responses[key] = self._run(model, {key: np.arange(len(fit.benchmark))})[key]
             items += len(fit.benchmark)
             passes += _batches(len(fit.benchmark), self.evaluation.batch_size)
-            for s in (s for s in self.specs if str(s.benchmark) == key):
-                values[s.label] = resp.accuracy if s.metric == "accuracy" else resp.mean_output_tokens
-        return Score(values, items, passes, time.perf_counter() - t0)
+        return Score(self.full_values(responses), items, passes, time.perf_counter() - t0)
+
+    def full_values(self, responses: dict[str, Responses]) -> dict[str, float]:
+        """Exact objectives from every benchmark's full responses (keyed by benchmark path)."""
+        return {s.label: responses[str(s.benchmark)].accuracy if s.metric == "accuracy"
+                else responses[str(s.benchmark)].mean_output_tokens for s in self.specs}
 
     @classmethod
     def fit(cls, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec, tokenizer,

@@ -35,6 +35,7 @@ MODELS = [
     "merging.spec.OutputSpec",
     "evolve.spec.EvolveSpec",
     "evolve.spec.SearchSpec",
+    "evolve.spec.FinalCheckSpec",
     "fitness.spec.ObjectiveSpec",
     "fitness.spec.SubsetSpec",
     "fitness.spec.EvaluationSpec",

@@ -51,9 +51,15 @@ def test_front_is_non_dominated_and_reported(finished):
     for i in range(len(F)):
         dominated = any((F[j] >= F[i]).all() and (F[j] > F[i]).any() for j in range(len(F)))
         assert dominated == (i not in front)
-    assert [e["generation"] for e in events if e["type"] == "progress"] == [1, 2, 3]
+    # the default search for 6 x 3 candidates is bo, one candidate per ask
+    assert [e["generation"] for e in events if e["type"] == "progress"] == list(range(1, 19)) and len(cands) == 18
     assert {e["stage"] for e in events if e["type"] == "stage"} >= {"endpoints", "probes", "irt", "search", "final_check"}
-    assert all(c["true_objectives"] is not None for c in doc["front"])
+    # the capped final check: min(8, front) members, the knee and each objective's best among them
+    checked = {c["id"] for c in doc["front"] if c["true_objectives"] is not None}
+    assert len(checked) == min(8, len(doc["front"])) == doc["cost"]["final_checked"]
+    assert doc["knee"] in checked
+    for n in names:
+        assert max(doc["front"], key=lambda c: c["objectives"][n])["id"] in checked
     assert doc["cost"]["items_per_candidate"] <= 40 < doc["cost"]["full_items_per_candidate"]
     assert (out / "front.png").stat().st_size > 1000
     # each adaptive estimate keeps its sd: the CAT's Laplace sd with the job's model error, in the front too

@@ -138,7 +138,7 @@ def stoppable_search(root: Path, scorer_cls, algorithm: str, generations: int):
     return go
 
 
-@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "smsemoa", "moead"])
+@pytest.mark.parametrize("algorithm", ["bo", "nsga2", "nsga3", "smsemoa", "moead"])
 def test_every_algorithm_stops_and_resumes_exactly(tmp_path, algorithm):
     go = stoppable_search(tmp_path, DistanceScorer, algorithm, generations=4)
 
@@ -162,7 +162,7 @@ class OneDistance(DistanceScorer):
         return Score({"dist": float(sum(((sd[k] - t[k]) ** 2).sum() for t in self.targets for k in t))})
 
 
-@pytest.mark.parametrize("algorithm", ["ga", "cmaes", "nsga2"])
+@pytest.mark.parametrize("algorithm", ["ga", "cmaes", "nsga2", "bo"])
 def test_single_objective_algorithms_improve_and_resume(tmp_path, algorithm):
     go = stoppable_search(tmp_path, OneDistance, algorithm, generations=5)
 

@@ -215,7 +215,7 @@ def adaptive_spec(zoo, manifest, prior="population"):
         "base": str(zoo / manifest["models"]["base"]["path"]),
         "models": [{"name": t, "path": str(zoo / manifest["models"][t]["path"])} for t in tasks],
         "method": "task_arithmetic",
-        "search": {"population": 4, "generations": 3, "seed": 2},
+        "search": {"algorithm": "nsga2", "population": 4, "generations": 3, "seed": 2},
         "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"]), "estimator": "p_irt",
                         "subset": {"size": 10, "strategy": "adaptive", "round": 5, "prior": prior, "stop_sd": 0}}
                        for t in tasks],
