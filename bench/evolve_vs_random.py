@@ -1,162 +1,233 @@
-"""NSGA-II against random search with the same evaluations, seed and fitness.
+"""Bayesian optimization and NSGA-II against random search, same budget, seed and fitness.
 
-On the tiny zoo (tasks rev, cip, srt; one accuracy objective per task, maximized), one
-Fitness is built exactly as an evolve job builds it (endpoints, P probe merges, IRT fit,
-gmp_irt on 20-item entropy subsets by default; see bench/_evolve_common.py `build_fitness`),
-with one resident TIES model. Then, with that same Fitness and search space:
-- `nsga2`: evolve's search loop (`evolve.search.run_search`, pymoo NSGA-II, population x
-  generations, seed S);
-- `random`: the same number of genomes as NSGA-II scored, drawn uniformly within the same
-  SearchSpace bounds (numpy, seed S), each materialized and scored by the same evaluator.
-  pymoo's initial sampling draws from the same seeded generator, so both methods start from
-  the same first population (identical curves up to `population` evaluations) and differ
-  from there on: a paired comparison.
-Hypervolume (reference point: accuracy 0 on every task) of the estimated objectives of all
-candidates so far is recorded after every evaluation; at the end, each method's final front
-(on estimated objectives) is evaluated in full and its TRUE hypervolume is reported (as
-evolve's final check does). Several seeds with --seeds.
+For each merge method (`--methods`, default ties and task_arithmetic) one Fitness is built
+exactly as an evolve job builds it (endpoints, probe merges at Latin-hypercube points, IRT
+fit; fitness by the product's defaults: p-IRT on 20 adaptive items per task), with one
+resident model. Then, per search seed, with that Fitness and search space, three searches of
+`--budget` candidates each:
+- `bo`: evolve's search loop with `algorithm: bo` (evolve/bo.py; the job's probes, scored in
+  full for the IRT fit, are its free initial data, as in a job);
+- `nsga2`: the same loop with NSGA-II, population `--population`, budget / population generations;
+- `random`: genomes drawn uniformly within the same bounds (numpy, seed S), scored by the same evaluator.
+All three run one candidate after another, and none depends on the budget, so the first k
+candidates of a run are the run a budget of k would have made: each `--checkpoints` value
+(default 48 and the budget) is read off the same runs. At each checkpoint, the front of the
+candidates so far (on estimated objectives) is evaluated in full (each genome once, cached)
+and its TRUE hypervolume is reported (reference point: accuracy 0 on every task).
 
-Printed: hypervolume after every `--every` evaluations for both methods (mean over seeds),
-then per method the final estimated HV, the true HV of its final front and the front size,
-and the ratio nsga2 / random. The plot (HV over evaluations) goes to
-bench/out/evolve_vs_random.png.
+Printed: mean true HV per algorithm and checkpoint with the ratios the issue asks for
+(bo / random and bo / nsga2 at the budget, bo at 48 / random at the budget), per-seed values,
+bo's own seconds per suggestion against a candidate's merge + score seconds, and a plot of
+the estimated hypervolume over evaluations (bench/out/evolve_vs_random.png). Each (method,
+seed) is saved to bench/out/evolve_vs_random/<method>/seed<S>.json as it finishes, and is
+reused by a later run (`--fresh` recomputes), so a long run can be continued and the table
+printed from what is there (`--report`).
 
-    .venv/bin/python bench/evolve_vs_random.py [--population 12] [--generations 8] [--seeds 0,1,2]
-        [--estimator p_irt] [--strategy adaptive] [--size 20] [--probes 11]
+    .venv/bin/python bench/evolve_vs_random.py --preset small [--methods ties,task_arithmetic]
+        [--seeds 0,1,2,3,4,5] [--budget 96] [--checkpoints 48,96] [--granularity per_block --blocks 4]
 
-Default: about 2-4 minutes on 2 shared CPU cores (torch on 1 thread; EVOMERGE_BENCH_THREADS).
+About 15 minutes per (method, seed) on the small zoo, most of it the full evaluations of the
+fronts (shared 2-core CPU machine, torch on 1 thread; EVOMERGE_BENCH_THREADS).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evolve_common import OUT, build_fitness, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
+from _evolve_common import OUT, evolve_spec, load_zoo, search_args, set_threads, table  # noqa: E402
+
+ALGORITHMS = ("bo", "nsga2", "random")
 
 
-def hv_curve(cands, objectives) -> list[float]:
+def hv_curve(F: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Hypervolume of the first i candidates' front, for every i."""
     from evolve.pareto import hypervolume, non_dominated
 
-    ref = np.array([o.to_min(o.worst) for o in objectives])
-    F = np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands])
-    out = []
-    for i in range(1, len(F) + 1):
-        front = non_dominated(F[:i])
-        out.append(hypervolume(F[:i][front], ref))
-    return out
+    return [hypervolume(F[:i][non_dominated(F[:i])], ref) for i in range(1, len(F) + 1)]
 
 
-def true_front_hv(cands, objectives, evaluator) -> tuple[float, int]:
+def run_seed(job, seed: int, args, out: Path) -> dict:
+    """The three searches of one seed, their checkpoints' fronts evaluated in full."""
     from evolve.pareto import hypervolume, non_dominated
-
-    ref = np.array([o.to_min(o.worst) for o in objectives])
-    F = np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands])
-    front = non_dominated(F)
-    T = []
-    for i in front:
-        t = evaluator.true_objectives(cands[i])
-        cands[i].true_objectives = t
-        T.append([o.to_min(t[o.name]) for o in objectives])
-    return hypervolume(np.array(T), ref), len(front)
-
-
-def main() -> None:
-    ap = search_args(__doc__, generations=8)
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
-    ap.add_argument("--estimator", default="p_irt", help="default: the product default, p_irt on adaptive items")
-    ap.add_argument("--strategy", default="adaptive")
-    ap.add_argument("--size", type=int, default=20)
-    ap.add_argument("--probes", type=int, default=11)
-    ap.add_argument("--epochs", type=int, default=600)
-    ap.add_argument("--every", type=int, default=0, help="print HV every N evaluations (default: population)")
-    ap.add_argument("--out", type=Path, default=OUT / "evolve_vs_random")
-    ap.add_argument("--plot", type=Path, default=OUT / "evolve_vs_random.png")
-    args = ap.parse_args()
-    set_threads()
     from evolve.problem import CandidateEvaluator, MergeProblem
     from evolve.search import run_search
 
-    zoo, manifest = load_zoo(args.preset)
-    tasks = args.tasks.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    spec = evolve_spec(zoo, manifest, tasks, method=args.method, estimator=args.estimator, strategy=args.strategy,
-                       size=args.size, population=args.population, generations=args.generations,
-                       probes=args.probes, epochs=args.epochs)
-    print("building the fitness (endpoints, probes, IRT) ...", file=sys.stderr, flush=True)
-    fitness, resident, space, setup_cost = build_fitness(spec)
-    objectives = fitness.objectives
-    curves = {"nsga2": [], "random": []}
-    finals = {"nsga2": [], "random": []}
-    for seed in seeds:
-        out = args.out / f"seed{seed}"
-        shutil.rmtree(out, ignore_errors=True)
-        problem = MergeProblem(space, objectives)
-        ev = CandidateEvaluator(space, resident, fitness)
-        res = run_search(problem, ev, out, algorithm="nsga2", population=args.population,
-                         generations=args.generations, seed=seed)
-        n = len(res.candidates)
-        print(f"[seed {seed}] nsga2: {n} evaluations", file=sys.stderr, flush=True)
-        ev_r = CandidateEvaluator(space, resident, fitness)
-        rng = np.random.default_rng(seed)
-        lo, hi = space.bounds
-        while len(ev_r.candidates) < n:
-            ev_r.candidate(rng.uniform(lo, hi))
-        print(f"[seed {seed}] random: {len(ev_r.candidates)} evaluations", file=sys.stderr, flush=True)
-        for name, cands, evaluator in (("nsga2", res.candidates, ev), ("random", ev_r.candidates, ev_r)):
-            curves[name].append(hv_curve(cands, objectives))
-            thv, nf = true_front_hv(cands, objectives, evaluator)
-            finals[name].append({"seed": seed, "hv": curves[name][-1][-1], "true_hv": thv, "front": nf,
-                                 "items_per_cand": float(np.mean([c.cost["items"] for c in cands]))})
-        (out / "random_candidates.jsonl").write_text("".join(json.dumps(c.to_json()) + "\n" for c in ev_r.candidates))
+    objectives = job.fitness.objectives
+    ref = np.array([o.to_min(o.worst) for o in objectives])
+    runs = {}
+    for algo in args.algorithms:
+        ev = CandidateEvaluator(job.space, job.resident, job.fitness)
+        t0 = time.perf_counter()
+        overhead = {}
+        if algo == "random":
+            rng = np.random.default_rng(seed)
+            lo, hi = job.space.bounds
+            while len(ev.candidates) < args.budget:
+                ev.candidate(rng.uniform(lo, hi))
+            cands = ev.candidates
+        else:
+            shutil.rmtree(out / algo, ignore_errors=True)
+            res = run_search(MergeProblem(job.space, objectives), ev, out / algo, algorithm=algo,
+                             population=args.population, generations=args.budget // args.population, seed=seed,
+                             initial=job.probes if algo == "bo" else None)
+            cands, overhead = res.candidates[:args.budget], res.overhead
+        seconds = time.perf_counter() - t0
+        print(f"[seed {seed}] {algo}: {len(cands)} candidates in {seconds:.0f} s", file=sys.stderr, flush=True)
+        runs[algo] = (cands, ev, overhead, seconds)
 
-    n = min(len(c) for cs in curves.values() for c in cs)
-    mean = {k: np.mean([c[:n] for c in v], axis=0) for k, v in curves.items()}
-    every = args.every or args.population
-    marks = sorted(set(list(range(every, n + 1, every)) + [n]))
-    print(f"\nzoo {args.preset}, tasks {','.join(tasks)}, method {args.method}; fitness {args.estimator} on "
-          f"{args.size}-item {args.strategy} subsets (IRT on {len(tasks) + 1} endpoints + {args.probes} probes); "
-          f"{n} evaluations per method, seeds {args.seeds}\n")
-    print("hypervolume of the estimated objectives over evaluations (mean over seeds)")
-    print(table(["evaluations", "nsga2 HV", "random HV", "nsga2 / random"],
-                [[m, float(mean["nsga2"][m - 1]), float(mean["random"][m - 1]),
-                  float(mean["nsga2"][m - 1] / mean["random"][m - 1]) if mean["random"][m - 1] else None]
-                 for m in marks]))
-    print("\nfinal fronts (true HV: front members re-evaluated in full)")
-    rows = []
-    for name in ("nsga2", "random"):
-        f = finals[name]
-        rows.append([name, n, float(np.mean([x["items_per_cand"] for x in f])), float(np.mean([x["hv"] for x in f])),
-                     float(np.mean([x["true_hv"] for x in f])), float(np.mean([x["front"] for x in f]))])
-    thv_n, thv_r = rows[0][4], rows[1][4]
-    print(table(["method", "evaluations", "items/cand", "est HV", "true HV", "front size"], rows))
-    print(f"\ntrue HV nsga2 / random: {thv_n / thv_r:.3f}" if thv_r else "\nrandom's true HV is 0")
-    for s, a, b in zip(seeds, finals["nsga2"], finals["random"]):
-        print(f"  seed {s}: nsga2 true HV {a['true_hv']:.4f}, random true HV {b['true_hv']:.4f}")
+    result = {"seed": seed, "algorithms": {}}
+    truth: dict[str, dict] = {}
+    for algo, (cands, ev, overhead, seconds) in runs.items():
+        F = np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands])
+        per = {"curve": hv_curve(F, ref), "overhead": overhead, "search_seconds": seconds,
+               "candidate_seconds": float(np.mean([c.cost["merge_seconds"] + c.cost["score_seconds"] for c in cands])),
+               "checkpoints": {}}
+        for k in args.checkpoints:
+            front = non_dominated(F[:k])
+            T = []
+            for i in front:
+                c = cands[i]
+                if c.key not in truth:
+                    truth[c.key] = ev.true_objectives(c)
+                T.append([o.to_min(truth[c.key][o.name]) for o in objectives])
+            per["checkpoints"][str(k)] = {"true_hv": hypervolume(np.array(T), ref), "est_hv": per["curve"][k - 1],
+                                          "front": len(front)}
+        result["algorithms"][algo] = per
+        print(f"[seed {seed}] {algo}: " + ", ".join(f"{k}: true HV {v['true_hv']:.4f}" for k, v in
+                                                   per["checkpoints"].items()), file=sys.stderr, flush=True)
+    result["full_evaluations"] = len(truth)
+    return result
 
+
+def report(results: dict[str, list[dict]], args) -> None:
+    budget, first = str(args.budget), str(min(args.checkpoints))
+    for method, seeds in results.items():
+        if not seeds:
+            continue
+        algos = [a for a in ALGORITHMS if all(a in r["algorithms"] for r in seeds)]
+        print(f"\n{method}: {len(seeds)} seeds ({', '.join(str(r['seed']) for r in seeds)}); true HV of the front "
+              f"after k candidates (mean over seeds, sd in brackets)")
+        rows = []
+        for a in algos:
+            row = [a]
+            for k in map(str, args.checkpoints):
+                v = [r["algorithms"][a]["checkpoints"][k]["true_hv"] for r in seeds]
+                row.append(f"{np.mean(v):.4f} ({np.std(v):.4f})")
+            row.append(float(np.mean([r["algorithms"][a]["checkpoints"][budget]["front"] for r in seeds])))
+            rows.append(row)
+        print(table(["algorithm", *[f"k={k}" for k in args.checkpoints], f"front at {budget}"], rows))
+
+        def mean(a, k):
+            return float(np.mean([r["algorithms"][a]["checkpoints"][k]["true_hv"] for r in seeds]))
+
+        def per_seed(a, b, ka, kb):
+            return " / ".join(f"{r['algorithms'][a]['checkpoints'][ka]['true_hv'] / r['algorithms'][b]['checkpoints'][kb]['true_hv']:.2f}"
+                              for r in seeds)
+        if {"bo", "random"} <= set(algos):
+            print(f"bo / random at {budget}: {mean('bo', budget) / mean('random', budget):.3f} (target >= 1.10; "
+                  f"per seed {per_seed('bo', 'random', budget, budget)})")
+            print(f"bo at {first} / random at {budget}: {mean('bo', first) / mean('random', budget):.3f} "
+                  f"(target >= 1.00; per seed {per_seed('bo', 'random', first, budget)})")
+        if {"bo", "nsga2"} <= set(algos):
+            print(f"bo / nsga2 at {budget}: {mean('bo', budget) / mean('nsga2', budget):.3f} (target >= 1.15; "
+                  f"per seed {per_seed('bo', 'nsga2', budget, budget)})")
+        if "bo" in algos:
+            ov = [r["algorithms"]["bo"]["overhead"] for r in seeds]
+            cand = np.mean([r["algorithms"]["bo"]["candidate_seconds"] for r in seeds])
+            sps = np.mean([o["seconds_per_suggestion"] for o in ov])
+            print(f"bo's own time per suggestion: {sps:.2f} s mean, {max(o['max_seconds_per_ask'] for o in ov):.2f} s "
+                  f"max; a candidate's merge + score: {cand:.2f} s here")
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    x = np.arange(1, n + 1)
-    for name, color in (("nsga2", "#d62728"), ("random", "#1f77b4")):
-        for c in curves[name]:
-            ax.plot(x, c[:n], color=color, alpha=0.25, lw=1)
-        ax.plot(x, mean[name], color=color, lw=2, label=f"{name} (mean of {len(seeds)})")
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("hypervolume (estimated objectives)")
-    ax.set_title(f"NSGA-II vs random search, {','.join(tasks)}")
-    ax.legend(loc="lower right")
+    methods = [m for m, s in results.items() if s]
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), dpi=100, squeeze=False)
+    colors = {"bo": "#2ca02c", "nsga2": "#d62728", "random": "#1f77b4"}
+    for ax, method in zip(axes[0], methods):
+        for a in ALGORITHMS:
+            curves = [r["algorithms"][a]["curve"] for r in results[method] if a in r["algorithms"]]
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            x = np.arange(1, n + 1)
+            for c in curves:
+                ax.plot(x, c[:n], color=colors[a], alpha=0.2, lw=1)
+            ax.plot(x, np.mean([c[:n] for c in curves], 0), color=colors[a], lw=2, label=f"{a} (mean of {len(curves)})")
+            for r in results[method]:
+                for k, v in r["algorithms"].get(a, {}).get("checkpoints", {}).items():
+                    ax.scatter([int(k)], [v["true_hv"]], color=colors[a], marker="x", s=25)
+        ax.set_xlabel("evaluations")
+        ax.set_ylabel("hypervolume (lines: estimated; x: true, front checked in full)")
+        ax.set_title(method)
+        ax.legend(loc="lower right")
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot)
-    print(f"\nplot: {args.plot}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"\nplot: {path}")
+
+
+def main() -> None:
+    ap = search_args(__doc__, generations=8)
+    ap.add_argument("--methods", default="ties,task_arithmetic")
+    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--seeds", default="0,1,2,3,4,5")
+    ap.add_argument("--budget", type=int, default=96)
+    ap.add_argument("--checkpoints", default="48,96")
+    ap.add_argument("--granularity", default="global")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--probes", type=int, default=11)
+    ap.add_argument("--fresh", action="store_true", help="recompute seeds already saved")
+    ap.add_argument("--report", action="store_true", help="only print the table from the saved seeds")
+    ap.add_argument("--out", type=Path, default=OUT / "evolve_vs_random")
+    args = ap.parse_args()
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
+    args.checkpoints = sorted({int(k) for k in args.checkpoints.split(",")} | {args.budget})
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tag = "" if args.granularity == "global" else f"-{args.granularity}{args.blocks}"
+    set_threads()
+    results: dict[str, list[dict]] = {}
+    for method in args.methods.split(","):
+        folder = args.out / f"{method}{tag}"
+        results[method + tag] = []
+        job = None
+        for seed in seeds:
+            saved = folder / f"seed{seed}.json"
+            if saved.is_file() and not args.fresh:
+                results[method + tag].append(json.loads(saved.read_text()))
+                continue
+            if args.report:
+                continue
+            if job is None:
+                from evolve.run import setup
+                from evolve.spec import EvolveSpec
+
+                zoo, manifest = load_zoo(args.preset)
+                spec = evolve_spec(zoo, manifest, args.tasks.split(","), method=method, estimator="p_irt",
+                                   strategy="adaptive", size=20, probes=args.probes)
+                spec["search"].update(granularity=args.granularity, blocks=args.blocks)
+                spec["objectives"] = [{"benchmark": o["benchmark"], "name": o["name"]} for o in spec["objectives"]]
+                print(f"{method}: building the fitness (endpoints, probes, IRT) ...", file=sys.stderr, flush=True)
+                job = setup(EvolveSpec.model_validate(spec))
+            r = run_seed(job, seed, args, folder / f"seed{seed}")
+            folder.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(r))
+            results[method + tag].append(r)
+    print(f"\nzoo {args.preset}, tasks {args.tasks}, fitness: p_irt on 20 adaptive items per task (the defaults), "
+          f"{args.probes} probes; budget {args.budget}, granularity {args.granularity}"
+          + (f" ({args.blocks} blocks)" if tag else ""))
+    report(results, args)
+    plot(results, OUT / f"evolve_vs_random{tag}.png")
 
 
 if __name__ == "__main__":
