@@ -241,6 +241,8 @@ def fit_surrogate(U: np.ndarray, Y: np.ndarray, Yvar: np.ndarray):
         y, v = Y[:, j:j + 1], Yvar[:, j:j + 1]
         noise = t(np.maximum(v, VAR_FLOOR)) if not np.isnan(v).any() else None
         gp = SingleTaskGP(t(U), t(y), noise)
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jitter notices and retries of the optimizer
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
         models.append(gp)
     return models[0] if len(models) == 1 else ModelListGP(*models)

@@ -32,7 +32,7 @@ class Scorer(Protocol):
 
     def settings_key(self) -> str: ...
 
-    def score(self, model) -> Score: ...
+    def score(self, model, priors=None) -> Score: ...
 
     def score_full(self, model) -> Score: ...
 
@@ -83,22 +83,44 @@ class MergeProblem(Problem):
 
 
 class CandidateEvaluator:
-    """Genome -> Candidate, with the cache; materializes and scores on a miss."""
+    """Genome -> Candidate, with the cache; materializes and scores on a miss. When the scorer
+    takes surrogate priors (`subset.prior: surrogate`), each candidate's CAT prior is predicted
+    from the probes (`probe_genomes`, their abilities in the scorer's fits) and the candidates
+    scored before it (evolve/surrogate.py)."""
 
-    def __init__(self, space: SearchSpace, resident, scorer: Scorer, known: Sequence[Candidate] = ()):
+    def __init__(self, space: SearchSpace, resident, scorer: Scorer, known: Sequence[Candidate] = (),
+                 probe_genomes: np.ndarray | None = None):
         self.space, self.resident, self.scorer = space, resident, scorer
         self.settings = scorer.settings_key()
-        self.by_key: dict[str, Candidate] = {c.key: c for c in known}
-        self.candidates: list[Candidate] = list(known)
+        self.probe_genomes = probe_genomes
         self.generation = 0
         self.on_new: Callable[[Candidate], None] | None = None
         self.evaluated = 0  # genomes scored in this process (cache misses)
+        self._reset(known)
+
+    def _reset(self, known: Sequence[Candidate]) -> None:
+        self.by_key: dict[str, Candidate] = {c.key: c for c in known}
+        self.candidates: list[Candidate] = list(known)
+        self.surrogate = None
+        keys = getattr(self.scorer, "surrogate_keys", [])
+        if keys:
+            from .surrogate import SurrogatePriors
+
+            lo, hi = self.space.bounds
+            self.surrogate = SurrogatePriors(lo, hi, {k: self.scorer.surrogate_min_sd(k) for k in keys})
+            for i, x in enumerate(self.probe_genomes if self.probe_genomes is not None else []):
+                self.surrogate.add(x, {k: self.scorer.fits[k].probe_thetas[i] for k in keys})
+            for c in known:
+                self._observe(c)
+
+    def _observe(self, c: Candidate) -> None:
+        self.surrogate.add(c.genome, {k: self.scorer.observed_ability(k, t) for k, t in (c.trace or {}).items()
+                                      if k in self.surrogate.thetas})
 
     def restore(self, known: Sequence[Candidate]) -> None:
         """Start from the recorded candidates (a resume): the cache, and the scorer's history
-        where it keeps one (adaptive subsets with a population prior), rebuilt in recorded order."""
-        self.by_key = {c.key: c for c in known}
-        self.candidates = list(known)
+        where it keeps one (a population prior, the surrogate's observations), rebuilt in recorded order."""
+        self._reset(known)
         if hasattr(self.scorer, "restore"):
             self.scorer.restore([c.trace for c in known])
 
@@ -115,7 +137,8 @@ class CandidateEvaluator:
         t0 = time.perf_counter()
         model = self.resident.materialize(self.space.params_for_tensor(x))
         t1 = time.perf_counter()
-        score = self.scorer.score(model)
+        priors = self.surrogate.priors(x) if self.surrogate is not None else {}
+        score = self.scorer.score(model, priors=priors) if priors else self.scorer.score(model)
         cost = {"items": score.items, "forward_passes": score.forward_passes,
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1}
         c = Candidate(len(self.candidates), key, self.generation, [float(v) for v in x],
@@ -124,6 +147,8 @@ class CandidateEvaluator:
         self.by_key[key] = c
         self.candidates.append(c)
         self.evaluated += 1
+        if self.surrogate is not None:
+            self._observe(c)
         if self.on_new:
             self.on_new(c)
         return c

@@ -251,7 +251,7 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
 
     hooks.emit({"type": "stage", "stage": "search"})
     problem = MergeProblem(space, fitness.objectives)
-    evaluator = CandidateEvaluator(space, resident, fitness)
+    evaluator = CandidateEvaluator(space, resident, fitness, probe_genomes=job.probes[0] if job.probes else None)
     s = spec.search
     result = run_search(problem, evaluator, out, algorithm=s.algorithm, population=s.population,
                         generations=s.generations, seed=s.seed, resume=resume, fingerprint=_fingerprint(spec),

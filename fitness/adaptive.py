@@ -329,9 +329,10 @@ class CatSession:
 
     def trace(self) -> dict:
         """What a job records per candidate and benchmark (JSON-ready): the items in the order
-        given, the answers, the MAP ability, the accuracy's posterior sd and the rounds."""
+        given, the answers, the MAP ability, the accuracy's posterior sd, the rounds and the prior."""
         return {"items": [int(i) for i in self.items], "correct": [int(c) for c in self.correct],
-                "theta": [float(t) for t in self.theta], "sd": float(self.sd), "rounds": int(self.rounds)}
+                "theta": [float(t) for t in self.theta], "sd": float(self.sd), "rounds": int(self.rounds),
+                "prior": {"mean": [float(v) for v in self.prior.mean], "sd": [float(v) for v in self.prior.sd]}}
 
 
 @dataclass

@@ -27,7 +27,9 @@ fit MERGE^3's lambdas on those items, `subset_mean`/`gp_irt` use their plain mea
 items were chosen for this candidate, see `fitness.adaptive`). With `prior: population` the
 abilities of the candidates scored so far in this `Fitness` are the next prior; `restore`
 rebuilds that history from recorded candidates (`Score.trace`), so a resumed job picks the same
-items as an uninterrupted one.
+items as an uninterrupted one. With `prior: surrogate` the caller (evolve's evaluator) passes each
+candidate's prior to `score` (`priors`), predicted from nearby genomes; the endpoint prior serves
+when it passes none, and `BenchmarkFit.probe_thetas` are the probes' abilities it starts from.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from core.devices import resolve_dtype
 from data.benchmarks import Benchmark, load_benchmark
 
 from . import params_store
-from .adaptive import CatSession, PopulationPrior, Prior, calibrate_model_sd, endpoint_prior
+from .adaptive import CatSession, PopulationPrior, Prior, calibrate_model_sd, endpoint_prior, map_theta
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .irt import ItemParams, estimate_theta, fit_item_params
@@ -90,6 +92,7 @@ class BenchmarkFit:
     blend: Blend | None = None  # blend_irt: its weights, calibrated on the known rows
     irt_source: str | None = None  # where item_params came from: fitted here, params_file, or stored
     model_sd: float = 0.0  # adaptive: what the CAT's Laplace sd leaves out (fitness.adaptive.calibrate_model_sd)
+    probe_thetas: np.ndarray | None = None  # adaptive: the probes' MAP abilities [probes, dims] (N(0, 1) prior)
 
     @property
     def adaptive(self) -> bool:
@@ -127,6 +130,24 @@ class Fitness:
         """The prior the next candidate's CAT on benchmark ``key`` starts from."""
         pop = self.populations.get(key)
         return pop.prior() if pop is not None else self.fits[key].prior
+
+    @property
+    def surrogate_keys(self) -> list[str]:
+        """Benchmarks whose CAT prior comes from the caller (`prior: surrogate`)."""
+        return [k for k in self.fits if self._is_adaptive(k)
+                and self._subset_spec(k).adaptive_settings()["prior"] == "surrogate"]
+
+    def surrogate_min_sd(self, key: str) -> float:
+        return self._subset_spec(key).adaptive_settings()["min_sd"]
+
+    def observed_ability(self, key: str, trace: dict) -> np.ndarray:
+        """A candidate's ability from its CAT answers under the endpoint prior (not the prior its
+        CAT used), what a surrogate learns from: a surrogate's own prior would otherwise pull the
+        abilities it is next fitted on toward its earlier predictions."""
+        fit = self.fits[key]
+        theta, _ = map_theta(fit.item_params, np.asarray(trace["items"], dtype=int),
+                             np.asarray(trace["correct"], dtype=float), fit.prior)
+        return theta
 
     def restore(self, traces: Sequence[dict | None]) -> None:
         """Rebuild the population priors from recorded candidates' traces, in the order scored."""
@@ -166,9 +187,10 @@ class Fitness:
                         device=self.device)
         return dict(zip(asked, resp.split([len(idx) for idx in asked.values()])))
 
-    def score(self, model) -> Score:
+    def score(self, model, priors: dict[str, Prior] | None = None) -> Score:
         """Estimated objectives from the subset items only (adaptive benchmarks: in CAT rounds);
-        every fixed subset goes through the model in one batched evaluation."""
+        every fixed subset goes through the model in one batched evaluation. `priors`: the CAT
+        prior per adaptive benchmark for this candidate (`prior: surrogate`), else the spec's."""
         t0, values, sd, items, passes = time.perf_counter(), {}, {}, 0, 0
         asked = {key: self._items(key) for key in self.fits if not self._is_adaptive(key)}
         answers = self._run(model, asked) if asked else {}
@@ -184,7 +206,7 @@ class Fitness:
         trace: dict[str, Any] = {}
         adaptive = [k for k in self.fits if self._is_adaptive(k)]
         if adaptive:
-            a_values, a_items, a_passes, trace = self._score_adaptive(model, adaptive)
+            a_values, a_items, a_passes, trace = self._score_adaptive(model, adaptive, priors or {})
             values.update(a_values)
             items += a_items
             passes += a_passes
@@ -193,14 +215,15 @@ class Fitness:
                     sd[s.label] = float(np.hypot(trace[str(s.benchmark)]["sd"], self.fits[str(s.benchmark)].model_sd))
         return Score(values, items, passes, time.perf_counter() - t0, trace, sd)
 
-    def _score_adaptive(self, model, keys: list[str]) -> tuple[dict[str, float], int, int, dict[str, Any]]:
+    def _score_adaptive(self, model, keys: list[str], priors: dict[str, Prior]) -> tuple[dict[str, float], int, int,
+                                                                                        dict[str, Any]]:
         """CAT on every benchmark in ``keys`` at once: one batched evaluation per round carries
         every unfinished benchmark's next items."""
         sessions = {}
         for key in keys:
             st = self._subset_spec(key).adaptive_settings()
             fit = self.fits[key]
-            sessions[key] = CatSession(fit.item_params, self.prior_for(key), min(self._subset_spec(key).size,
+            sessions[key] = CatSession(fit.item_params, priors.get(key) or self.prior_for(key), min(self._subset_spec(key).size,
                                        len(fit.benchmark)), st["round"], st["stop_sd"])
         tokens: dict[str, list[int]] = {k: [] for k in keys}
         items = passes = 0
@@ -304,8 +327,8 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         # MAP under N(0, 1) (the fits' ability scale), not the MLEs above: a fine-tune that gets
         # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
         # mean and spread meaningless
-        prior_thetas = estimate_theta(Y[: len(endpoints)], params, method="map", prior_sd=1.0)
-        prior = endpoint_prior(prior_thetas, sub.adaptive_settings()["min_sd"])
+        prior_thetas = estimate_theta(Y, params, method="map", prior_sd=1.0)
+        prior = endpoint_prior(prior_thetas[: len(endpoints)], sub.adaptive_settings()["min_sd"])
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     if sub.strategy == "random":
@@ -333,7 +356,8 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
             model_sd = calibrate_model_sd(Y, len(endpoints), refit, prior_of, min(sub.size, len(bench)), st["round"])
         else:
             blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights, refit, prior_of, seed=sub.seed)
-    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd)
+    probe_thetas = prior_thetas[len(endpoints):] if prior is not None and sub.strategy == "adaptive" else None
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd, probe_thetas)
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:

@@ -32,9 +32,10 @@ class SubsetSpec(BaseModel):
                               "candidate)")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     round: int | None = Field(None, ge=1, le=100_000, description="adaptive: items per round per benchmark (default 5)")
-    prior: Literal["endpoints", "population"] | None = Field(
-        None, description="adaptive: prior on ability from the endpoint models (default) or from the "
-                          "candidates already scored in this job")
+    prior: Literal["endpoints", "population", "surrogate"] | None = Field(
+        None, description="adaptive: prior on ability from the endpoint models (default), from the "
+                          "candidates already scored in this job, or the search's surrogate: a Gaussian process "
+                          "over genomes predicting this candidate's ability from the probes and candidates scored")
     stop_sd: float | None = Field(None, ge=0.0, le=1.0, description="adaptive: stop once the predicted accuracy's "
                                                                      "posterior sd is below this (default 0: never)")
     min_sd: float | None = Field(None, gt=0.0, le=100.0, description="adaptive: floor on the prior's sd in ability "

@@ -229,16 +229,17 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resumed_run_selects_the_same_items(tiny_zoo, tiny_zoo_manifest, tmp_path):
-    """An evolve job with a population prior, crashed in the middle of a generation and resumed
-    from its checkpoint and candidates.jsonl, asks every candidate the same items as a job that
-    ran through; and `evolve.run.run` accepts the spec and records the traces."""
+@pytest.mark.parametrize("prior", ["population", "surrogate"])
+def test_resumed_run_selects_the_same_items(tiny_zoo, tiny_zoo_manifest, tmp_path, prior):
+    """An evolve job with a population (or surrogate) prior, crashed in the middle of a generation
+    and resumed from its checkpoint and candidates.jsonl, asks every candidate the same items as a
+    job that ran through; and `evolve.run.run` accepts the spec and records the traces."""
     from evolve.problem import CandidateEvaluator, MergeProblem
     from evolve.run import run, setup
     from evolve.search import read_candidates, run_search
     from evolve.spec import EvolveSpec
 
-    spec = adaptive_spec(tiny_zoo, tiny_zoo_manifest)
+    spec = adaptive_spec(tiny_zoo, tiny_zoo_manifest, prior)
     result = run({**spec, "final_check": False}, tmp_path / "through")
     through = read_candidates(tmp_path / "through" / "candidates.jsonl")
     assert len(through) >= 8 and result.cost["items_per_candidate"] == 20
@@ -250,20 +251,23 @@ def test_resumed_run_selects_the_same_items(tiny_zoo, tiny_zoo_manifest, tmp_pat
     # the population prior really moves the selections: candidates differ in their first rounds
     firsts = {tuple(tuple(t["items"][:5]) for t in c.trace.values()) for c in through}
     assert len(firsts) > 1
+    if prior == "surrogate":  # each candidate's prior is its own prediction, from 3 probes on
+        means = {tuple(t["prior"]["mean"]) for c in through for t in c.trace.values()}
+        assert len(means) == len(through) * len(spec["objectives"])
 
     job = setup(EvolveSpec.model_validate(spec))
     fitness, calls = job.fitness, {"n": 0}
     real_score = fitness.score
 
-    def crashing_score(model):  # the process dies while scoring the 6th candidate (generation 2)
+    def crashing_score(model, **kw):  # the process dies while scoring the 6th candidate (generation 2)
         calls["n"] += 1
         if calls["n"] == 6:
             raise Crash()
-        return real_score(model)
+        return real_score(model, **kw)
 
     def search(fit, resume):
         problem = MergeProblem(job.space, fit.objectives)
-        ev = CandidateEvaluator(job.space, job.resident, fit)
+        ev = CandidateEvaluator(job.space, job.resident, fit, probe_genomes=job.probes[0])
         s = spec["search"]
         return run_search(problem, ev, tmp_path / "crashed", population=s["population"], generations=s["generations"],
                           seed=s["seed"], resume=resume, fingerprint="adaptive")
