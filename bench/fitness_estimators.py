@@ -57,7 +57,13 @@ from core.hashing import content_hash  # noqa: E402
 from data.benchmarks import load_benchmark  # noqa: E402
 from evolve.materialize import ResidentMerge  # noqa: E402
 from evolve.run import recipe_digest  # noqa: E402
-from fitness.adaptive import DEFAULT_MIN_SD, CatSession, PopulationPrior, endpoint_prior, fixed_map_accuracy  # noqa: E402
+from fitness.adaptive import (  # noqa: E402
+    DEFAULT_MIN_SD,
+    CatSession,
+    PopulationPrior,
+    answers_prior,
+    fixed_map_accuracy,
+)
 from fitness.estimators import estimate  # noqa: E402
 from fitness.evaluate import EvalSettings, cached_responses, evaluate, evaluate_folder  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
@@ -167,7 +173,7 @@ def main() -> None:
         Y = np.array(endpoints[t] + probes[t], dtype=float)
         params = fit_item_params(Y, "2pl", fitter=args.fitter, epochs=args.epochs, seed=42)
         thetas = estimate_theta(Y[: len(endpoints[t])], params)
-        prior = endpoint_prior(estimate_theta(Y[: len(endpoints[t])], params, method="map", prior_sd=1.0), args.min_sd)
+        prior = answers_prior(params, Y[: len(endpoints[t])], args.min_sd)
         fits[t] = (params, thetas, prior)
         T = np.array(truth[t], dtype=float)
         exact = T.mean(1)

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from fitness.adaptive import (  # noqa: E402
     accuracy_sd,
+    answers_prior,  # noqa: E402
     calibrate_model_sd,
-    endpoint_prior,
     map_theta,
     predicted_accuracy,
     run_cat,
@@ -81,10 +81,8 @@ def one_world(cfg, seed: int, args) -> dict:
         out["fit_s"][setting] = time.perf_counter() - t0
         ends = known[: args.parents]
         thetas = estimate_theta(ends, params)
-        prior = endpoint_prior(estimate_theta(ends, params, method="map", prior_sd=1.0))
-
-        def prior_of(p, answers):
-            return endpoint_prior(estimate_theta(answers, p, method="map", prior_sd=1.0))
+        prior = answers_prior(params, ends)
+        prior_of = answers_prior
 
         fit = (lambda r: fit_item_params(r, "2pl")) if setting == "known" else (lambda r: params)
         for k in args.ks:

@@ -122,6 +122,20 @@ def endpoint_prior(endpoint_thetas, min_sd: float = DEFAULT_MIN_SD) -> Prior:
     return spread_prior(endpoint_thetas, min_sd)
 
 
+def map_abilities(item_params: ItemParams, rows) -> Array:
+    """Known models' abilities from their answers [n, items], MAP under N(0, 1) (the fits'
+    ability scale), not the MLE: a fine-tune that gets its own benchmark all right has its MLE at
+    the +-8 bound, which would make a prior's mean and spread meaningless."""
+    from fitness.irt import estimate_theta
+
+    return estimate_theta(rows, item_params, method="map", prior_sd=1.0)
+
+
+def answers_prior(item_params: ItemParams, rows, min_sd: float = DEFAULT_MIN_SD) -> Prior:
+    """The endpoint prior of models known by their answers [n, items]."""
+    return endpoint_prior(map_abilities(item_params, rows), min_sd)
+
+
 class PopulationPrior:
     """The prior ``prior: population`` (empirical Bayes over one job's candidates).
 

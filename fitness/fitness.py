@@ -47,7 +47,16 @@ from core.devices import resolve_dtype
 from data.benchmarks import Benchmark, load_benchmark
 
 from . import params_store
-from .adaptive import CatSession, PopulationPrior, Prior, calibrate_model_sd, endpoint_prior, map_theta
+from .adaptive import (
+    CatSession,
+    PopulationPrior,
+    Prior,
+    answers_prior,
+    calibrate_model_sd,
+    endpoint_prior,
+    map_abilities,
+    map_theta,
+)
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .irt import ItemParams, estimate_theta, fit_item_params
@@ -324,10 +333,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     prior = None
     if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
-        # MAP under N(0, 1) (the fits' ability scale), not the MLEs above: a fine-tune that gets
-        # its own benchmark all right has its MLE at the +-8 bound, which would make the prior's
-        # mean and spread meaningless
-        prior_thetas = estimate_theta(Y, params, method="map", prior_sd=1.0)
+        prior_thetas = map_abilities(params, Y)
         prior = endpoint_prior(prior_thetas[: len(endpoints)], sub.adaptive_settings()["min_sd"])
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
@@ -348,7 +354,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         min_sd = sub.adaptive_settings()["min_sd"]
 
         def prior_of(p: ItemParams, answers: np.ndarray):
-            return endpoint_prior(estimate_theta(answers, p, method="map", prior_sd=1.0), min_sd)
+            return answers_prior(p, answers, min_sd)
 
         refit = (lambda rows: fitted_item_params(rows, irt)) if source.startswith("fitted") else (lambda rows: params)
         if sub.strategy == "adaptive":

@@ -295,15 +295,15 @@ def test_model_sd_makes_the_cat_interval_cover_simulated_truths():
     probe rows; issue 22 asks for within 5 points, bench/README.md has the measured shares)."""
     from dataclasses import replace
 
-    from fitness.adaptive import calibrate_model_sd
-    from fitness.irt import estimate_theta, fit_item_params
+    from fitness.adaptive import answers_prior, calibrate_model_sd
+    from fitness.irt import fit_item_params
     from fitness.simulate import PRESETS, job_world
 
     def fit(rows):
         return fit_item_params(rows, "2pl")
 
     def prior_of(params, answers):
-        return endpoint_prior(estimate_theta(answers, params, method="map", prior_sd=1.0))
+        return answers_prior(params, answers)
 
     cfg = replace(PRESETS["arc_challenge"], n_items=400)
     laplace, total = [], []

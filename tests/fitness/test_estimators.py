@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fitness.adaptive import Prior, endpoint_prior
+from fitness.adaptive import Prior, answers_prior, endpoint_prior
 from fitness.estimators import (
     ESTIMATORS,
     NEEDS_PRIOR,
@@ -261,7 +261,7 @@ def _map_fit(rows):
 
 
 def _endpoint_prior(params, answers):
-    return endpoint_prior(estimate_theta(answers, params, method="map", prior_sd=1.0))
+    return answers_prior(params, answers)
 
 
 def test_blend_puts_everything_on_the_known_mean_when_every_row_scores_the_same():
