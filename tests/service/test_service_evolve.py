@@ -49,7 +49,7 @@ def evolve_spec(generations=2) -> dict:
             "method": "task_arithmetic", "device": "cpu", "final_check": False,
             "objectives": [objective | {"metric": "accuracy"}, objective | {"metric": "mean_output_tokens"}],
             "evaluation": {"max_new_tokens": 3, "irt": {"probes": 0}},
-            "search": {"population": 4, "generations": generations}}
+            "search": {"algorithm": "nsga2", "population": 4, "generations": generations}}
 
 
 class Workers:
