@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from evolve.plan import PlanError, check_plan, plan_job
+from evolve.plan import BO_BASE, BO_PER_OBSERVATION, PlanError, check_plan, plan_job
 from evolve.spec import EvolveSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,7 +262,9 @@ def test_cpu_plan_holds_everything_on_the_host(shapes7b):
     plan = plan_job(spec, host_memory=64 * GB)
     assert plan.fits and plan.budgets["gpu"] is None and plan.reanchor_every == 1
     ev = evaluation_by_hand(cfg, 16, SEQ, CHOICE, 2)
-    assert plan.totals["host"] == 2 * published + 3 * lowrank_by_hand(cfg) + written_by_hand(32000 * 4096, 3) + ev
+    bo = plan.component("search: bo surrogate").bytes  # the default search for 16 x 8 candidates
+    assert bo == BO_BASE + BO_PER_OBSERVATION * (16 * 8 + 11)
+    assert plan.totals["host"] == 2 * published + 3 * lowrank_by_hand(cfg) + written_by_hand(32000 * 4096, 3) + ev + bo
     assert plan.totals["gpu"] == 0 and plan.moved["host->GPU"] == 0
     assert plan.bytes_moved_per_candidate == 3 * lowrank_by_hand(cfg) + 2 * published + 2 * published
 
@@ -423,7 +425,7 @@ def test_plan_matches_measured_peak(tmp_path, kind):
     spec = EvolveSpec.model_validate({
         "kind": "evolve", "base": str(base), "method": "task_arithmetic", "device": "cpu",
         "models": [{"name": f"m{k}", "path": str(m)} for k, m in enumerate(models)],
-        "objectives": [{"benchmark": str(bench)}],
+        "objectives": [{"benchmark": str(bench)}], "search": {"algorithm": "nsga2"},  # no surrogate: the merge alone
         "evaluation": {"dtype": "bfloat16", "store": kind, "batch_size": 1, "max_new_tokens": 1}})
     plan = plan_job(spec, host_memory=64 * GB)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
