@@ -144,3 +144,11 @@ def test_checked_members_cover_knee_extremes_and_spread():
     others = [i for i in range(20) if i not in first]
     best = max(spread(first + list(S)) for S in itertools.combinations(others, 6 - len(first)))
     assert spread(chosen) >= best / 2 - 1e-12
+
+
+def test_many_objectives_use_parego_scalarizations():
+    """Five objectives: qLogNParEGO proposes (the hypervolume acquisitions stop at four); its
+    proposals stay inside the bounds and new."""
+    problem = get_problem("dtlz2", n_var=5, n_obj=5)
+    X = run_bo(problem, 14, 0, np.full(5, 1.5), n_init=12)
+    assert np.all(X >= problem.xl) and np.all(X <= problem.xu) and len({tuple(x) for x in X}) == 14
