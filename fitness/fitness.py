@@ -117,6 +117,12 @@ def _batches(n: int, batch: int) -> int:
     return -(-n // batch)
 
 
+# A surrogate prior's sd floor unless the subset sets min_sd: with 1.0 against 0.5, p-IRT at 10
+# adaptive items erred 4.6 / 4.9 points against 5.0 / 5.8 (small zoo, TIES, random / bo genomes)
+# and 4.7 against 5.3 (tiny zoo), bench/surrogate_prior.py
+SURROGATE_MIN_SD = 1.0
+
+
 class Fitness:
     def __init__(self, specs: Sequence[ObjectiveSpec], fits: dict[str, BenchmarkFit], tokenizer,
                  evaluation: EvaluationSpec, device="auto"):
@@ -147,7 +153,8 @@ class Fitness:
                 and self._subset_spec(k).adaptive_settings()["prior"] == "surrogate"]
 
     def surrogate_min_sd(self, key: str) -> float:
-        return self._subset_spec(key).adaptive_settings()["min_sd"]
+        """The floor on a surrogate prior's sd: the subset's `min_sd`, else SURROGATE_MIN_SD."""
+        return self._subset_spec(key).min_sd or SURROGATE_MIN_SD
 
     def observed_ability(self, key: str, trace: dict) -> np.ndarray:
         """A candidate's ability from its CAT answers under the endpoint prior (not the prior its

@@ -39,7 +39,7 @@ class SubsetSpec(BaseModel):
     stop_sd: float | None = Field(None, ge=0.0, le=1.0, description="adaptive: stop once the predicted accuracy's "
                                                                      "posterior sd is below this (default 0: never)")
     min_sd: float | None = Field(None, gt=0.0, le=100.0, description="adaptive: floor on the prior's sd in ability "
-                                                                    "units (default 0.5)")
+                                                                    "units (default 0.5; 1.0 for the surrogate prior)")
 
     @model_validator(mode="after")
     def _adaptive_only(self) -> "SubsetSpec":
