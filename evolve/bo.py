@@ -15,7 +15,9 @@ maximizes the acquisition inside `_infill`:
   2-4 objectives, qLogNParEGO (random Chebyshev scalarizations) above that, and qLogNEI
   for one; q = `batch` points per ask, chosen greedily one after another;
 - the initial design is the free observations handed in (a job's probes, evaluated in full
-  at Latin-hypercube points) followed by scrambled Sobol points up to 2(d+1) in all;
+  at Latin-hypercube points) followed by scrambled Sobol points up to 2(d+1) in all; the
+  surrogates learn from the free observations, but the hypervolume to improve is that of the
+  search's own candidates (the front a job reports), once it has any;
 - above `trust_region_above` genes (per-block spaces) the acquisition is maximized inside a
   trust region (Eriksson et al. 2019, TuRBO; Daulton et al. 2022, MORBO for several
   objectives): a box of side L around the observed point with the largest exclusive
@@ -91,6 +93,7 @@ class BayesOpt(Algorithm):
         d, m = problem.n_var, problem.n_obj
         self.lower, self.upper = np.asarray(problem.xl, float), np.asarray(problem.xu, float)
         self.U, self.F, self.Fvar = np.zeros((0, d)), np.zeros((0, m)), np.zeros((0, m))
+        self.n_free = 0 if self.initial is None else len(self.initial[0])
         if self.initial is not None:
             X, F, Fvar = (np.asarray(a, float) for a in self.initial)
             self._observe(self._to_unit(X.reshape(-1, d)), F.reshape(-1, m), Fvar.reshape(-1, m))
@@ -149,10 +152,16 @@ class BayesOpt(Algorithm):
         lo, hi = self.F.min(0), self.F.max(0)
         return hi + 0.1 * np.maximum(hi - lo, 1e-9)
 
+    def _own(self) -> slice:
+        """The search's own observations (after the free ones) once it has some: the front it
+        improves is the one it reports, which the free observations (a job's probes) are not on."""
+        return slice(self.n_free if len(self.U) > self.n_free else 0, None)
+
     def _front_hypervolume(self) -> float:
-        if not len(self.F):
+        F = self.F[self._own()]
+        if not len(F):
             return 0.0
-        return hypervolume(self.F[non_dominated(self.F)], self._ref())
+        return hypervolume(F[non_dominated(F)], self._ref())
 
     def _distinct(self, U: np.ndarray) -> np.ndarray:
         """Replaces a proposal that repeats an observed or already proposed genome (a scored
@@ -171,14 +180,15 @@ class BayesOpt(Algorithm):
         d = self.U.shape[1]
         if self.tr is None or not len(self.U):
             return np.zeros(d), np.ones(d)
-        front = non_dominated(self.F)
+        U, F = self.U[self._own()], self.F[self._own()]
+        front = non_dominated(F)
         ref = self._ref()
-        if self.F.shape[1] == 1:
-            center = self.U[int(np.argmin(self.F[:, 0]))]
+        if F.shape[1] == 1:
+            center = U[int(np.argmin(F[:, 0]))]
         else:
-            total = hypervolume(self.F[front], ref)
-            gain = [total - hypervolume(self.F[np.delete(front, i)], ref) for i in range(len(front))]
-            center = self.U[front[int(np.argmax(gain))]]
+            total = hypervolume(F[front], ref)
+            gain = [total - hypervolume(F[np.delete(front, i)], ref) for i in range(len(front))]
+            center = U[front[int(np.argmax(gain))]]
         half = self.tr.length / 2
         return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
 
@@ -198,7 +208,7 @@ class BayesOpt(Algorithm):
 
         t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
         model = fit_surrogate(self.U, -self.F, self.Fvar)  # BoTorch maximizes
-        X_base = t(self.U)
+        X_base = t(self.U[self._own()])
         sampler = SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=seed)
         X_pending = t(pending) if len(pending) else None
         m = self.F.shape[1]
