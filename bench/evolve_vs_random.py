@@ -127,8 +127,8 @@ def report(results: dict[str, list[dict]], args) -> None:
             return float(np.mean([r["algorithms"][a]["checkpoints"][k]["true_hv"] for r in seeds]))
 
         def per_seed(a, b, ka, kb):
-            return " / ".join(f"{r['algorithms'][a]['checkpoints'][ka]['true_hv'] / r['algorithms'][b]['checkpoints'][kb]['true_hv']:.2f}"
-                              for r in seeds)
+            hv = lambda r, x, k: r["algorithms"][x]["checkpoints"][k]["true_hv"]  # noqa: E731
+            return " / ".join(f"{hv(r, a, ka) / hv(r, b, kb):.2f}" for r in seeds)
         if {"bo", "random"} <= set(algos):
             print(f"bo / random at {budget}: {mean('bo', budget) / mean('random', budget):.3f} (target >= 1.10; "
                   f"per seed {per_seed('bo', 'random', budget, budget)})")

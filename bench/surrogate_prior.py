@@ -65,8 +65,9 @@ def main() -> None:
             X = np.random.default_rng(args.seed).uniform(lo, hi, size=(args.candidates, job.space.n_var))
         else:  # the genomes a bo search with the default fitness proposes
             ev = CandidateEvaluator(job.space, job.resident, base, probe_genomes=probe_genomes)
-            res = run_search(MergeProblem(job.space, base.objectives), ev, OUT / "surrogate_prior" / "bo", algorithm="bo",
-                             population=args.candidates, generations=1, seed=args.seed, initial=job.probes)
+            res = run_search(MergeProblem(job.space, base.objectives), ev, OUT / "surrogate_prior" / "bo",
+                             algorithm="bo", population=args.candidates, generations=1, seed=args.seed,
+                             initial=job.probes)
             X = np.array([c.genome for c in res.candidates])
         for name, size, extra in arms([float(m) for m in args.min_sds.split(",")]):
             specs = [ObjectiveSpec.model_validate({**s.model_dump(mode="json"), "subset": {

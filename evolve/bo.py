@@ -101,7 +101,8 @@ class BayesOpt(Algorithm):
         from torch.quasirandom import SobolEngine
 
         seed = int(self.random_state.integers(2**31))
-        self.sobol = SobolEngine(d, scramble=True, seed=seed).draw(n_sobol).double().numpy() if n_sobol else np.zeros((0, d))
+        engine = SobolEngine(d, scramble=True, seed=seed)
+        self.sobol = engine.draw(n_sobol).double().numpy() if n_sobol else np.zeros((0, d))
         self.sobol_used = 0
         use_tr = d > self.trust_region_above if self.trust_region is None else self.trust_region
         self.tr = TrustRegion(failure_tolerance=max(4, math.ceil(d / self.batch))) if use_tr else None

@@ -41,8 +41,9 @@ class FinalCheckSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    members: Literal["all"] | Annotated[int, Field(ge=1, le=10_000)] = Field(8, description="all, or at most K members: the knee, "
-                                          "the best member on each objective, then members evenly spaced on the front")
+    members: Literal["all"] | Annotated[int, Field(ge=1, le=10_000)] = Field(
+        8, description="all, or at most K members: the knee, the best member on each objective, then members "
+                       "evenly spaced on the front")
 
 
 class EvolveSpec(JobBase):
