@@ -55,7 +55,7 @@ def hv_curve(F: np.ndarray, ref: np.ndarray) -> list[float]:
 def run_seed(job, seed: int, args, out: Path) -> dict:
     """The three searches of one seed, their checkpoints' fronts evaluated in full."""
     from evolve.pareto import hypervolume, non_dominated
-    from evolve.problem import CandidateEvaluator, MergeProblem
+    from evolve.problem import CandidateEvaluator, MergeProblem, minimized
     from evolve.search import run_search
 
     objectives = job.fitness.objectives
@@ -84,7 +84,7 @@ def run_seed(job, seed: int, args, out: Path) -> dict:
     result = {"seed": seed, "algorithms": {}}
     truth: dict[str, dict] = {}
     for algo, (cands, ev, overhead, seconds) in runs.items():
-        F = np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands])
+        F = minimized([c.objectives for c in cands], objectives)
         per = {"curve": hv_curve(F, ref), "overhead": overhead, "search_seconds": seconds,
                "candidate_seconds": float(np.mean([c.cost["merge_seconds"] + c.cost["score_seconds"] for c in cands])),
                "checkpoints": {}}

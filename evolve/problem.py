@@ -54,6 +54,12 @@ class Candidate:
         return asdict(self)
 
 
+def minimized(values: Sequence[dict[str, float]], objectives: Sequence[Objective]) -> np.ndarray:
+    """Objective values [n, m] in pymoo's minimization form, from one {name: value} per row."""
+    return np.array([[o.to_min(v[o.name]) for o in objectives] for v in values], dtype=float).reshape(
+        -1, len(objectives))
+
+
 def genome_key(x: Sequence[float], method: str, fixed: dict, settings: str) -> str:
     payload = json.dumps([[float(v).hex() for v in x], method, fixed, settings], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -78,7 +84,7 @@ class MergeProblem(Problem):
         if self.evaluate_genome is None:
             raise RuntimeError("MergeProblem has no evaluator attached")
         cands = [self.evaluate_genome(x) for x in X]
-        out["F"] = np.array([[o.to_min(c.objectives[o.name]) for o in self.objectives] for c in cands])
+        out["F"] = minimized([c.objectives for c in cands], self.objectives)
         out["Fvar"] = np.array([[(c.sd or {}).get(o.name, np.nan) ** 2 for o in self.objectives] for c in cands])
 
 

@@ -46,7 +46,7 @@ from merging.task_vectors import open_inputs
 from .genome import SearchSpace
 from .materialize import ResidentMerge, store_settings_for
 from .plan import Plan, check_plan
-from .problem import Candidate, CandidateEvaluator, MergeProblem
+from .problem import Candidate, CandidateEvaluator, MergeProblem, minimized
 from .search import CANDIDATES_FILE, RUN_FILE, read_candidates, run_search
 from .spec import EvolveSpec
 
@@ -222,9 +222,8 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None) -
     resident = resident or resident_merge(spec, plan)
     initial = None
     if recipes:
-        objs = fitness.objectives
         values = [fitness.full_values({k: probes[k][i] for k in benches}) for i in range(len(recipes))]
-        F = np.array([[o.to_min(v[o.name]) for o in objs] for v in values])
+        F = minimized(values, fitness.objectives)
         initial = (np.array([x for x, _ in recipes]), F, np.zeros_like(F))
     return Setup(fitness, resident, space, benches, cost, initial)
 
@@ -273,7 +272,7 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
         from .pareto import checked_members
 
         members = spec.final_check.members
-        F_front = np.array([[o.to_min(cands[i].objectives[o.name]) for o in fitness.objectives] for i in result.front])
+        F_front = minimized([cands[i].objectives for i in result.front], fitness.objectives)
         checked = [result.front[j] for j in checked_members(F_front, result.front.index(result.knee),
                                                             None if members == "all" else members)]
         cost["final_checked"] = len(checked)
@@ -286,7 +285,7 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
                 cost["final_items"] += sum(len(b) for b in benches.values())
         from .pareto import hypervolume
 
-        F = np.array([[o.to_min(cands[i].true_objectives[o.name]) for o in fitness.objectives] for i in checked])
+        F = minimized([cands[i].true_objectives for i in checked], fitness.objectives)
         true_hv = hypervolume(F, np.array(result.reference_point))
         _rewrite_candidates(out / CANDIDATES_FILE, cands)
     full_per_candidate = sum(len(b) for b in benches.values())

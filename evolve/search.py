@@ -35,7 +35,7 @@ from pymoo.core.termination import NoTermination
 from core.fs import atomic_write
 
 from .pareto import hypervolume, knee_point, non_dominated
-from .problem import Candidate, CandidateEvaluator, MergeProblem
+from .problem import Candidate, CandidateEvaluator, MergeProblem, minimized
 
 ALGORITHMS_MULTI = ("bo", "nsga2", "nsga3", "smsemoa", "moead")
 ALGORITHMS_SINGLE = ("ga", "cmaes")
@@ -200,7 +200,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
 
 
 def _matrix(cands: list[Candidate], objectives) -> np.ndarray:
-    return np.array([[o.to_min(c.objectives[o.name]) for o in objectives] for c in cands]).reshape(-1, len(objectives))
+    return minimized([c.objectives for c in cands], objectives)
 
 
 def _best(cands: list[Candidate], objectives) -> dict[str, float]:

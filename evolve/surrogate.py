@@ -62,16 +62,16 @@ class SurrogatePriors:
         return out
 
 
-def predict(U: np.ndarray, y: np.ndarray, u, calibrate: bool = True) -> tuple[float, float]:
-    """Posterior mean and sd of the latent function at u, by a GP fitted on (U, y); with
-    `calibrate`, the sd times max(1, loo_scale)."""
+def predict(U: np.ndarray, y: np.ndarray, u) -> tuple[float, float]:
+    """Predictive mean and sd of a new observation at u, by a GP fitted on (U, y), the sd
+    times max(1, loo_scale)."""
     import torch
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         gp = fit_surrogate(U, y, np.full_like(y, np.nan))
         post = gp.posterior(u, observation_noise=True)
-        scale = max(1.0, loo_scale(gp)) if calibrate else 1.0
+        scale = max(1.0, loo_scale(gp))
     return float(post.mean.detach().squeeze()), scale * float(post.variance.detach().clamp_min(0).sqrt().squeeze())
 
 

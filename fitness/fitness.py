@@ -239,8 +239,8 @@ class Fitness:
         for key in keys:
             st = self._subset_spec(key).adaptive_settings()
             fit = self.fits[key]
-            sessions[key] = CatSession(fit.item_params, priors.get(key) or self.prior_for(key), min(self._subset_spec(key).size,
-                                       len(fit.benchmark)), st["round"], st["stop_sd"])
+            sessions[key] = CatSession(fit.item_params, priors.get(key) or self.prior_for(key),
+                                       min(self._subset_spec(key).size, len(fit.benchmark)), st["round"], st["stop_sd"])
         tokens: dict[str, list[int]] = {k: [] for k in keys}
         items = passes = 0
         while True:
