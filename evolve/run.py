@@ -35,6 +35,7 @@ from core.fs import atomic_file, atomic_write
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
 from core.locks import exclusive
+from core.validation import strict_spec
 from data.benchmarks import load_benchmark
 from fitness.evaluate import Responses, evaluate_folder
 from fitness.fitness import Fitness, benchmark_paths, eval_settings
@@ -234,7 +235,7 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, hoo
     `overwrite` replaces one; with neither, a folder holding a run is refused. `hooks` get the
     stage and progress events; when they ask to stop, the search ends after the candidate being
     scored and the result is the front so far (`complete` false; `resume` continues it)."""
-    spec = spec if isinstance(spec, EvolveSpec) else EvolveSpec.model_validate(spec)
+    spec = strict_spec(EvolveSpec, spec)
     with exclusive(out_dir, "an evolve run"):  # one process per run folder
         return _run(spec, Path(out_dir), hooks, resume, overwrite)
 

@@ -14,7 +14,7 @@ from .search import ALGORITHMS_MULTI, ALGORITHMS_SINGLE, BO_MAX_BUDGET, default_
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    space: dict[str, tuple[float, float]] | None = Field(
+    space: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] | None = Field(
         None, description="bounds per searched parameter; default: the method's usual space")
     granularity: Literal["global", "per_block"] = "global"
     blocks: int = Field(4, ge=1, le=256, description="layer blocks when granularity is per_block")

@@ -139,7 +139,7 @@ class AtmParams(BaseModel):
         if len(given) > 1:
             raise ValueError(f"give one of steps_per_iteration, epochs_per_iteration, total_steps (got {', '.join(given)})")
         try:  # keys and types now; per-model lengths in check(), once the models are known
-            get_method(self.combine).params.model_validate(self.combine_params)
+            get_method(self.combine).params.model_validate(self.combine_params, strict=True)
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(x) for x in err["loc"])

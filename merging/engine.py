@@ -19,6 +19,7 @@ from core.devices import DTYPES, resolve_device
 from core.errors import CheckpointError
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
+from core.validation import strict_spec
 
 from .card import model_card
 from .checkpoint import CheckpointWriter
@@ -94,7 +95,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     A `model` or `training` method runs whole (its `run`): ATM (`merging.atm.run_atm`) reports
     its steps and, stopped, resumes on a later call with the same spec and `out_dir`.
     """
-    spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
+    spec = strict_spec(MergeSpec, spec)
     check_output(out_dir, spec, overwrite)
     method = get_method(spec.method)
     if method.run is not None:  # a whole-model or training method runs whole

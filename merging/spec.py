@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.validation import GivenPath, field_path, non_finite
+from core.validation import GivenPath, field_path, non_finite, off_schema
 
 from .checkpoint import parse_size
 from .methods.registry import MethodParams, get_method, method_params
@@ -40,16 +40,30 @@ class OutputSpec(BaseModel):
         return v
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
 def check_device(v: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+    if not re.fullmatch(DEVICE_PATTERN, v):
+        raise off_schema(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
     return v
+
+
+def _schema_of_job(schema: dict[str, Any], cls: type) -> None:
+    """A job's JSON schema as clients need it: the methods it may name as an enum, and `kind`,
+    the job spec union's tag, required (Python and YAML callers may leave it to its default)."""
+    from .methods.registry import METHODS
+
+    schema["properties"]["method"]["enum"] = sorted(
+        n for n, m in METHODS.items() if m.kind == "tensor" or not cls.tensor_methods_only)
+    if "kind" in schema["properties"]:
+        schema["required"] = ["kind", *schema.get("required", [])]
 
 
 class JobBase(BaseModel):
     """What every job names: the base, the models, the method, where it runs and how it is saved."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_schema_of_job)
     tensor_methods_only: ClassVar[bool] = False  # a job that writes candidates tensor by tensor (evolve)
 
     base: GivenPath | None = Field(None, description="required except for methods that align whole models (c2m3, ...)")
@@ -57,7 +71,7 @@ class JobBase(BaseModel):
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    device: str = "auto"
+    device: str = Field("auto", json_schema_extra={"pattern": DEVICE_PATTERN})
 
     @field_validator("device")
     @classmethod
@@ -75,7 +89,10 @@ class JobBase(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        get_method(v)
+        try:
+            get_method(v)
+        except ValueError as e:
+            raise off_schema(str(e)) from None
         return v
 
     @model_validator(mode="after")

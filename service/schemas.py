@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.errors import CheckpointError
-from core.validation import field_path, non_finite
+from core.validation import error_message, field_path, json_text, non_finite
 from evolve.spec import EvolveSpec
 from merging.checkpoint import CheckpointReader
 from merging.spec import MergeSpec
@@ -48,7 +48,7 @@ def describe_error(err: Mapping[str, Any], loc: Sequence[Any] | None = None) -> 
     the location (`loc`, default the error's own) as a field path, pydantic's "Value error, "
     dropped, and a message that names a field of its own (`params.weights: 3 values for 2
     models`, from a validator of the whole spec) credited to that field."""
-    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = error_message(err)
     if err["type"] == "path_type":
         msg = "must be a path (a string)"
     field = field_name(err["loc"] if loc is None else loc)
@@ -59,6 +59,9 @@ def describe_error(err: Mapping[str, Any], loc: Sequence[Any] | None = None) -> 
 
 
 def _from_validation_error(e: ValidationError) -> SpecError:
+    """The first error, 422 when the spec breaks its published JSON schema (a type, a name, a
+    missing field), 400 when it fits the schema but a rule across fields refuses it (the
+    validators' ValueErrors: one weight per model, a method that needs a base, ...)."""
     err = e.errors(include_url=False)[0]
     loc = list(err["loc"])
     if len(KINDS) > 1 and loc and loc[0] in KINDS:  # the union's tag, not a field
@@ -66,11 +69,12 @@ def _from_validation_error(e: ValidationError) -> SpecError:
     field, msg = describe_error(err, loc)
     if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
         field, msg = "kind", f"must be one of {', '.join(KINDS)}"
-    return SpecError(field or "spec", msg, 422)
+    return SpecError(field or "spec", msg, 400 if err["type"] in ("value_error", "assertion_error") else 422)
 
 
 def parse_spec(data: Any) -> Any:
-    """A JSON/YAML mapping -> a MergeSpec or EvolveSpec; SpecError (422) names the first bad field."""
+    """A JSON/YAML mapping -> a MergeSpec or EvolveSpec, validated strictly (`core.validation.json_text`:
+    numbers must be finite numbers, not strings); a SpecError names the first bad field."""
     if isinstance(data, (MergeSpec, EvolveSpec)):
         return data
     if not isinstance(data, dict):
@@ -79,7 +83,11 @@ def parse_spec(data: Any) -> Any:
     if bad is not None:
         raise SpecError(field_name(bad) or "spec", "must be a finite number (not NaN or infinity)", 422)
     try:
-        return _ADAPTER.validate_python(data)
+        text = json_text(data)
+    except (TypeError, ValueError) as e:
+        raise SpecError("spec", f"not JSON data: {e}", 422) from None
+    try:
+        return _ADAPTER.validate_json(text, strict=True)
     except ValidationError as e:
         raise _from_validation_error(e) from None
 

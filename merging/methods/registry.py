@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.validation import error_message, field_path
+
 MethodFn = Callable[[torch.Tensor, Sequence[torch.Tensor], "MethodParams", str], torch.Tensor]
 
 
@@ -122,13 +124,14 @@ def get_method(name: str) -> Method:
 
 
 def method_params(method: str, params: dict[str, Any], n_models: int) -> MethodParams:
-    """Validates `params` for `method`; errors name the field as params.<key>."""
+    """Validates `params` for `method`, strictly (numbers are numbers, not strings such as "NaN");
+    errors name the field as params.<key>."""
     try:
-        p = get_method(method).params.model_validate(params)
+        p = get_method(method).params.model_validate(params, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"params.{field}: {err['msg']} (method {method})") from None
+        field = field_path(err["loc"])
+        raise ValueError(f"params.{field}: {error_message(err)} (method {method})") from None
     p.check(n_models)
     return p
 

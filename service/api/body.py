@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from core.validation import field_path, non_finite
 from service.errors import ApiError
 
 
@@ -26,12 +27,16 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
 
 
 def parse_json(raw: bytes) -> Any:
-    """A request body as JSON; 422 naming `body` for anything else, NaN and infinities included."""
-    def no_constant(name: str):
-        raise ValueError(f"{name} is not a JSON number")
+    """A request body as JSON; 422 naming `body` for anything else, and naming the field (`params.weights[0]`)
+    for a NaN, an infinity or a number too large for a float (`1e999`)."""
     try:
-        return json.loads(raw or b"null", parse_constant=no_constant)
+        data = json.loads(raw or b"null")
     except RecursionError:
         raise ApiError(422, "body: nested too deeply", "body") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(422, f"body: not valid JSON ({str(e).splitlines()[0]})", "body") from None
+    bad = non_finite(data)
+    if bad is not None:
+        field = field_path(bad) or "body"
+        raise ApiError(422, f"{field}: must be a finite number (not NaN or infinity)", field)
+    return data

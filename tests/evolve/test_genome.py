@@ -81,7 +81,7 @@ def test_evolve_spec_rejects_a_space_the_method_cannot_take():
     with pytest.raises(ValidationError, match="search.space.density"):
         EvolveSpec.model_validate(spec)
     spec["search"]["space"]["density"] = [0.2, 1.0]
-    assert EvolveSpec.model_validate(spec).search.space["density"] == (0.2, 1.0)
+    assert EvolveSpec.model_validate(spec).search.space["density"] == [0.2, 1.0]
 
 
 def test_fitness_defaults_follow_metric_and_subset():
