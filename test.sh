@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh >&2
+bash scripts/test_system.sh >&2
 # One BLAS/OpenMP thread per process: the tests run servers and workers side by side on a
 # small machine, where oversubscribed torch threads were measured up to 100x slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

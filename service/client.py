@@ -82,6 +82,10 @@ class Client:
     def front(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{_id(job_id)}/front").json()
 
+    def candidates(self, job_id: str) -> dict:
+        """Every candidate scored (the front's marked on_front), in the front's shape."""
+        return self._request("GET", f"/v1/jobs/{_id(job_id)}/candidates").json()
+
     def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[dict]:
         """The job's events as dicts (with `id`), from the start or after `last_event_id`, until it ends.
 

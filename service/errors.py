@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from .schemas import SpecError, describe_error
 from .worker import one_line
@@ -32,7 +34,17 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     body: dict[str, Any] = {"detail": e.detail}
     if getattr(e, "field", None):
         body["field"] = e.field
-    return JSONResponse(body, e.status_code, headers=getattr(e, "headers", None))
+    headers = getattr(e, "headers", None)
+    if e.status_code == 405:  # Starlette names the first route of the path only; the path may have several
+        headers = {"Allow": ", ".join(allowed_methods(request))}
+    return JSONResponse(body, e.status_code, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (asked of each route, as routing does)."""
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+            if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 async def spec_error(request: Request, e: SpecError) -> JSONResponse:

@@ -30,14 +30,16 @@ COOKIE = "evomerge_token"
 
 
 class RateLimiter:
-    """At most `per_minute` events per key in any sliding 60-second window."""
+    """At most `per_minute` accepted submissions per key in any sliding 60-second window. A
+    submission `take`s a slot (429 past the limit) and gives it back when it is refused, so that
+    only accepted ones count, concurrent ones included."""
 
     def __init__(self, per_minute: int):
         self.per_minute = per_minute
         self._hits: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def check(self, key: str) -> None:
+    def take(self, key: str) -> float:
         now = time.monotonic()
         with self._lock:
             hits = self._hits[key]
@@ -48,6 +50,14 @@ class RateLimiter:
                 raise ApiError(429, f"too many submissions: at most {self.per_minute} a minute",
                                headers={"Retry-After": str(retry)})
             hits.append(now)
+            return now
+
+    def give_back(self, key: str, slot: float) -> None:
+        with self._lock:
+            try:
+                self._hits[key].remove(slot)
+            except ValueError:  # already out of the window
+                pass
 
 
 def get_settings(request: Request) -> Settings:
@@ -125,6 +135,6 @@ def uploaded_benchmark(store: Store, user: User | None, name: str) -> Path | Non
     return Path(row.path) if row is not None and may_see(user, row.owner) else None
 
 
-def rate_limit(request: Request, user: UserDep) -> None:
-    """Counts a job submission against the caller; 429 + Retry-After past the limit."""
-    request.app.state.limiter.check(owner_of(user) or (request.client.host if request.client else "-"))
+def rate_key(request: Request, user: User | None) -> str:
+    """Whom a submission counts against: the user, or the client's address when auth is off."""
+    return owner_of(user) or (request.client.host if request.client else "-")

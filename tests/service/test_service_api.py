@@ -74,13 +74,13 @@ BAD_SPECS = [
     ("not an object", [1, 2], 422, "spec", "JSON object"),
     ("no kind", {k: v for k, v in spec().items() if k != "kind"}, 422, "kind", "merge"),
     ("unknown kind", spec(kind="train"), 422, "kind", "must be one of"),
-    ("base of wrong type", spec(base=3), 422, "base", "path"),
-    ("models not a list", spec(models="math"), 422, "models", "list"),
-    ("model path of wrong type", spec(models=[{"name": "m", "path": ["x"]}]), 422, "models[0].path", "path"),
+    ("base of wrong type", spec(base=3), 422, "base", "string"),
+    ("models not a list", spec(models="math"), 422, "models", "array"),
+    ("model path of wrong type", spec(models=[{"name": "m", "path": ["x"]}]), 422, "models[0].path", "string"),
     ("unknown field", spec(seed=1), 422, "seed", "Extra inputs"),
     ("unknown method", spec(method="frankenmerge"), 422, "method", "unknown method"),
-    ("parameter out of range", spec(params={"density": 7}), 422, "params.density", "density"),
-    ("unknown parameter", spec(params={"dnsity": 0.5}), 422, "params.dnsity", "Extra inputs"),
+    ("parameter out of range", spec(params={"density": 7}), 400, "params.density", "density"),
+    ("unknown parameter", spec(params={"dnsity": 0.5}), 400, "params.dnsity", "Extra inputs"),
     ("bad device", spec(device="tpu"), 422, "device", "cuda"),
     ("unserved device", spec(device="cuda:3"), 400, "device", "no worker serves"),
     ("path traversal", spec(models=MODELS("math", "../outside/secret")), 400, "models[1].path", "'..'"),
@@ -92,7 +92,7 @@ BAD_SPECS = [
     ("NUL in a path", spec(models=MODELS("math", "ja\x00x")), 400, "models[1].path", "NUL"),
     ("empty path", spec(models=MODELS("math", "")), 422, "models[1].path", "must not be empty"),
     ("overlong path", spec(models=MODELS("math", "a" * 300)), 400, "models[1].path", "too long"),
-    ("weights of the wrong length", spec(method="task_arithmetic", params={"weights": [1, 2, 3]}), 422,
+    ("weights of the wrong length", spec(method="task_arithmetic", params={"weights": [1, 2, 3]}), 400,
      "params.weights", "3 values for 2 models"),
     ("negative search seed", spec(kind="evolve", params={}, objectives=[{"benchmark": "bench.jsonl"}],
                                   search={"seed": -1}), 422, "search.seed", "greater than or equal to 0"),
@@ -120,7 +120,7 @@ def test_bad_bodies(server):
     for constant in (b"NaN", b"Infinity", b"-Infinity"):  # Python's json would take them
         body = json.dumps(spec(method="task_arithmetic", params={"weights": [1.0, 0.5]})).encode()
         r = c.post("/v1/jobs", content=body.replace(b"0.5", constant), headers={"Content-Type": "application/json"})
-        assert r.status_code == 422 and r.json()["field"] == "body" and constant.lstrip(b"-").decode() in r.json()["detail"]
+        assert r.status_code == 422 and r.json()["field"] == "params.weights[1]" and "finite" in r.json()["detail"]
     r = c.post("/v1/jobs", content=b"[" * 5000 + b"]" * 5000)
     assert r.status_code == 422 and r.json()["detail"] == "body: nested too deeply"
     r = c.post("/v1/jobs", content=json.dumps(spec()).encode(), headers={"Content-Type": "text/plain"})
@@ -131,14 +131,14 @@ def test_bad_bodies(server):
 
 
 BAD_BENCHMARKS = [
-    ("invalid JSON line", "b1", b'{"id": "1", "prompt": "p", "answer": "a"}\n{"id": 2,\n', 422, "line 2", "not valid JSON"),
-    ("missing key", "b1", b'{"id": "1", "prompt": "p"}\n', 422, "line 1", "missing 'answer'"),
+    ("invalid JSON line", "b1", b'{"id": "1", "prompt": "p", "answer": "a"}\n{"id": 2,\n', 400, "line 2", "not valid JSON"),
+    ("missing key", "b1", b'{"id": "1", "prompt": "p"}\n', 400, "line 1", "missing 'answer'"),
     ("duplicate id", "b1", b'{"id": 1, "prompt": "p", "answer": "a"}\n{"id": 1, "prompt": "q", "answer": "b"}\n',
-     422, "line 2", "duplicate id"),
-    ("empty", "b1", b"\n\n", 422, "body", "no items"),
-    ("not UTF-8", "b1", b'{"id": "1", "prompt": "\xff", "answer": "a"}\n', 422, "body", "UTF-8"),
+     400, "line 2", "duplicate id"),
+    ("empty", "b1", b"\n\n", 400, "body", "no items"),
+    ("not UTF-8", "b1", b'{"id": "1", "prompt": "\xff", "answer": "a"}\n', 400, "body", "UTF-8"),
     ("oversized", "b1", b'{"id": "1", "prompt": "' + b"x" * 5000 + b'", "answer": "a"}\n', 413, "body", "limit"),
-    ("nested too deeply", "b1", b"[" * 1500 + b"]" * 1500, 422, "line 1", "nested too deeply"),
+    ("nested too deeply", "b1", b"[" * 1500 + b"]" * 1500, 400, "line 1", "nested too deeply"),
     ("bad name", "../etc", b'{"id": "1", "prompt": "p", "answer": "a"}\n', 422, "name", "letters"),
     ("name with a newline", "abc\n", b'{"id": "1", "prompt": "p", "answer": "a"}\n', 422, "name", "letters"),
 ]
@@ -249,7 +249,7 @@ def test_auth(server):
         r = bob.get(path)
         assert r.status_code == 404 and r.json()["detail"] == f"no job {job['id']}", path
     r = bob.get(f"/jobs/{job['id']}")
-    assert r.status_code == 404 and f"no job {job['id']}" in r.text and "<svg" not in r.text
+    assert r.status_code == 404 and f"no job {job['id']}" in r.text and 'id="scatter"' not in r.text
     assert bob.delete(f"/v1/jobs/{job['id']}").status_code == 404
     assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["jobs"]]
     assert job["id"] in [j["id"] for j in root.get("/v1/jobs").json()["jobs"]]  # admins see all
@@ -258,7 +258,7 @@ def test_auth(server):
     r = httpx.get(f"{url}/jobs/{job['id']}", params={"token": "a-token"}, follow_redirects=False)
     assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
     page = httpx.get(f"{url}/jobs/{job['id']}", cookies={"evomerge_token": "a-token"})
-    assert page.status_code == 200 and "<svg" in page.text and job["id"] in page.text
+    assert page.status_code == 200 and 'id="scatter"' in page.text and job["id"] in page.text
     r = httpx.delete(f"{url}/v1/jobs/{job['id']}", cookies={"evomerge_token": "a-token"})
     assert r.status_code == 401
     assert alice.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
@@ -285,11 +285,79 @@ def test_listing_filters_and_pages(server):
 
 
 def test_submissions_are_rate_limited(models, tmp_path):
-    settings = Settings(artifacts=tmp_path, model_roots=(models,), rate_limit_per_minute=2)
+    """Only accepted submissions count: refused ones (422, 400) cost nothing, concurrent ones included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(artifacts=tmp_path, model_roots=(models,), rate_limit_per_minute=3)
     with BackgroundServer(settings) as url:
-        codes = [httpx.post(f"{url}/v1/jobs", json=spec(method="nope")).status_code for _ in range(3)]
+        refused = [httpx.post(f"{url}/v1/jobs", json=spec(method="nope")).status_code for _ in range(5)]
+        refused.append(httpx.post(f"{url}/v1/jobs", json=spec(base="nowhere")).status_code)
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(lambda _: httpx.post(f"{url}/v1/jobs", json=spec(), timeout=30).status_code,
+                                    range(6)))
         r = httpx.post(f"{url}/v1/jobs", json=spec())
-    assert codes == [422, 422, 429] and r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert refused == [422] * 5 + [400]
+    assert codes == [201] * 3 + [429] * 3 and r.status_code == 429 and int(r.headers["retry-after"]) > 0
+
+
+STRINGS = [("NaN", "params.weights[0]", {"weights": ["NaN", 1]}), ("inf", "params.weights[0]", {"weights": ["inf", 1]}),
+           ("Infinity", "params.lambda", {"lambda": "Infinity"}), ("1e999", "params.lambda", {"lambda": "1e999"}),
+           ("0.5", "params.lambda", {"lambda": "0.5"})]
+
+
+@pytest.mark.parametrize("text,field,params", STRINGS, ids=[s[0] for s in STRINGS])
+def test_numbers_sent_as_strings_are_refused_naming_the_field(server, text, field, params):
+    c = client(server)
+    before = snapshot(c)
+    r = c.post("/v1/jobs", json=spec(method="task_arithmetic", params=params))
+    assert r.status_code in (400, 422) and r.json()["field"] == field, r.text
+    assert f"not the string {text!r}" in r.json()["detail"]
+    assert snapshot(c) == before
+
+
+def test_numbers_beyond_a_float_and_whole_floats(server):
+    c = client(server)
+    body = json.dumps(spec(method="task_arithmetic", params={"lambda": 7.0}))
+    r = c.post("/v1/jobs", content=body.replace("7.0", "1e999"), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == "params.lambda" and "finite" in r.json()["detail"]
+    ok = c.post("/v1/jobs", json=spec(kind="evolve", method="ties", params={},
+                                      objectives=[{"benchmark": "bench.jsonl", "subset": {"size": 1.0}}]))
+    assert ok.status_code == 201, ok.text  # JSON has one number type: 1.0 is the integer 1
+    assert ok.json()["spec"]["objectives"][0]["subset"]["size"] == 1
+    half = c.post("/v1/jobs", json=spec(kind="evolve", method="ties", params={},
+                                        objectives=[{"benchmark": "bench.jsonl", "subset": {"size": 1.5}}]))
+    assert half.status_code == 422 and half.json()["field"] == "objectives[0].subset.size"
+    c.delete(f"/v1/jobs/{ok.json()['id']}")
+
+
+def test_metrics_are_the_callers_own(server):
+    """Each user's /metrics counts their jobs only (an oracle: the listing each user sees); an admin's all."""
+    import re
+
+    counts = {}
+    for token in ("a-token", "b-token", "r-token"):
+        c = client(server, token)
+        c.post("/v1/jobs", json=spec())
+        jobs = c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
+        text = c.get("/metrics")
+        assert text.headers["content-type"].startswith("text/plain")
+        counts[token] = {s: int(n) for s, n in re.findall(r'^evomerge_jobs\{state="(\w+)"\} (\d+)', text.text, re.M)}
+        mine = {s: sum(j["status"] == s for j in jobs) for s in counts[token]}
+        assert counts[token] == mine
+    assert all(counts["r-token"][s] >= counts["a-token"][s] + counts["b-token"][s] for s in counts["r-token"])
+    assert sum(counts["a-token"].values()) < sum(counts["r-token"].values())
+
+
+def test_methods_and_paths_the_api_does_not_serve(server):
+    c = client(server)
+    r = c.put("/v1/jobs/some-id")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "DELETE"}
+    assert c.head("/v1/jobs/some-id").status_code == 405  # so Allow rightly leaves HEAD out
+    r = c.request("OPTIONS", "/v1/jobs")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "POST"}
+    for path in ("/v1/jobs/..%2F", "/v1/jobs/", "/v1/benchmarks/"):
+        r = c.delete(path) if "jobs/." in path else c.get(path)
+        assert r.status_code in (404, 405) and r.headers["content-type"] == "application/json", (path, r.status_code)
 
 
 def test_field_names():

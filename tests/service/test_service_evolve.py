@@ -6,13 +6,11 @@ two-generation search to a few seconds.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from factories import perturbed, save, tiny_llama
@@ -107,6 +105,18 @@ def test_evolve_job_end_to_end(done_job):
     assert front["objectives"] == ["arith:accuracy", "arith:mean_output_tokens"]
     assert front["candidates"] and front["knee"] in [c["id"] for c in front["candidates"]]
     assert set(front["candidates"][0]["objectives"]) == set(front["objectives"])
+    everyone = client.candidates(job["id"])
+    assert len(everyone["candidates"]) == final["evaluations"]
+    marked = sorted(c["id"] for c in everyone["candidates"] if c["on_front"])
+    assert marked == sorted(c["id"] for c in front["candidates"])
+    senses = [1 if front["senses"][n] == "max" else -1 for n in front["objectives"]]
+    points = {c["id"]: [s * c["objectives"][n] for s, n in zip(senses, front["objectives"])]
+              for c in everyone["candidates"]}
+
+    def dominated(p):
+        return any(all(a >= b for a, b in zip(q, p)) and q != p for q in points.values())
+
+    assert marked == sorted(i for i, p in points.items() if not dominated(p))  # brute force
     folder = client.download(job["id"], front["knee"], tmp / "knee")
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.vocab_size == 64 and not torch.isnan(model.lm_head.weight).any()
@@ -146,116 +156,3 @@ def test_killed_search_resumes_from_its_checkpoint(service):
     assert generations == sorted(generations) and generations[-1] == 4  # went on, did not start over
     lines = (settings.job_dir(job["id"]) / "search" / "candidates.jsonl").read_text().splitlines()
     assert len({json.loads(x)["key"] for x in lines}) == len(lines)  # nothing evaluated twice
-
-
-# -- the page, in headless Chromium driven over the DevTools protocol -------------------------
-
-class Browser:
-    """Headless Chromium with one page, driven by `Runtime.evaluate` over a websocket."""
-
-    def __init__(self, profile: Path):
-        from websockets.sync.client import connect
-
-        exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-        self.proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                      "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "chromium did not start"
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
-        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None).__enter__()
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=30))
-            if msg.get("id") == self.next_id:
-                assert "error" not in msg, msg["error"]
-                return msg["result"]
-
-    def js(self, expression: str):
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in r, r["exceptionDetails"]
-        return r["result"].get("value")
-
-    def wait(self, expression: str, timeout: float = 20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"page never satisfied: {expression}")
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.kill()
-        self.proc.wait()
-
-
-def point(cid: int) -> str:
-    """JS for the scatter's circle of candidate `cid`."""
-    return f"[...document.querySelectorAll('#plot circle')].find(c => c.dataset.cid === '{cid}')"
-
-
-@pytest.mark.browser
-def test_page_shows_progress_front_and_downloads(done_job, tmp_path):
-    if not (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")):
-        pytest.fail("no Chromium installed (Debian: apt-get install chromium; scripts/setup.sh does it as root)")
-    client, url, job, _, _ = done_job
-    front = client.front(job["id"])
-    browser = Browser(tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"{url}/jobs/{job['id']}?token=a-token")  # becomes a cookie
-        browser.wait(f"document.querySelectorAll('#plot circle').length === {len(front['candidates'])}")
-        assert browser.js("location.search") == ""  # the token left the address bar
-        assert browser.js("document.getElementById('status').textContent") == "succeeded"
-        assert browser.js("document.getElementById('bar').style.width") == "100%"
-        assert browser.js("!document.getElementById('pair').hidden")
-        assert browser.js("[...document.querySelectorAll('#xs option')].map(o => o.value)") == front["objectives"]
-        assert "generation 2/2" in browser.js("document.getElementById('prog').textContent")
-        knee = front["knee"]
-        assert browser.js(point(knee) + ".getAttribute('r')") == "7"
-        other = next((c for c in front["candidates"] if c["id"] != knee), front["candidates"][0])
-        browser.js(point(other["id"]) + ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
-        assert json.loads(browser.wait("document.getElementById('params')?.textContent")) == other["params"]
-        browser.js("document.getElementById('download').click()")  # 202s while the tar is built, then the file
-        assert browser.wait("document.getElementById('dlnote').textContent === 'ready' && 'ready'") == "ready"
-        # the other objective on x: the points move, nothing breaks
-        browser.js("{ const x = document.getElementById('xs'); x.value = x.options[1].value; "
-                   "x.dispatchEvent(new Event('change')) }")
-        assert browser.js("document.querySelectorAll('#plot circle').length") == len(front["candidates"])
-        # estimates that report an sd get error bars (this job's subset means report none): one
-        # bar per candidate for an sd on the y objective, spanning +- 1 sd around its point
-        assert browser.js("document.querySelectorAll('#plot line.err').length") == 0
-        bars = browser.js("{ const x = document.getElementById('xs'), y = document.getElementById('ys'); "
-                          "x.value = x.options[0].value; y.value = y.options[1].value; "
-                          "front.candidates.forEach(c => c.sd = {[y.value]: 0.5}); draw(); "
-                          "[...document.querySelectorAll('#plot line.err')].map(l => "
-                          "[+l.getAttribute('x1') - +l.getAttribute('x2'), +l.getAttribute('y1') - +l.getAttribute('y2')]) }")
-        assert len(bars) == len(front["candidates"]) and all(dx == 0 and dy != 0 for dx, dy in bars)
-        # a finished job shows no stage and no time left, whatever progress it last reported
-        assert browser.js("document.getElementById('stage').textContent") == ""
-        shown = browser.js("showProgress({generation: 1, generations: 2, eta_seconds: 50}); "
-                           "document.getElementById('prog').textContent")
-        assert "generation 1/2" in shown and "left" not in shown
-        assert browser.js("document.getElementById('bar').style.width") == "100%"
-
-        # a merge job's page: its one checkpoint, selected, and no empty axes
-        merge = client.submit({"kind": "merge", "base": "base", "method": "task_arithmetic", "device": "cpu",
-                               "models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]})
-        assert [e for e in client.events(merge["id"]) if e["type"] == "end"]
-        browser.call("Page.navigate", url=f"{url}/jobs/{merge['id']}")
-        browser.wait("document.getElementById('status')?.textContent === 'succeeded'")
-        assert "no objectives to plot" in browser.wait("document.getElementById('plot').textContent")
-        assert browser.js("document.querySelectorAll('#plot circle, #plot line').length") == 0
-        assert browser.wait("document.getElementById('download') !== null")
-    finally:
-        browser.close()

@@ -12,29 +12,53 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from core.fs import atomic_write
 from service.api.body import parse_json, read_body
 from service.api.deps import SettingsDep, StoreDep, UserDep, may_see, owner_of
-from service.api.models import BenchmarkList, BenchmarkOut, IrtParamsList, IrtParamsOut
+from service.api.models import BenchmarkList, BenchmarkOut, IrtParamsList, IrtParamsOut, links, refusals
 from service.errors import ApiError
 from service.store import BenchmarkRow
 
-BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: no trailing newline
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit, at most 128"
+# the pattern is checked by `checked_name` (to say the rule in words) and published in the schema
+NameQuery = Annotated[str, Query(description=NAME_RULE, json_schema_extra={"pattern": NAME_PATTERN})]
+NamePath = Annotated[str, Path(description=NAME_RULE, json_schema_extra={"pattern": NAME_PATTERN})]
+JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain",
+               "application/octet-stream")
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 router = APIRouter()
 
 
+def checked_name(name: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ApiError(422, f"name: {NAME_RULE}", "name")
+    return name
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 @router.post("/v1/benchmarks", status_code=201, response_model=BenchmarkOut,
-             summary="Upload a benchmark: the body is JSONL items")
-async def upload_benchmark(request: Request, name: str, user: UserDep, settings: SettingsDep, store: StoreDep):
+             summary="Upload a benchmark: the body is JSONL items (application/x-ndjson; text/plain is read too)",
+             responses=refusals(400, 409, 413, 415, 422) | {
+                 201: {"description": "Stored", "links": links("name", "$response.body#/name", "upload_irt", "list_irt")}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": BINARY}}})
+async def upload_benchmark(request: Request, name: NameQuery, user: UserDep, settings: SettingsDep,
+                           store: StoreDep):
     from data.benchmarks import BenchmarkError, content_hash, parse_items
 
-    if not BENCHMARK_NAME.fullmatch(name):
-        raise ApiError(422, "name: letters, digits, '_', '.', '-' only (at most 128)", "name")
+    checked_name(name)
+    if media_type(request) not in JSONL_TYPES + ("",):
+        raise ApiError(415, f"content-type: a benchmark is JSONL (application/x-ndjson), not {media_type(request)}",
+                       "content-type")
     existing = store.get_benchmark(name)
     if existing is not None and not may_see(user, existing.owner):
         raise ApiError(409, f"name: benchmark {name!r} belongs to another user", "name")
@@ -42,13 +66,13 @@ async def upload_benchmark(request: Request, name: str, user: UserDep, settings:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(422, f"body: not UTF-8 text ({e.reason} at byte {e.start})", "body") from None
+        raise ApiError(400, f"body: not UTF-8 text ({e.reason} at byte {e.start})", "body") from None
     try:
         items = parse_items(text.splitlines(), source=name)
     except BenchmarkError as e:
         if e.line is None:
-            raise ApiError(422, str(e), "body") from None
-        raise ApiError(422, f"line {e.line}: {str(e).removeprefix(f'{name}:{e.line}: ')}", f"line {e.line}") from None
+            raise ApiError(400, str(e), "body") from None
+        raise ApiError(400, f"line {e.line}: {str(e).removeprefix(f'{name}:{e.line}: ')}", f"line {e.line}") from None
     digest = content_hash(items)
     path = settings.benchmark_dir / f"{name}-{hashlib.sha256(raw).hexdigest()[:16]}.jsonl"
     await run_in_threadpool(atomic_write, path, raw)
@@ -58,7 +82,7 @@ async def upload_benchmark(request: Request, name: str, user: UserDep, settings:
     return BenchmarkOut.of(row)
 
 
-@router.get("/v1/benchmarks", response_model=BenchmarkList, summary="Uploaded benchmarks")
+@router.get("/v1/benchmarks", response_model=BenchmarkList, summary="Uploaded benchmarks", responses=refusals())
 def list_benchmarks(user: UserDep, store: StoreDep):
     return BenchmarkList(benchmarks=[BenchmarkOut.of(b) for b in store.list_benchmarks() if may_see(user, b.owner)])
 
@@ -72,7 +96,7 @@ def _visible_benchmark(store, user, name: str):
     """The uploaded benchmark `name` parsed (404 naming `name` when the caller has none such)."""
     from data.benchmarks import load_benchmark
 
-    row = store.get_benchmark(name)
+    row = store.get_benchmark(checked_name(name))
     if row is None or not may_see(user, row.owner):
         raise ApiError(404, f"name: no uploaded benchmark {name!r}", "name")
     return load_benchmark(row.path, name=name)
@@ -93,16 +117,20 @@ def _store_irt(bench, media: str, raw: bytes):
             return params_store.fit_matrix(bench, y, file="upload.csv")
         return params_store.import_params(bench, parse_json(raw), file="upload.json")
     except FieldError as e:
-        raise ApiError(422, str(e), e.field) from None
+        raise ApiError(400, str(e), e.field) from None
     except ValueError as e:
-        raise ApiError(422, f"body: {str(e).splitlines()[0]}", "body") from None
+        raise ApiError(400, f"body: {str(e).splitlines()[0]}", "body") from None
 
 
 @router.post("/v1/benchmarks/{name}/irt", status_code=201, response_model=IrtParamsOut,
              summary="Store item parameters for an uploaded benchmark: a response matrix (text/csv, fitted "
-                     "here) or parameters A, B, item_ids (application/json)")
-async def upload_irt(request: Request, name: str, user: UserDep, settings: SettingsDep, store: StoreDep):
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                     "here) or parameters A, B, item_ids (application/json)",
+             responses=refusals(400, 404, 413, 415, 422),
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "text/csv": {"schema": {"type": "string"}},
+                 "application/json": {"schema": {"$ref": "#/components/schemas/IrtImport"}}}}})
+async def upload_irt(request: Request, name: NamePath, user: UserDep, settings: SettingsDep, store: StoreDep):
+    media = media_type(request)
     if media not in CSV_TYPES + JSON_TYPES:
         raise ApiError(415, f"content-type: a response matrix is text/csv, parameters application/json, not "
                             f"{media or 'none'}", "content-type")
@@ -113,8 +141,9 @@ async def upload_irt(request: Request, name: str, user: UserDep, settings: Setti
 
 
 @router.get("/v1/benchmarks/{name}/irt", response_model=IrtParamsList,
-            summary="Item parameters stored for an uploaded benchmark's items (a job uses the last)")
-def list_irt(name: str, user: UserDep, store: StoreDep):
+            summary="Item parameters stored for an uploaded benchmark's items (a job uses the last)",
+            responses=refusals(404, 422))
+def list_irt(name: NamePath, user: UserDep, store: StoreDep):
     from fitness import params_store
 
     bench = _visible_benchmark(store, user, name)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -23,23 +25,60 @@ from service.api.deps import (
     UserDep,
     VisibleJob,
     owner_of,
-    rate_limit,
+    rate_key,
     sees_all,
     uploaded_benchmark,
 )
-from service.api.models import Cancelled, CandidateOut, FrontOut, JobList, JobOut, JobSummary
+from service.api.models import (
+    RETRY_AFTER,
+    Cancelled,
+    CandidateOut,
+    FrontOut,
+    JobList,
+    JobOut,
+    JobSummary,
+    Pending,
+    Status,
+    json_body,
+    links,
+    refusals,
+)
 from service.errors import ApiError
 from service.schemas import check_spec, parse_spec, spec_json
-from service.store import STATES, TERMINAL
+from service.store import TERMINAL
 
 router = APIRouter()
 
 
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+class Tar(FileResponse):
+    media_type = "application/x-tar"
+
+
 @router.post("/v1/jobs", status_code=201, response_model=JobOut, summary="Submit a job (the spec as JSON)",
-             dependencies=[Depends(rate_limit)], openapi_extra={
-                 "requestBody": {"required": True, "content": {"application/json": {
-                     "schema": {"$ref": "#/components/schemas/JobSpec"}}}}})
+             responses=refusals(400, 413, 415, 422, 429) | {201: {
+                 "description": "Accepted and queued", "headers": {"Location": {
+                     "description": "the job's URL", "schema": {"type": "string"}}},
+                 "links": links("job_id", "$response.body#/id", "get_job", "cancel_job", "front", "candidates")}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/JobSpec"}}}}})
 async def submit(request: Request, response: Response, user: UserDep, settings: SettingsDep, store: StoreDep):
+    limiter, key = request.app.state.limiter, rate_key(request, user)
+    slot = limiter.take(key)
+    try:
+        job = await _accept(request, user, settings, store)
+    except BaseException:
+        limiter.give_back(key, slot)
+        raise
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+async def _accept(request: Request, user, settings, store):
+    """The checked spec of the request, queued as a job."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media and media not in ("application/json", "text/json") and not media.endswith("+json"):
         raise ApiError(415, f"content-type: a job spec is sent as application/json, not {media}", "content-type")
@@ -48,37 +87,35 @@ async def submit(request: Request, response: Response, user: UserDep, settings: 
     spec = await run_in_threadpool(check_spec, spec, settings.model_roots, settings.devices,
                                    lambda name: uploaded_benchmark(store, user, name), [settings.artifacts],
                                    gpu_memory=settings.gpu_memory, host_memory=settings.host_memory)
-    job = store.add_job(spec.kind, spec_json(spec), spec.device, owner_of(user))
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.of(job)
+    return store.add_job(spec.kind, spec_json(spec), spec.device, owner_of(user))
 
 
-@router.get("/v1/jobs", response_model=JobList, summary="List jobs, newest first")
-def list_jobs(user: UserDep, store: StoreDep, status: str | None = None, limit: int = 50, offset: int = 0):
-    if status is not None and status not in STATES:
-        raise ApiError(422, f"status: must be one of {', '.join(STATES)}", "status")
-    if not 1 <= limit <= 500:
-        raise ApiError(422, "limit: must be between 1 and 500", "limit")
-    if not 0 <= offset <= 2**62:
-        raise ApiError(422, "offset: must be between 0 and 2^62", "offset")
+@router.get("/v1/jobs", response_model=JobList, summary="List jobs, newest first", responses=refusals(422))
+def list_jobs(user: UserDep, store: StoreDep, status: Status | None = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=2**62)] = 0):
     jobs, total = store.list_jobs(None if sees_all(user) else user.name, status, limit, offset)
     return JobList(jobs=[JobSummary.of(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut, summary="One job: status, progress, spec, result")
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, summary="One job: status, progress, spec, result",
+            responses=refusals(404))
 def get_job(job: VisibleJob):
     return JobOut.of(job)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=Cancelled,
-               summary="Cancel a job (queued: at once; running: at the next check)")
+               summary="Cancel a job (queued: at once; running: at the next check)", responses=refusals(404, 409))
 def cancel_job(job: VisibleJob, store: StoreDep):
     if job.status in ("succeeded", "failed"):
         raise ApiError(409, f"job {job.id} has already {job.status}")
     return Cancelled(id=job.id, status=store.cancel(job.id), cancel_requested=True)
 
 
-@router.get("/v1/jobs/{job_id}/events", summary="Progress as server-sent events, until the job ends")
+@router.get("/v1/jobs/{job_id}/events", summary="Progress as server-sent events, until the job ends",
+            response_class=EventStream, responses=refusals(404) | {200: {
+                "description": "`id:`, `event:` (the type: status, stage, progress, irt, done, ...; `end` last) and "
+                               "`data:` (the event as JSON) per event; resumes after the `Last-Event-ID` header",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def events(request: Request, job: VisibleJob, settings: SettingsDep, store: StoreDep):
     last = request.headers.get("last-event-id", "0")
     after = min(int(last), 2**62) if last.isdigit() else 0
@@ -112,18 +149,28 @@ async def events(request: Request, job: VisibleJob, settings: SettingsDep, store
                 yield ": keep-alive\n\n"
             await asyncio.sleep(poll)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/v1/jobs/{job_id}/front", response_model=FrontOut,
-            summary="The result's Pareto front (a merge: its one candidate, id 0)")
+            summary="The result's Pareto front (a merge: its one candidate, id 0)", responses=refusals(404))
 def front(job: VisibleJob, settings: SettingsDep, store: StoreDep):
-    cands = [CandidateOut.of(c) for c in store.candidates(job.id)]
+    return _result(job, settings, store, front_only=True)
+
+
+@router.get("/v1/jobs/{job_id}/candidates", response_model=FrontOut,
+            summary="Every candidate scored, the front's marked on_front (while a search runs: those so far)",
+            responses=refusals(404))
+def candidates(job: VisibleJob, settings: SettingsDep, store: StoreDep):
+    return _result(job, settings, store, front_only=False)
+
+
+def _result(job, settings, store, front_only: bool) -> FrontOut:
+    cands = [CandidateOut.of(c) for c in store.candidates(job.id) if c.on_front or not front_only]
     if not cands and job.kind == "evolve" and job.status not in TERMINAL:
         cands = live_candidates(settings.job_dir(job.id) / "search")
     result = job.result or {}
-    names = result.get("objectives") or sorted({k for c in cands for k in c.objectives})
+    names = result.get("objectives") or list(dict.fromkeys(k for c in cands for k in c.objectives))  # the spec's order
     return FrontOut(job_id=job.id, kind=job.kind, status=job.status, objectives=names,
                     senses=result.get("senses") or {}, knee=result.get("knee"), hypervolume=result.get("hypervolume"),
                     true_hypervolume=result.get("true_hypervolume"), candidates=cands)
@@ -139,14 +186,18 @@ def live_candidates(run_dir: Path) -> list[CandidateOut]:
 
 
 @router.get("/v1/jobs/{job_id}/candidates/{cid}/checkpoint",
-            summary="A candidate as a tar of a HF model folder (202 + Retry-After while it is built)")
-def checkpoint(cid: int, job: VisibleJob, settings: SettingsDep, store: StoreDep, exports: ExportsDep):
-    if not 0 <= cid <= 2**62 or store.candidate(job.id, cid) is None:
+            summary="A candidate as a tar of a HF model folder (202 + Retry-After while it is built)",
+            response_class=Tar, responses=refusals(404, 422, 500) | {
+                200: {"description": "The tar", "content": {"application/x-tar": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                202: {"content": json_body(Pending), "headers": RETRY_AFTER, "description": "Being built; retry"}})
+def checkpoint(cid: Annotated[int, PathParam(ge=0, le=2**62)], job: VisibleJob, settings: SettingsDep, store: StoreDep, exports: ExportsDep):
+    if store.candidate(job.id, cid) is None:
         hint = "" if job.status == "succeeded" else f" (the job is {job.status})"
         raise ApiError(404, f"job {job.id} has no candidate {cid}{hint}")
     tar = settings.job_dir(job.id) / "exports" / f"{cid}.tar"
     if tar.is_file():
-        return FileResponse(tar, media_type="application/x-tar", filename=f"{job.id}-{cid}.tar")
+        return Tar(tar, filename=f"{job.id}-{cid}.tar")
     error = exports.start(job, cid)
     if error:
         raise ApiError(500, f"building the checkpoint failed: {error}")

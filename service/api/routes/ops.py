@@ -1,42 +1,59 @@
-"""Operations routes: /healthz (no auth, for load balancers), /metrics (Prometheus), and the
-page a person opens, /jobs/{id}: the job's progress and Pareto front, drawn by the browser
-from the JSON routes."""
+"""Operations routes: /healthz (no auth, for load balancers), /metrics (Prometheus, the caller's
+jobs; an admin's: all), and the page a person opens, /jobs/{id}: the job's progress and Pareto
+front, drawn by the browser from the JSON routes."""
 from __future__ import annotations
 
 from collections import defaultdict
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
-from service.api.deps import COOKIE, SettingsDep, StoreDep, current_user, known_user, visible_job
-from service.api.models import Health
+from service.api.deps import COOKIE, SettingsDep, StoreDep, UserDep, current_user, known_user, sees_all, visible_job
+from service.api.models import Health, refusals
 from service.errors import ApiError
 from service.page import error_page, job_page
 from service.schemas import KINDS
 from service.store import Store
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+HTML = {"text/html": {"schema": {"type": "string"}}}
 
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness and database reachability (no auth)")
+@router.get("/healthz", response_model=Health, summary="Liveness and database reachability (no auth)",
+            responses={503: {"model": Health, "description": "The job store is not reachable"}})
 def healthz(store: StoreDep):
     try:
         store.counts_by_status()
     except Exception:
-        return JSONResponse({"status": "unavailable", "detail": "the job store is not reachable"}, 503)
+        return JSONResponse({"status": "unavailable", "kinds": [], "detail": "the job store is not reachable"}, 503)
     return Health(status="ok", kinds=list(KINDS))
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-            dependencies=[Depends(current_user)])
-def metrics(store: StoreDep):
-    return PlainTextResponse(prometheus_text(store), media_type="text/plain; version=0.0.4")
+class PrometheusText(Response):
+    media_type = PROMETHEUS_TEXT
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse, summary="The job's page: progress and Pareto front")
+@router.get("/metrics", summary="Prometheus metrics of the caller's jobs (an admin's: every job)",
+            response_class=PrometheusText, responses=refusals() | {
+                200: {"description": "Prometheus text format", "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}})
+def metrics(user: UserDep, store: StoreDep):
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreMetrics(store, None if sees_all(user) else user.name))
+    return PrometheusText(generate_latest(registry))
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse, summary="The job's page: progress and Pareto front",
+            responses={200: {"description": "The page", "content": HTML},
+                       303: {"description": "Opened with ?token=: the token moves to a cookie; to the page"},
+                       401: {"description": "No known token (an HTML page saying so)", "content": HTML},
+                       404: {"description": "No such job, or another user's (an HTML page)", "content": HTML}})
 def page(job_id: str, request: Request, settings: SettingsDep, store: StoreDep, token: str | None = None):
     try:
         if token is not None:  # move the token into a cookie and off the address bar
@@ -57,25 +74,28 @@ def favicon():
     return Response(status_code=204)
 
 
-def prometheus_text(store: Store) -> str:
-    """Prometheus text format, computed from the store so it covers every worker."""
-    counts = store.counts_by_status()
-    lines = ["# HELP evomerge_queue_depth Jobs waiting for a worker.", "# TYPE evomerge_queue_depth gauge",
-             f"evomerge_queue_depth {counts['queued']}",
-             "# HELP evomerge_jobs Jobs by state.", "# TYPE evomerge_jobs gauge"]
-    lines += [f'evomerge_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
-    lines += ["# HELP evomerge_evaluations_total Candidate evaluations reported by all jobs.",
-              "# TYPE evomerge_evaluations_total counter", f"evomerge_evaluations_total {store.total_evaluations()}",
-              "# HELP evomerge_job_duration_seconds Run time of finished jobs.",
-              "# TYPE evomerge_job_duration_seconds histogram"]
-    by_kind: dict[str, list[float]] = defaultdict(list)
-    for kind, seconds in store.durations():
-        by_kind[kind].append(seconds)
-    for kind, values in sorted(by_kind.items()):
-        for b in DURATION_BUCKETS:
-            lines.append(f'evomerge_job_duration_seconds_bucket{{kind="{kind}",le="{b}"}} '
-                         f"{sum(v <= b for v in values)}")
-        lines.append(f'evomerge_job_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {len(values)}')
-        lines.append(f'evomerge_job_duration_seconds_sum{{kind="{kind}"}} {sum(values):.3f}')
-        lines.append(f'evomerge_job_duration_seconds_count{{kind="{kind}"}} {len(values)}')
-    return "\n".join(lines) + "\n"
+class StoreMetrics:
+    """A prometheus_client collector over the job store (so it covers every worker), limited to
+    `owner`'s jobs unless None: queue depth, jobs by state, evaluations, run time of finished jobs."""
+
+    def __init__(self, store: Store, owner: str | None):
+        self.store, self.owner = store, owner
+
+    def collect(self):
+        counts = self.store.counts_by_status(self.owner)
+        yield GaugeMetricFamily("evomerge_queue_depth", "Jobs waiting for a worker.", value=counts["queued"])
+        jobs = GaugeMetricFamily("evomerge_jobs", "Jobs by state.", labels=["state"])
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield CounterMetricFamily("evomerge_evaluations", "Candidate evaluations reported by jobs.",
+                                  value=self.store.total_evaluations(self.owner))
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for kind, seconds in self.store.durations(self.owner):
+            by_kind[kind].append(seconds)
+        durations = HistogramMetricFamily("evomerge_job_duration_seconds", "Run time of finished jobs.",
+                                          labels=["kind"])
+        for kind, values in sorted(by_kind.items()):
+            buckets = [(floatToGoString(b), sum(v <= b for v in values)) for b in DURATION_BUCKETS]
+            durations.add_metric([kind], buckets + [("+Inf", len(values))], sum_value=sum(values))
+        yield durations
