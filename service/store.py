@@ -123,6 +123,23 @@ def _add_missing_columns(engine) -> None:
                     conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
+def _create_schema(engine, tries: int = 5) -> None:
+    """Creates the missing tables and columns. Processes started together on a new database race
+    to create each table: the loser's CREATE fails (SQLite: "table already exists", PostgreSQL: a
+    unique violation in pg_type), and another look finds the table the winner made."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(tries):
+        try:
+            Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except DBAPIError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 class Store:
     """All database access; each method is one short transaction."""
 
@@ -138,8 +155,7 @@ class Store:
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        _create_schema(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -315,21 +331,25 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(BenchmarkRow).order_by(BenchmarkRow.name)).all())
 
-    # -- metrics ------------------------------------------------------------------------------
-    def counts_by_status(self) -> dict[str, int]:
+    # -- metrics (owner None: every job) -------------------------------------------------------
+    def counts_by_status(self, owner: str | None = None) -> dict[str, int]:
         with self.session() as s:
-            rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            rows = s.execute(_owned(select(Job.status, func.count()), owner).group_by(Job.status)).all()
         out = {k: 0 for k in STATES}
         out.update({k: int(v) for k, v in rows})
         return out
 
-    def total_evaluations(self) -> int:
+    def total_evaluations(self, owner: str | None = None) -> int:
         with self.session() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(Job.evaluations), 0))) or 0)
+            return int(s.scalar(_owned(select(func.coalesce(func.sum(Job.evaluations), 0)), owner)) or 0)
 
-    def durations(self) -> list[tuple[str, float]]:
+    def durations(self, owner: str | None = None) -> list[tuple[str, float]]:
         """(kind, seconds from start to end) of every finished job that ran."""
         with self.session() as s:
-            rows = s.execute(select(Job.kind, Job.finished_at - Job.started_at)
+            rows = s.execute(_owned(select(Job.kind, Job.finished_at - Job.started_at), owner)
                              .where(Job.finished_at.is_not(None), Job.started_at.is_not(None))).all()
         return [(k, float(d)) for k, d in rows if d is not None]
+
+
+def _owned(query, owner: str | None):
+    return query if owner is None else query.where(Job.owner == owner)

@@ -6,10 +6,11 @@ While a job runs, `should_stop()` turns true when the user cancels it, when the 
 asked to shut down (SIGTERM/SIGINT: the job goes back to the queue), or when the lease is
 lost; merges check it between tensors, searches between evaluations.
 
-A worker that dies (SIGKILL, OOM, power) stops heartbeating; any idle worker, and every
-worker on start, puts such stale jobs back in the queue. A resumed evolve job continues
-from its last generation checkpoint (`resume=True`), a merge simply runs again (an ATM
-merge resumes from its last finished iteration, kept beside job_dir/model). A job that
+A worker that dies (SIGKILL, OOM, power) stops heartbeating; every worker puts such stale jobs
+back in the queue before it claims a job (at most every stale_seconds / 2) and whenever it is
+idle. A resumed evolve job continues from its last generation checkpoint (`resume=True`), a
+merge simply runs again (an ATM merge resumes from its last finished iteration, kept beside
+job_dir/model). A job that
 raises ends `failed` with a one-line message and the worker carries on with the next one.
 
 Run it with `evomerge worker --device cuda:0` or `python -m service.worker --device cpu`.
@@ -25,6 +26,7 @@ import socket
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +115,17 @@ def run_evolve(spec, job_dir: Path, hooks: Hooks, resume: bool):
         hooks.emit(data)
 
     result = evolve.run(spec, job_dir / "search", hooks=Hooks(progress, hooks.should_stop), resume=resume)
+    from evolve.search import CANDIDATES_FILE, read_candidates
+
     front = [jsonable(c) | {"on_front": True} for c in result.front]
+    on_front = {c["id"] for c in front}
+    dominated = [jsonable(c) | {"on_front": False}
+                 for c in read_candidates(job_dir / "search" / CANDIDATES_FILE) if c.id not in on_front]
     summary = {"knee": jsonable(result.knee), "hypervolume": jsonable(result.hypervolume),
                "true_hypervolume": jsonable(result.true_hypervolume), "cost": jsonable(result.cost),
                "objectives": [o["name"] for o in result.objectives],
                "senses": {o["name"]: o["sense"] for o in result.objectives}}
-    return front, summary, result.complete
+    return front + dominated, summary, result.complete
 
 
 def build_checkpoint_tar(settings: Settings, job: Job, cid: int) -> Path:
@@ -159,11 +166,14 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         log.info("worker %s serving %s", self.id, self.settings.database_url)
-        self.requeue_stale()
+        checked = -math.inf
         while not self.stopping.is_set():
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.info("parent process exited; stopping")
                 break
+            if time.monotonic() - checked >= self.settings.stale_seconds / 2:  # a busy queue too: lost jobs first
+                self.requeue_stale()
+                checked = time.monotonic()
             try:
                 job = self.store.claim(self.id, self.device)
             except Exception as e:  # the database is busy or away: wait and retry
@@ -171,6 +181,7 @@ class Worker:
                 job = None
             if job is None:
                 self.requeue_stale()
+                checked = time.monotonic()
                 self.stopping.wait(self.settings.poll_seconds)
                 continue
             self.execute(job)

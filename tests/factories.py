@@ -1,6 +1,7 @@
 """Tiny transformers models written as HF folders for the tests (random weights, no download)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -48,3 +49,41 @@ def family(root: Path) -> Path:
     perturbed(base, root / "math", seed=1)
     perturbed(base, root / "ja", seed=2)
     return root
+
+
+# `python -c SLOW_WORKER DELAY ARGS...`: service.worker with every merged tensor delayed by DELAY
+# seconds, so that a test can catch a worker mid-job.
+SLOW_WORKER = """
+import sys, time
+import merging.engine as engine
+delay = float(sys.argv[1])
+if delay:
+    fast = engine.merged_tensors
+    def slow(*args, **kwargs):
+        for item in fast(*args, **kwargs):
+            time.sleep(delay)
+            yield item
+    engine.merged_tensors = slow
+from service.worker import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", every: float = 0.1):
+    """The first truthy value of `predicate()`, polled every `every` seconds; fails past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not met within {timeout:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,16 +8,14 @@ Workers that must be caught mid-job are slowed down per tensor by a wrapper scri
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from factories import family, perturbed
+from factories import SLOW_WORKER, family, free_port, perturbed, wait_for
 from transformers import AutoModelForCausalLM
 
 from merging import merge
@@ -28,23 +26,6 @@ from service.store import Store
 from service.worker import worker_command
 
 pytestmark = pytest.mark.service
-
-# Runs service.worker with every merged tensor delayed by argv[1] seconds.
-SLOW_WORKER = """
-import sys, time
-import merging.engine as engine
-delay = float(sys.argv[1])
-if delay:
-    fast = engine.merged_tensors
-    def slow(*args, **kwargs):
-        for item in fast(*args, **kwargs):
-            time.sleep(delay)
-            yield item
-    engine.merged_tensors = slow
-from service.worker import main
-sys.exit(main(sys.argv[2:]))
-"""
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
@@ -98,16 +79,6 @@ def service(tmp_path, models, monkeypatch):
         finally:
             svc.client.close()
             svc.stop()
-
-
-def wait_for(predicate, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def logits(folder: Path) -> torch.Tensor:
@@ -224,12 +195,6 @@ def test_cli_commands(service, tmp_path, capsys):
     assert (Path(folder) / "config.json").is_file()
     with pytest.raises(ApiError, match="no job nope"):
         run("status", "nope")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
