@@ -57,7 +57,10 @@ def json_text(data: Any) -> str:
         if hasattr(value, "item") and callable(value.item):  # numpy scalars
             return value.item()
         raise TypeError(f"{type(value).__name__} is not a JSON value")
-    return json.dumps(_whole_numbers(data), default=plain)
+    try:
+        return json.dumps(_whole_numbers(data), default=plain)
+    except TypeError as e:  # a YAML date, a Python object
+        raise ValueError(f"spec: not JSON data ({e})") from None
 
 
 def _whole_numbers(data: Any) -> Any:

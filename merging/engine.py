@@ -1,14 +1,16 @@
 """Streams every tensor of the base through a merge method into a new HF model folder.
 
-Peak memory is one float32 tensor per input model plus the base's and the output's: each
-parameter is read (memory-mapped), turned into task vectors, merged on the chosen device
-and appended to its shard before the next one is read. Inputs are checked before any work
-starts, and the output appears only when complete (see `checkpoint.CheckpointWriter`).
+Memory is a few tensors, not a model: each parameter is read, turned into float32 task
+vectors, merged on the chosen device and appended to its shard, with reads of the next
+tensors and writes of the previous ones overlapping the merge (`merge`'s `pipeline` states
+the bound). Inputs are checked before any work starts, and the output appears only when
+complete (see `checkpoint.CheckpointWriter`).
 """
 from __future__ import annotations
 
 import os
 import time
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +21,7 @@ from core.devices import DTYPES, resolve_device
 from core.errors import CheckpointError
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
+from core.pipeline import Behind, ahead
 from core.validation import strict_spec
 
 from .card import model_card
@@ -29,16 +32,22 @@ from .task_vectors import open_inputs
 
 
 def merged_tensors(reader, sources, method: str, params: MethodParams | Callable[[str], MethodParams],
-                   device: torch.device, names=None):
-    """Yields (name, merged float32 tensor on `device`) in the order of `names`."""
+                   device: torch.device, names=None, prefetch: int = 1):
+    """Yields (name, merged float32 tensor on `device`) in the order of `names`; the next
+    `prefetch` tensors' inputs are read (and made float32 task vectors) in a background
+    thread while the current one is merged (`core.pipeline.ahead`; 0: no read-ahead)."""
     fn = get_method(method).fn
-    for name in names if names is not None else reader.names():
-        info = reader.info(name)
-        if not info.dtype.is_floating_point:
-            yield name, reader.get(name, device)
-            continue
+
+    def load(name: str):
+        if not reader.info(name).dtype.is_floating_point:
+            return reader.get(name, device), None
         base = reader.get(name, device, torch.float32)
-        deltas = [s.delta(name, base) for s in sources]
+        return base, [s.delta(name, base) for s in sources]
+
+    for name, (base, deltas) in ahead(names if names is not None else reader.names(), load, prefetch):
+        if deltas is None:
+            yield name, base
+            continue
         p = params(name) if callable(params) else params
         try:
             merged = fn(base, deltas, p, name)
@@ -50,7 +59,9 @@ def merged_tensors(reader, sources, method: str, params: MethodParams | Callable
         if not all_finite(merged):
             raise CheckpointError(f"{name}: the merge has NaN or infinite values, "
                                   f"{non_finite_input(base, deltas) or 'from the method on finite inputs'}")
+        del base, deltas  # not held while the next tensor is read
         yield name, merged
+        del merged
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -84,7 +95,8 @@ def check_output(out_dir: str | os.PathLike, spec: MergeSpec, overwrite: bool) -
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True, params: Callable[[str], MethodParams] | None = None,
-          card_extra: Mapping[str, Any] | None = None, hooks: Hooks = NO_HOOKS) -> Path:
+          card_extra: Mapping[str, Any] | None = None, hooks: Hooks = NO_HOOKS, threads: int | None = None,
+          pipeline: int = 1) -> Path:
     """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
@@ -94,6 +106,14 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     are asked between tensors whether to stop (`core.hooks.Stopped`; nothing is written then).
     A `model` or `training` method runs whole (its `run`): ATM (`merging.atm.run_atm`) reports
     its steps and, stopped, resumes on a later call with the same spec and `out_dir`.
+
+    Reading, merging and writing overlap (`core.pipeline`): while tensor t is merged, the
+    inputs of the next `pipeline` tensors are read and the merged tensors before t are cast
+    and written, each stage in its own thread. Memory: at most pipeline + 1 tensors' inputs
+    (the base's and one task vector per model, float32) and pipeline + 1 merged outputs, next
+    to the one tensor of each kind the plain loop holds (pipeline 0). The output is the same
+    bit for bit at any `pipeline` and `threads` (torch's intra-op threads for the methods'
+    arithmetic; default: as torch is set, all cores unless OMP_NUM_THREADS says otherwise).
     """
     spec = strict_spec(MergeSpec, spec)
     check_output(out_dir, spec, overwrite)
@@ -101,7 +121,12 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     if method.run is not None:  # a whole-model or training method runs whole
         return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
                           hooks=hooks)
-    out = Path(out_dir)
+    with torch_threads(threads):
+        return _stream(spec, Path(out_dir), overwrite, progress, params, card_extra, hooks, pipeline)
+
+
+def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params, card_extra, hooks: Hooks,
+            pipeline: int) -> Path:
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None
@@ -110,13 +135,31 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     infos = {n: reader.info(n) for n in reader.names()}
     last = 0.0
     with CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
-        stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected)
-        for done, (name, tensor) in enumerate(tqdm(stream, total=len(infos), desc=f"merge ({spec.method})",
-                                                   unit="tensor", disable=not progress, leave=False), 1):
-            writer.write(name, tensor)
-            if time.monotonic() - last > 0.5 or done == len(infos):
-                last = time.monotonic()
-                hooks.emit({"type": "progress", "tensors": done, "total": len(infos),
-                            "fraction": round(done / len(infos), 4)})
-            hooks.check()
+        stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected, pipeline)
+        with closing(stream), Behind(lambda item: writer.write(*item), pipeline) as behind:
+            for done, item in enumerate(tqdm(stream, total=len(infos), desc=f"merge ({spec.method})",
+                                             unit="tensor", disable=not progress, leave=False), 1):
+                behind.put(item)
+                del item  # the writer holds it now
+                if time.monotonic() - last > 0.5 or done == len(infos):
+                    last = time.monotonic()
+                    hooks.emit({"type": "progress", "tensors": done, "total": len(infos),
+                                "fraction": round(done / len(infos), 4)})
+                hooks.check()
         return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to `n` inside the block (None: left as it is)."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.validation import strict_spec
 from service.client import load_spec_file
 
 
@@ -16,8 +17,8 @@ def cmd_merge(args) -> None:
     data = load_spec_file(args.spec)
     if args.device:
         data["device"] = args.device
-    spec = MergeSpec.model_validate(data)
-    out = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    spec = strict_spec(MergeSpec, data)
+    out = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet, threads=args.threads)
     print(out)
 
 
@@ -45,7 +46,7 @@ def cmd_evolve(args) -> None:
     data = load_spec_file(args.spec)
     if args.device:
         data["device"] = args.device
-    spec = EvolveSpec.model_validate(data)
+    spec = strict_spec(EvolveSpec, data)
     result = run(spec, args.out, hooks=Hooks(None if args.quiet else ProgressPrinter()), resume=args.resume,
                  overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out_dir), "front": result.front, "knee": result.knee,
@@ -67,7 +68,7 @@ def cmd_plan(args) -> None:
     if data.get("kind", "evolve") != "evolve":
         raise ValueError(f"kind: evomerge plan plans evolve jobs, not {data.get('kind')!r} "
                          "(a merge streams one tensor at a time)")
-    plan = plan_job(EvolveSpec.model_validate(data), args.gpu_memory, args.host_memory)
+    plan = plan_job(strict_spec(EvolveSpec, data), args.gpu_memory, args.host_memory)
     print(plan.table())
     if not plan.fits:
         raise DoesNotFit(str(plan.error))

@@ -63,6 +63,7 @@ def _library_commands(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch threads for the merge's arithmetic (default: all cores)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evolve", help="search merge parameters for a Pareto front (kind: evolve)")
