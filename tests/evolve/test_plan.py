@@ -434,8 +434,10 @@ def test_plan_matches_measured_peak(tmp_path, kind):
     assert r.returncode == 0, r.stderr[-3000:]
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     # measured after a first run (imports and one-off allocations out of the count): 1.00-1.05
-    # (dense, lowrank) and 1.04-1.13 (sparse, whose peak moves with the heap's layout)
-    assert plan.totals["host"] * 0.7 <= peak <= plan.totals["host"] * 1.3, (peak, plan.table())
+    # (dense, lowrank) and 1.04-1.30 (sparse, whose peak moves with the heap's layout from run to
+    # run: 1.05-1.19 in six runs on one machine, 1.30 once in a CI run)
+    high = 1.4 if kind == "sparse" else 1.3
+    assert plan.totals["host"] * 0.7 <= peak <= plan.totals["host"] * high, (peak, plan.table())
 
 
 def test_auto_batch_is_the_largest_that_fits(shapes7b):
