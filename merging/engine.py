@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -130,11 +131,14 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
     reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
     device = resolve_device(spec.device)
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None
-    hashes = {str(p): content_hash(p) for p in [spec.base, *[m.path for m in spec.models]]}
+    inputs = [spec.base, *[m.path for m in spec.models]]
     p = params or spec.method_params()
     infos = {n: reader.info(n) for n in reader.names()}
     last = 0.0
-    with CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
+    # the card's input hashes (a pass over every input's bytes, remembered per machine) overlap the merge
+    with ThreadPoolExecutor(1, thread_name_prefix="hash") as pool, \
+            CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
+        hashes = pool.map(content_hash, inputs)
         stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected, pipeline)
         with closing(stream), Behind(lambda item: writer.write(*item), pipeline) as behind:
             for done, item in enumerate(tqdm(stream, total=len(infos), desc=f"merge ({spec.method})",
@@ -146,6 +150,7 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
                     hooks.emit({"type": "progress", "tensors": done, "total": len(infos),
                                 "fraction": round(done / len(infos), 4)})
                 hooks.check()
+        hashes = dict(zip(map(str, inputs), hashes))
         return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))
 
 

@@ -21,7 +21,9 @@ class ModelSource:
         self.reader = CheckpointReader(path)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        return self.reader.get(name, base.device, base.dtype).sub_(base)
+        """theta - base in base's dtype: the stored tensor is promoted inside the subtraction (one
+        pass, no copy in base's dtype first; the same values, a promotion to float32 is exact)."""
+        return torch.sub(self.reader.get(name, base.device), base)
 
     def mismatch(self, infos: dict[str, TensorInfo]) -> str | None:
         """The first way this model differs from the base's tensor names and shapes, or None."""
