@@ -6,7 +6,8 @@ sort costs O(n log n) and `kthvalue` a full copy; here the threshold comes from 
 for non-negative floats, the order of the bit patterns is the order of the values, so two
 histograms (the high 16 bits, then the low 16 bits inside the one bin that holds the k-th
 value) give the k-th largest magnitude exactly, and one scan finds where its ties stop.
-Every pass streams over chunks of the tensor, so memory is one chunk, and the result is the
+Every pass streams over chunks of the tensor, so memory is one chunk (chunks given as a list are
+in memory already: their magnitudes' bits are made once, one int32 copy), and the result is the
 stable sort's (tests/test_methods.py checks it against sorting, ties included).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 SMALL = 1 << 16  # at most this many entries: selected by kthvalue (the histograms' fixed cost is higher)
-Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order
+TIE_SCAN = 1 << 18  # entries compared at a time while looking for the last tied entry kept
+Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order (a list: in memory)
 
 
 class Trim(NamedTuple):
@@ -51,27 +53,33 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
         return Trim(math.inf, -1)
     if numel <= SMALL:
         return _find_trim_small(torch.cat([c.float().abs().reshape(-1) for c in chunks()]), k)
+    first = chunks()
+    if isinstance(first, (list, tuple)):  # in memory already: the magnitudes' bits made once for every pass
+        bits = [_magnitude_bits(c) for c in first]
+        chunk_bits = lambda: bits  # noqa: E731
+    else:  # streamed (an iterator): made again on each pass, one chunk at a time
+        chunk_bits = lambda: (_magnitude_bits(c) for c in chunks())  # noqa: E731
     hi = torch.zeros(1 << 15, dtype=torch.int64)
-    for c in chunks():
-        hi += torch.bincount((_magnitude_bits(c) >> 16).cpu(), minlength=1 << 15)
+    for b16 in chunk_bits():
+        hi += torch.bincount((b16 >> 16).cpu(), minlength=1 << 15)
     b, above = _select_bin(hi, k)
     if int(hi[b]) == k - above:  # the whole bin is kept: keep |x| >= its smallest possible value
         return Trim(_bits_value(b << 16), numel)
     lo = torch.zeros(1 << 16, dtype=torch.int64)
-    for c in chunks():
-        bits = _magnitude_bits(c)
-        lo += torch.bincount((bits[(bits >> 16) == b] & 0xFFFF).cpu(), minlength=1 << 16)
+    for b16 in chunk_bits():
+        lo += torch.bincount((b16[(b16 >> 16) == b] & 0xFFFF).cpu(), minlength=1 << 16)
     low, above_in_bin = _select_bin(lo, k - above)
-    threshold = _bits_value((b << 16) | low)
+    threshold = (b << 16) | low
     room, tied = k - above - above_in_bin, int(lo[low])
     if room >= tied:
-        return Trim(threshold, numel)
+        return Trim(_bits_value(threshold), numel)
     offset = 0
-    for c in chunks():
-        eq = (c.float().abs().reshape(-1) == threshold).nonzero().reshape(-1)
-        if room <= len(eq):
-            return Trim(threshold, offset + int(eq[room - 1]))
-        room, offset = room - len(eq), offset + c.numel()
+    for b16 in chunk_bits():
+        for piece in b16.split(TIE_SCAN):  # the tied entries up to the room-th: stop there
+            eq = (piece == threshold).nonzero().reshape(-1)
+            if room <= len(eq):
+                return Trim(_bits_value(threshold), offset + int(eq[room - 1]))
+            room, offset = room - len(eq), offset + piece.numel()
     raise AssertionError("tied entries counted but not found")  # pragma: no cover
 
 
