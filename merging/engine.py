@@ -97,7 +97,7 @@ def check_output(out_dir: str | os.PathLike, spec: MergeSpec, overwrite: bool) -
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
           progress: bool = True, params: Callable[[str], MethodParams] | None = None,
           card_extra: Mapping[str, Any] | None = None, hooks: Hooks = NO_HOOKS, threads: int | None = None,
-          pipeline: int = 1) -> Path:
+          pipeline: int | None = None) -> Path:
     """Merges the spec's models into a new HF folder at `out_dir` and returns its path.
 
     `params`, when given, supplies per-tensor parameters (the search uses it for per-block
@@ -112,9 +112,12 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     inputs of the next `pipeline` tensors are read and the merged tensors before t are cast
     and written, each stage in its own thread. Memory: at most pipeline + 1 tensors' inputs
     (the base's and one task vector per model, float32) and pipeline + 1 merged outputs, next
-    to the one tensor of each kind the plain loop holds (pipeline 0). The output is the same
-    bit for bit at any `pipeline` and `threads` (torch's intra-op threads for the methods'
-    arithmetic; default: as torch is set, all cores unless OMP_NUM_THREADS says otherwise).
+    to the one tensor of each kind the plain loop holds (pipeline 0). Default: 1, and 0 for a
+    method with a `prepare` step (TSV): its SVDs keep every core busy, and the pipeline's threads
+    slowed them 1.5x (bench/README.md). `threads`: torch's intra-op threads for the methods'
+    arithmetic (default: as torch is set, all cores unless OMP_NUM_THREADS says otherwise).
+    The output is the same bit for bit at any `pipeline`, and at any `threads` for every method
+    but TSV, whose SVDs (LAPACK) round differently with the number of threads.
     """
     spec = strict_spec(MergeSpec, spec)
     check_output(out_dir, spec, overwrite)
@@ -122,6 +125,8 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     if method.run is not None:  # a whole-model or training method runs whole
         return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
                           hooks=hooks)
+    if pipeline is None:
+        pipeline = 0 if method.prepare is not None else 1
     with torch_threads(threads):
         return _stream(spec, Path(out_dir), overwrite, progress, params, card_extra, hooks, pipeline)
 
