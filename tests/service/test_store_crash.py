@@ -366,26 +366,33 @@ def test_every_job_ends_exactly_once_while_workers_are_killed(db_url, models, tm
             store.close()
 
 
-def _open_store(url: str, at: float) -> str:
-    while time.time() < at:
-        pass
-    try:
-        Store(url).close()
-        return "ok"
-    except Exception as e:  # noqa: BLE001  (compared below)
-        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+# A process that opens the store at time argv[2]: prints ok, or the error's first line.
+OPEN_STORE = """
+import sys, time
+from service.store import Store
+while time.time() < float(sys.argv[2]):
+    pass
+try:
+    Store(sys.argv[1]).close()
+    print("ok")
+except Exception as e:
+    print(type(e).__name__ + ": " + str(e).splitlines()[0])
+"""
 
 
 def test_processes_opening_an_empty_store_at_once_all_start(db_url):
     """API and worker processes started together on a new database each create the schema; one
-    that lost the race to create a table must not fail (this failed about every other try)."""
-    import multiprocessing
-
+    that lost the race to create a table must not fail (this failed about every other try).
+    Four fresh interpreters (not forks of this multithreaded process, which can deadlock) open
+    the store at the same instant."""
     from service.store import Base
 
     for _ in range(3):
         store = Store(db_url)
         Base.metadata.drop_all(store.engine)
         store.close()
-        with multiprocessing.get_context("fork").Pool(4) as pool:
-            assert pool.starmap(_open_store, [(db_url, time.time() + 1.0)] * 4) == ["ok"] * 4
+        at = time.time() + 3.0  # after every interpreter has started and imported the store
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db_url, str(at)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+        answers = [p.communicate(timeout=120)[0].strip().splitlines()[-1:] for p in procs]
+        assert answers == [["ok"]] * 4, answers
