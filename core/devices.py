@@ -1,6 +1,8 @@
 """Devices and dtypes by name, as specs give them."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .errors import CheckpointError
@@ -28,3 +30,20 @@ def resolve_dtype(dtype: str, device: str | torch.device = "auto") -> str:
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to `n` inside the block (None: left as it is). Float
+    sums depend on how work is split, so a result that must not vary fixes it this way."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

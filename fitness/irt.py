@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from core.devices import torch_threads
 from core.fs import atomic_write
 
 LOGIT_CLIP = 30.0  # as tinyBenchmarks' item_curve: keeps exp() finite, flattens the gradient beyond
@@ -213,19 +214,6 @@ def _seeded(seed: int):
         torch.set_rng_state(states[2])
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _py_irt_dataset(responses: np.ndarray, item_ids: list[str]):
     """py-irt's Dataset built in memory (no jsonlines file); NaN cells are left out as unobserved."""
     from py_irt.dataset import Dataset, OrderedSet
@@ -378,7 +366,7 @@ def _fit_py_irt(y: np.ndarray, ids: list[str], py_model: str, dims: int, epochs:
 
     config = IrtConfig(model_type=py_model, epochs=epochs, lr=lr, priors=priors, seed=seed,
                        dims=dims if py_model == "multidim_2pl" else None, log_every=max(epochs, 1))
-    with _seeded(seed), _torch_threads(threads), contextlib.redirect_stdout(io.StringIO()):
+    with _seeded(seed), torch_threads(threads), contextlib.redirect_stdout(io.StringIO()):
         trainer = IrtModelTrainer(data_path=None, config=config, dataset=_py_irt_dataset(y, ids), verbose=False)
         trainer.train(epochs=epochs, device=device)
         exported = trainer.best_params if use_best and trainer.best_params else trainer.last_params

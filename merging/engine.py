@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
 
-from core.devices import DTYPES, resolve_device
+from core.devices import DTYPES, resolve_device, torch_threads
 from core.errors import CheckpointError
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
@@ -157,19 +157,3 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
                 hooks.check()
         hashes = dict(zip(map(str, inputs), hashes))
         return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op thread count set to `n` inside the block (None: left as it is)."""
-    if n is None:
-        yield
-        return
-    if n < 1:
-        raise ValueError(f"threads must be at least 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

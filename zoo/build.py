@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from core.devices import torch_threads as fixed_threads
 from core.fs import atomic_folder, atomic_write
 from core.hashing import file_sha256 as file_hash
 from core.hooks import NO_HOOKS, Hooks
@@ -80,17 +81,6 @@ def weights_hash(folder: Path) -> str:
     for p in sorted(folder.glob("*.safetensors")):
         h.update(p.name.encode() + b"\0" + file_hash(p).encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def fixed_threads(n: int):
-    """Runs the block with `n` torch threads: float sums depend on the split, so weights do too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
