@@ -79,7 +79,7 @@ def main() -> None:
                 c = ev.candidate(x)
                 key = tuple(np.round(x, 12))
                 if key not in truth:
-                    truth[key] = ev.true_objectives(c)
+                    truth[key] = ev.true_objectives([c])[0]
                 err.append([abs(c.objectives[o.name] - truth[key][o.name]) * 100 for o in fitness.objectives])
             err = np.array(err)
             results.append([sequence, name, size, float(err.mean()), float(err[args.skip:].mean())])

@@ -16,13 +16,16 @@ Stages (each reported to the hooks as {"type": "stage", "stage": ...}):
    stand next to the estimates: at most `final_check.members` of them (the knee, each
    objective's best, then evenly spread members; `all` for every one). When every
    objective's estimator is `full`, the search's values are already exact and are copied.
-The probes' full scores are the free initial data of `bo`.
+The probes' full scores are the free initial data of `bo`. Stages 1, 2, 4 and 5 run on the job's
+evaluators (`execution`: this process, or N Ray actors in parallel, evolve/execution.py); the IRT
+fit and the search's own decisions stay in this process, the driver.
 Outputs in out_dir: spec.json, candidates.jsonl, front.json, front.png (and state.pkl).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,29 +33,25 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.cache import cache_dir, register_section, touch
 from core.fs import atomic_file, atomic_write
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
 from core.locks import exclusive
 from core.validation import strict_spec
 from data.benchmarks import load_benchmark
-from fitness.evaluate import Responses, evaluate_folder
-from fitness.fitness import Fitness, benchmark_paths, eval_settings
-from merging.adapters import is_adapter
+from fitness.evaluate import Responses
+from fitness.fitness import Fitness, benchmark_paths
 from merging.engine import merge
 from merging.spec import MergeSpec
 from merging.task_vectors import open_inputs
 
+from .evaluator import Evaluator, endpoint_folder, resident_merge, search_space  # noqa: F401
 from .genome import SearchSpace
-from .materialize import ResidentMerge, store_settings_for
-from .plan import Plan, check_plan
+from .materialize import ResidentMerge
+from .plan import Plan, check_plan, plan_job
 from .problem import Candidate, CandidateEvaluator, MergeProblem, minimized
 from .search import CANDIDATES_FILE, RUN_FILE, read_candidates, run_search
 from .spec import EvolveSpec
-
-register_section("endpoints", folder=True)  # adapters merged into full checkpoints
-
 
 
 @dataclass
@@ -65,26 +64,6 @@ class EvolveResult:
     out_dir: Path
     objectives: list[dict[str, str]]  # in order: name, sense (max or min)
     complete: bool  # false when the hooks stopped the search early
-
-
-def endpoint_folder(base: Path, model: Path) -> Path:
-    """A full model folder for an endpoint: the model itself, or an adapter merged once into the cache."""
-    if not is_adapter(model):
-        return model
-    folder = cache_dir() / "endpoints" / hashlib.sha256(f"{content_hash(base)}:{content_hash(model)}".encode()).hexdigest()[:32]
-    if folder.exists():
-        touch(folder)  # used: `evomerge cache prune` removes the least recently used first
-    else:
-        merge({"base": base, "models": [{"name": "adapter", "path": model}], "method": "task_arithmetic",
-               "device": "cpu"}, folder, progress=False)
-    return folder
-
-
-def search_space(spec: EvolveSpec) -> SearchSpace:
-    """The job's search space (its layer blocks from the base's config)."""
-    n_layers = json.loads((Path(spec.base) / "config.json").read_text()).get("num_hidden_layers", 1)
-    blocks = spec.search.blocks if spec.search.granularity == "per_block" else 1
-    return SearchSpace(spec.method, len(spec.models), spec.search.space, spec.params, blocks, n_layers)
 
 
 def probe_genomes(space: SearchSpace, n: int, seed: int) -> np.ndarray:
@@ -150,7 +129,7 @@ def claim_run_folder(out: Path, spec: EvolveSpec, resume: bool, overwrite: bool)
 
 def _fingerprint(spec: EvolveSpec) -> str:
     """What a checkpoint must match to be resumed: everything but where it runs and how it is saved."""
-    return hashlib.sha256(spec.model_dump_json(exclude={"device", "output"}).encode()).hexdigest()
+    return hashlib.sha256(spec.model_dump_json(exclude={"device", "output", "execution"}).encode()).hexdigest()
 
 
 @dataclass
@@ -158,75 +137,77 @@ class Setup:
     """What a search needs, built once per job by `setup`."""
 
     fitness: Fitness
-    resident: ResidentMerge
+    resident: ResidentMerge | None  # the local evaluator's (None when the evaluators are Ray actors)
     space: SearchSpace
     benches: dict[str, Any]
     cost: dict[str, Any]
     probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # genomes, minimized objectives, variances (0)
+    evaluators: Any = None  # evolve.execution's LocalPool or RayPool
 
 
-def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
-    """The job's resident merge, laid out as its memory plan says (dtype, store kind and place)."""
-    from core.devices import DTYPES
+def open_evaluators(spec: EvolveSpec, plan: Plan):
+    """The job's evaluators (`spec.execution`): this process, or Ray actors; see evolve/execution.py."""
+    from .execution import open_pool
 
-    ev = spec.evaluation
-    store = store_settings_for(DTYPES[plan.dtype], plan.store_kind, ev.store_rank, ev.store_density)
-    return ResidentMerge(spec.base, [m.path for m in spec.models], spec.method, device=spec.device, dtype=plan.dtype,
-                         store=store, store_device="cpu" if plan.store_where == "host" else None,
-                         reanchor_every=plan.reanchor_every)
+    x = spec.execution
+    if x.backend == "local":
+        return open_pool(x, Evaluator, (), host_bytes=0, local=lambda: Evaluator(spec, plan))
+    from .execution import connect
+
+    connect(x.address)
+    import ray
+
+    gpus = x.gpus_per_evaluator
+    if gpus is None:
+        gpus = 1 if spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU")) else 0
+    x = x.model_copy(update={"gpus_per_evaluator": gpus})
+    device = "cuda" if gpus else "cpu"
+    remote_plan = plan_job(spec, gpu_memory=math.inf, host_memory=math.inf, device=device)
+    return open_pool(x, Evaluator, (spec.model_copy(update={"device": device}), None, x.cpus_per_evaluator),
+                     host_bytes=remote_plan.totals["host"], local=None)
 
 
-def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None) -> Setup:
-    """Stages 1-3 (endpoints, probes, irt) and the resident model and search space of stage 4."""
-    from transformers import AutoTokenizer
-
-    from fitness.evaluate import cached_responses, evaluate
-
+def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None, evaluators=None) -> Setup:
+    """Stages 1-3 (endpoints, probes, irt) on the job's evaluators (opened here unless given),
+    and the search space of stage 4."""
     plan = plan or check_plan(spec)
+    evaluators = evaluators if evaluators is not None else open_evaluators(spec, plan)
     ev = spec.evaluation.model_copy(update={"batch_size": plan.batch_size})  # auto: the plan's batch
-    settings = eval_settings(ev, spec.device)
-    paths = [m.path for m in spec.models]
+    benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
+    per_answer_set = sum(len(b) for b in benches.values())
     cost = {"endpoint_items": 0, "probe_items": 0, "search_items": 0, "final_items": 0}
 
     hooks.emit({"type": "stage", "stage": "endpoints"})
-    benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
-    endpoints: dict[str, list[Responses]] = {k: [] for k in benches}
-    for folder in [spec.base, *(endpoint_folder(spec.base, p) for p in paths)]:
-        for k, b in benches.items():
-            endpoints[k].append(evaluate_folder(folder, b, settings, batch_size=ev.batch_size, device=spec.device))
-            cost["endpoint_items"] += len(b)
+    endpoints: dict[str, list[Responses]] = {k: [None] * (1 + len(spec.models)) for k in benches}
+    for i, answers in evaluators.imap("endpoint", [(i,) for i in range(1 + len(spec.models))]):
+        for k in benches:
+            endpoints[k][i] = answers[k]
+        cost["endpoint_items"] += per_answer_set
 
     hooks.emit({"type": "stage", "stage": "probes"})
-    probes: dict[str, list[Responses]] = {k: [] for k in benches}
-    resident = None
     space = search_space(spec)
-    tokenizer = AutoTokenizer.from_pretrained(spec.base)
     recipes = probe_recipes(spec, space)
-    for x, digest in recipes:
-        model = None
-
-        def compute(b) -> Responses:
-            nonlocal model, resident
-            if model is None:  # the resident merge is built only when some probe answer is not cached
-                resident = resident or resident_merge(spec, plan)
-                model = resident.materialize(space.params_for_tensor(x))
-            return evaluate(model, tokenizer, b, settings, batch_size=ev.batch_size, device=spec.device)
-
-        for k, b in benches.items():
-            probes[k].append(cached_responses(digest, b, settings, spec.device, lambda b=b: compute(b)))
-            cost["probe_items"] += len(b)  # counted as a first run pays it, cached or not
+    probes: dict[str, list[Responses]] = {k: [None] * len(recipes) for k in benches}
+    for i, answers in evaluators.imap("probe", recipes):
+        for k in benches:
+            probes[k][i] = answers[k]
+        cost["probe_items"] += per_answer_set  # counted as a first run pays it, cached or not
 
     hooks.emit({"type": "stage", "stage": "irt"})
-    fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device)
-    hooks.emit({"type": "irt", "benchmarks": fitness.describe()})
+    from transformers import AutoTokenizer
 
-    resident = resident or resident_merge(spec, plan)
+    fitness = Fitness.fit(spec.objectives, ev, AutoTokenizer.from_pretrained(spec.base), endpoints, probes,
+                          device=spec.device)
+    hooks.emit({"type": "irt", "benchmarks": fitness.describe()})
+    evaluators.broadcast("set_fitness", fitness)
+
     initial = None
     if recipes:
         values = [fitness.full_values({k: probes[k][i] for k in benches}) for i in range(len(recipes))]
         F = minimized(values, fitness.objectives)
         initial = (np.array([x for x, _ in recipes]), F, np.zeros_like(F))
-    return Setup(fitness, resident, space, benches, cost, initial)
+    resident = evaluators.evaluator.resident if hasattr(evaluators, "evaluator") else None
+    return Setup(fitness, resident, space, benches, cost, initial, evaluators)
 
 
 def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, hooks: Hooks = NO_HOOKS,
@@ -246,17 +227,28 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
     atomic_write(out / INPUTS_FILE, json.dumps(input_hashes(spec), indent=2))
-    job = setup(spec, hooks, plan)
-    fitness, resident, space, benches, cost = job.fitness, job.resident, job.space, job.benches, job.cost
+    evaluators = open_evaluators(spec, plan)
+    try:
+        return _search(spec, out, hooks, resume, setup(spec, hooks, plan, evaluators))
+    finally:
+        evaluators.close()
 
+
+def _search(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, job: Setup) -> EvolveResult:
+    """Stages 4 and 5 (search, final check) and the run's outputs."""
+    fitness, space, benches, cost, evaluators = job.fitness, job.space, job.benches, job.cost, job.evaluators
     hooks.emit({"type": "stage", "stage": "search"})
     problem = MergeProblem(space, fitness.objectives)
-    evaluator = CandidateEvaluator(space, resident, fitness, probe_genomes=job.probes[0] if job.probes else None)
+    evaluator = CandidateEvaluator(space, job.resident, fitness, probe_genomes=job.probes[0] if job.probes else None,
+                                   evaluators=evaluators)
     s = spec.search
+
+    def progress(p) -> None:
+        hooks.emit({"type": "progress", **p.to_json(), "evaluators": evaluators.describe()})
+
     result = run_search(problem, evaluator, out, algorithm=s.algorithm, population=s.population,
                         generations=s.generations, seed=s.seed, resume=resume, fingerprint=_fingerprint(spec),
-                        callback=lambda p: hooks.emit({"type": "progress", **p.to_json()}),
-                        should_stop=hooks.should_stop, batch=s.batch, initial=job.probes,
+                        callback=progress, should_stop=hooks.should_stop, batch=s.batch, initial=job.probes,
                         trust_region={"auto": None, "on": True, "off": False}[s.trust_region])
     cands = result.candidates
     cost["search_items"] = int(sum(c.cost.get("items", 0) for c in cands))
@@ -277,13 +269,14 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
         checked = [result.front[j] for j in checked_members(F_front, result.front.index(result.knee),
                                                             None if members == "all" else members)]
         cost["final_checked"] = len(checked)
-        for cid in checked:
-            c = cands[cid]
-            if c.true_objectives is None and exact:
+        todo = [cands[cid] for cid in checked if cands[cid].true_objectives is None]
+        if exact:
+            for c in todo:
                 c.true_objectives = dict(c.objectives)
-            elif c.true_objectives is None:
-                c.true_objectives = evaluator.true_objectives(c)
-                cost["final_items"] += sum(len(b) for b in benches.values())
+        else:
+            for c, values in zip(todo, evaluator.true_objectives(todo)):
+                c.true_objectives = values
+            cost["final_items"] += len(todo) * sum(len(b) for b in benches.values())
         from .pareto import hypervolume
 
         F = minimized([cands[i].true_objectives for i in checked], fitness.objectives)
@@ -294,6 +287,7 @@ def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: boo
     cost["full_items_per_candidate"] = full_per_candidate
     spent = cost["probe_items"] + cost["search_items"]
     cost["item_ratio_vs_full"] = (full_per_candidate * len(cands)) / spent if spent else None
+    cost["evaluators"] = evaluators.describe()
     front = [_front_entry(cands[i], i == result.knee) for i in result.front]
     objectives = [{"name": o.name, "sense": o.sense} for o in fitness.objectives]
     res = EvolveResult(front, result.knee, result.hypervolume, true_hv, cost, out, objectives, complete)

@@ -152,7 +152,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
         algo = make_algorithm(algorithm, population, len(objectives), batch=batch, initial=initial, ref_point=ref,
                               trust_region=trust_region)
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
-    problem.evaluate_genome = evaluator
+    problem.evaluate_genomes = evaluator.evaluate
     checkpointable = algorithm != "moead"
     total = steps(algorithm, population, generations, batch)
     if callback and done and evaluator.candidates:  # a resumed run first reports where it stands

@@ -36,6 +36,33 @@ class SearchSpec(BaseModel):
         return self
 
 
+class ExecutionSpec(BaseModel):
+    """Where the job's evaluations run (evolve/execution.py): in the job's process, or on N Ray
+    actors, each holding its own resident merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "ray"] = "local"
+    address: str = Field("auto", pattern=r"^(auto|local|(ray://)?[A-Za-z0-9_.-]+:\d{1,5})$",
+                         description="ray: auto (the cluster this machine runs, or RAY_ADDRESS), local (start one "
+                                     "here), ray://HOST:PORT or HOST:PORT")
+    evaluators: int = Field(1, ge=1, le=1024, description="ray: actors scoring candidates in parallel")
+    gpus_per_evaluator: float | None = Field(None, ge=0, le=16, description="ray: default 1 when the job's device "
+                                             "is cuda, or auto and the cluster has GPUs; else 0")
+    cpus_per_evaluator: float = Field(1, gt=0, le=256, description="ray: CPU threads per evaluator")
+
+    @model_validator(mode="after")
+    def _backend(self) -> "ExecutionSpec":
+        if self.backend == "local" and self.evaluators > 1:
+            raise ValueError("execution.evaluators: the local backend runs one evaluator; use backend: ray for more")
+        if self.backend == "ray":
+            from .execution import RAY_MISSING, ray_available
+
+            if not ray_available():
+                raise ValueError(RAY_MISSING)
+        return self
+
+
 class FinalCheckSpec(BaseModel):
     """Which members of the final front are evaluated in full after the search."""
 
@@ -56,6 +83,7 @@ class EvolveSpec(JobBase):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     final_check: FinalCheckSpec | None = Field(default_factory=FinalCheckSpec,
                                                description="true (the default members), false (none) or {members}")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     @field_validator("final_check", mode="before")
     @classmethod
@@ -79,6 +107,9 @@ class EvolveSpec(JobBase):
             if o.subset != first.subset:
                 raise ValueError(f"objectives[{i}].subset: objectives on {o.benchmark.name} answer the same items, "
                                  f"so they need the same subset spec")
+        if self.execution.backend == "ray" and self.search.algorithm == "bo" and "batch" not in \
+                self.search.model_fields_set:
+            self.search.batch = min(self.execution.evaluators, 256)  # q = N: every evaluator gets a genome per ask
         n_obj = len(self.objectives)
         if n_obj > 1 and self.search.algorithm in ALGORITHMS_SINGLE:
             raise ValueError(f"search.algorithm: {self.search.algorithm} optimizes one objective, the spec has {n_obj}")

@@ -25,9 +25,9 @@ session updates its MAP ability. The estimators then read the items the candidat
 `p_irt` is the CAT's own prediction (MAP theta under the prior, then p-IRT), `mp_irt`/`gmp_irt`
 fit MERGE^3's lambdas on those items, `subset_mean`/`gp_irt` use their plain mean (biased: the
 items were chosen for this candidate, see `fitness.adaptive`). With `prior: population` the
-abilities of the candidates scored so far in this `Fitness` are the next prior; `restore`
-rebuilds that history from recorded candidates (`Score.trace`), so a resumed job picks the same
-items as an uninterrupted one. With `prior: surrogate` the caller (evolve's evaluator) passes each
+abilities of the candidates the caller has `observe`d are the next prior (`score` keeps no
+history, so candidates can be scored in parallel); `restore` rebuilds that history from recorded
+candidates (`Score.trace`), so a resumed job picks the same items as an uninterrupted one. With `prior: surrogate` the caller (evolve's evaluator) passes each
 candidate's prior to `score` (`priors`), predicted from nearby genomes; the endpoint prior serves
 when it passes none, and `BenchmarkFit.probe_thetas` are the probes' abilities it starts from.
 """
@@ -165,10 +165,20 @@ class Fitness:
                              np.asarray(trace["correct"], dtype=float), fit.prior)
         return theta
 
+    def observe(self, trace: dict | None) -> None:
+        """Adds a scored candidate's abilities (its `Score.trace`) to the population priors. The
+        caller decides when: `score` itself keeps no history, so candidates can be scored in
+        parallel, on other machines, from the priors the caller hands them."""
+        for key, pop in self.populations.items():
+            if trace and key in trace:
+                pop.add(trace[key]["theta"])
+
     def restore(self, traces: Sequence[dict | None]) -> None:
         """Rebuild the population priors from recorded candidates' traces, in the order scored."""
-        for key, pop in self.populations.items():
-            pop.restore([t[key]["theta"] for t in traces if t and key in t])
+        for pop in self.populations.values():
+            pop.restore([])
+        for t in traces:
+            self.observe(t)
 
     @property
     def objectives(self) -> list[Objective]:
@@ -267,8 +277,6 @@ class Fitness:
                 else:
                     values[s.label] = float(estimate(s.estimator, y, seen, None, fit.item_params, fit.endpoint_thetas))
             trace[key] = sess.trace()
-            if key in self.populations:
-                self.populations[key].add(sess.theta)
         return values, items, passes, trace
 
     @staticmethod

@@ -36,6 +36,7 @@ MODELS = [
     "evolve.spec.EvolveSpec",
     "evolve.spec.SearchSpec",
     "evolve.spec.FinalCheckSpec",
+    "evolve.spec.ExecutionSpec",
     "fitness.spec.ObjectiveSpec",
     "fitness.spec.SubsetSpec",
     "fitness.spec.EvaluationSpec",
