@@ -145,32 +145,45 @@ class Setup:
     evaluators: Any = None  # evolve.execution's LocalPool or RayPool
 
 
+def ray_placement(spec: EvolveSpec):
+    """Joins the spec's Ray cluster; returns its execution spec with the evaluators' GPUs settled
+    (1 when the job's device is cuda, or auto and the cluster has GPUs) and their device."""
+    import ray
+
+    from .execution import connect
+
+    x = spec.execution
+    connect(x.address)
+    gpus = x.gpus_per_evaluator
+    if gpus is None:
+        gpus = 1 if spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU")) else 0
+    return x.model_copy(update={"gpus_per_evaluator": gpus}), "cuda" if gpus else "cpu"
+
+
+def job_plan(spec: EvolveSpec) -> Plan:
+    """The plan the job runs by: this machine's (`check_plan`) for the local backend; for Ray, the
+    plan on the evaluators' device without budgets (each actor checks its own machine's)."""
+    if spec.execution.backend == "local":
+        return check_plan(spec)
+    _, device = ray_placement(spec)
+    return plan_job(spec, gpu_memory=math.inf, host_memory=math.inf, device=device)
+
+
 def open_evaluators(spec: EvolveSpec, plan: Plan):
     """The job's evaluators (`spec.execution`): this process, or Ray actors; see evolve/execution.py."""
     from .execution import open_pool
 
-    x = spec.execution
-    if x.backend == "local":
-        return open_pool(x, Evaluator, (), host_bytes=0, local=lambda: Evaluator(spec, plan))
-    from .execution import connect
-
-    connect(x.address)
-    import ray
-
-    gpus = x.gpus_per_evaluator
-    if gpus is None:
-        gpus = 1 if spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU")) else 0
-    x = x.model_copy(update={"gpus_per_evaluator": gpus})
-    device = "cuda" if gpus else "cpu"
-    remote_plan = plan_job(spec, gpu_memory=math.inf, host_memory=math.inf, device=device)
+    if spec.execution.backend == "local":
+        return open_pool(spec.execution, Evaluator, (), host_bytes=0, local=lambda: Evaluator(spec, plan))
+    x, device = ray_placement(spec)
     return open_pool(x, Evaluator, (spec.model_copy(update={"device": device}), None, x.cpus_per_evaluator),
-                     host_bytes=remote_plan.totals["host"], local=None)
+                     host_bytes=plan.totals["host"], local=None)
 
 
 def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None, evaluators=None) -> Setup:
     """Stages 1-3 (endpoints, probes, irt) on the job's evaluators (opened here unless given),
     and the search space of stage 4."""
-    plan = plan or check_plan(spec)
+    plan = plan or job_plan(spec)
     evaluators = evaluators if evaluators is not None else open_evaluators(spec, plan)
     ev = spec.evaluation.model_copy(update={"batch_size": plan.batch_size})  # auto: the plan's batch
     benches = {str(p): load_benchmark(p) for p in benchmark_paths(spec.objectives)}
@@ -223,7 +236,7 @@ def run(spec: EvolveSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, hoo
 
 def _run(spec: EvolveSpec, out: Path, hooks: Hooks, resume: bool, overwrite: bool) -> EvolveResult:
     claim_run_folder(out, spec, resume, overwrite)
-    plan = check_plan(spec)  # a job that cannot fit is refused before anything is written or loaded
+    plan = job_plan(spec)  # a job that cannot fit is refused before anything is written or loaded
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "spec.json", spec.model_dump_json(indent=2))
     atomic_write(out / INPUTS_FILE, json.dumps(input_hashes(spec), indent=2))

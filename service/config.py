@@ -16,6 +16,9 @@ with its flags.
                            (`evolve.plan`) and refused (400) when they would not fit
     EVOMERGE_HOST_MEMORY   the same for the workers' host memory, e.g. 32GB; with neither set the
                            API does not plan (it may not be the machine that runs the job)
+    EVOMERGE_RAY_ADDRESS   a Ray cluster (auto, HOST:PORT or ray://HOST:PORT): `serve` starts
+                           EVOMERGE_RAY_JOBS (default 4) dispatchers instead of one worker per
+                           device, each running one job at a time as a Ray task
 """
 from __future__ import annotations
 
@@ -72,6 +75,8 @@ class Settings:
     poll_seconds: float = 1.0  # idle worker / SSE polling interval
     gpu_memory: int | str | None = None  # bytes or a size ("24GB"): the workers' GPU, for the memory plan
     host_memory: int | str | None = None  # the workers' host memory; neither set: the API does not plan
+    ray_address: str | None = None  # workers dispatch their jobs to this Ray cluster (service/ray_dispatch.py)
+    ray_jobs: int = 4  # with ray_address: jobs running at once (dispatcher processes `serve` starts)
 
     def __post_init__(self):
         object.__setattr__(self, "artifacts", Path(self.artifacts))
@@ -87,6 +92,8 @@ class Settings:
                     object.__setattr__(self, name, parse_size(value))
                 except CheckpointError:
                     raise ValueError(f"{name}: {value!r} is not a size such as 24GB or 32GiB") from None
+        if self.ray_jobs < 1:
+            raise ValueError(f"ray_jobs: at least 1 job at a time, got {self.ray_jobs}")
         art = self.artifacts.resolve()
         for root in self.model_roots:  # paths in the artifacts folder are never inputs (service.schemas)
             if root.resolve().is_relative_to(art):
@@ -129,4 +136,6 @@ class Settings:
             rate_limit_per_minute=int(env.get("EVOMERGE_RATE_LIMIT", "30")),
             gpu_memory=env.get("EVOMERGE_GPU_MEMORY") or None,
             host_memory=env.get("EVOMERGE_HOST_MEMORY") or None,
+            ray_address=env.get("EVOMERGE_RAY_ADDRESS") or None,
+            ray_jobs=int(env.get("EVOMERGE_RAY_JOBS", "4")),
         )

@@ -45,18 +45,25 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, db_url: str | None = None,
           artifacts: str | os.PathLike | None = None, model_roots: list[str | os.PathLike] | None = None,
-          devices: list[str] | None = None, settings: Settings | None = None) -> None:
+          devices: list[str] | None = None, settings: Settings | None = None, ray_address: str | None = None,
+          ray_jobs: int | None = None) -> None:
     """Runs the API with uvicorn until SIGINT/SIGTERM, plus a worker process per device.
 
     `devices=None` means every GPU (or the CPU); `devices=[]` runs the API alone, for
-    setups whose workers run elsewhere (`evomerge worker`) against a shared database."""
+    setups whose workers run elsewhere (`evomerge worker`) against a shared database.
+    `ray_address` (or EVOMERGE_RAY_ADDRESS): instead, `ray_jobs` workers that run their jobs on
+    that Ray cluster, each job where its resources are (service/ray_dispatch.py)."""
     import uvicorn
 
-    devices = default_devices() if devices is None else list(devices)
-    settings = (settings or Settings.from_env()).with_(
+    settings = (settings or Settings.from_env()).with_(ray_address=ray_address, ray_jobs=ray_jobs)
+    if settings.ray_address:
+        devices = ["ray"] * settings.ray_jobs
+    else:
+        devices = default_devices() if devices is None else list(devices)
+    settings = settings.with_(
         db_url=db_url, artifacts=Path(artifacts) if artifacts else None,
         model_roots=tuple(Path(p) for p in model_roots) if model_roots else None,
-        devices=tuple(devices) if devices else None)
+        devices=tuple(devices) if devices and not settings.ray_address else None)
     store = Store(settings.database_url)  # creates the schema before the workers start
     procs = start_workers(settings, devices)
     try:

@@ -203,15 +203,17 @@ class Store:
     def claim(self, worker: str, device: str) -> Job | None:
         """Takes the oldest queued job this device may run; None when there is none.
 
-        A worker on `cuda:1` serves specs asking for auto, cuda or cuda:1; the conditional
-        UPDATE makes sure exactly one worker wins each job."""
+        A worker on `cuda:1` serves specs asking for auto, cuda or cuda:1, a Ray dispatcher
+        (`ray`) every spec; the conditional UPDATE makes sure exactly one worker wins each job."""
         kinds = {"auto", device, device.split(":")[0]}
         if device == "cuda":
             kinds.add("cuda:0")
         while True:
             with self.session() as s:
-                job_id = s.scalar(select(Job.id).where(Job.status == "queued", Job.device.in_(kinds))
-                                  .order_by(Job.created_at, Job.id).limit(1))
+                query = select(Job.id).where(Job.status == "queued")
+                if device != "ray":
+                    query = query.where(Job.device.in_(kinds))
+                job_id = s.scalar(query.order_by(Job.created_at, Job.id).limit(1))
             if job_id is None:
                 return None
             now = time.time()
@@ -342,6 +344,13 @@ class Store:
     def total_evaluations(self, owner: str | None = None) -> int:
         with self.session() as s:
             return int(s.scalar(_owned(select(func.coalesce(func.sum(Job.evaluations), 0)), owner)) or 0)
+
+    def running_progress(self, owner: str | None = None) -> list[tuple[str, dict]]:
+        """(job id, latest progress event) of every running job that has reported progress."""
+        with self.session() as s:
+            rows = s.execute(_owned(select(Job.id, Job.progress), owner)
+                             .where(Job.status == "running", Job.progress.is_not(None))).all()
+        return [(job_id, progress) for job_id, progress in rows if isinstance(progress, dict)]
 
     def durations(self, owner: str | None = None) -> list[tuple[str, float]]:
         """(kind, seconds from start to end) of every finished job that ran."""

@@ -156,15 +156,22 @@ class Worker:
     """Serves one device; `serve_forever()` until SIGTERM/SIGINT (or its parent process exits)."""
 
     def __init__(self, settings: Settings, device: str, store: Store | None = None, parent_pid: int | None = None):
-        self.settings, self.device = settings, device
+        """`device`: cpu, cuda or cuda:N; with `settings.ray_address` the worker claims jobs of any
+        device and runs them on that Ray cluster (service/ray_dispatch.py)."""
+        self.settings, self.ray_address = settings, settings.ray_address
+        self.device = "ray" if self.ray_address else device
         self.store = store or Store(settings.database_url)
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
         self.parent_pid = parent_pid
         self.stopping = threading.Event()
 
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        if self.ray_address:
+            from .ray_dispatch import connect
+
+            connect(self.ray_address)
         log.info("worker %s serving %s", self.id, self.settings.database_url)
         checked = -math.inf
         while not self.stopping.is_set():
@@ -213,13 +220,20 @@ class Worker:
         try:
             from .schemas import parse_spec
 
-            spec = parse_spec(job.spec).model_copy(update={"device": self.device})  # claim() matched them
+            spec = parse_spec(job.spec)
             job_dir = self.settings.job_dir(job.id)
             job_dir.mkdir(parents=True, exist_ok=True)
             hooks = Hooks(emit, should_stop)
-            if job.kind == "merge":
+            if self.ray_address:  # the work runs on the cluster; the lease, queue and outcome stay here
+                from .ray_dispatch import run_on_ray
+
+                candidates, summary, complete = run_on_ray(self.settings, job, spec, should_stop, job.attempts > 1)
+                stopped = not complete
+            elif job.kind == "merge":
+                spec = spec.model_copy(update={"device": self.device})  # claim() matched them
                 candidates, summary = run_merge(spec, job_dir, hooks)
             else:  # a search returns early when asked to stop
+                spec = spec.model_copy(update={"device": self.device})
                 candidates, summary, complete = run_evolve(spec, job_dir, hooks, resume=job.attempts > 1)
                 stopped = not complete
             self.store.set_candidates(job.id, candidates)
@@ -257,9 +271,10 @@ def _free_device_memory() -> None:
 
 
 def run_worker(db_url: str | None = None, artifacts: str | os.PathLike | None = None, device: str = "cpu",
-               settings: Settings | None = None, parent_pid: int | None = None) -> None:
+               settings: Settings | None = None, parent_pid: int | None = None, ray_address: str | None = None) -> None:
     """Runs a worker in this process until SIGTERM/SIGINT; what `evomerge worker` calls."""
-    settings = (settings or Settings.from_env()).with_(db_url=db_url, artifacts=Path(artifacts) if artifacts else None)
+    settings = (settings or Settings.from_env()).with_(db_url=db_url, artifacts=Path(artifacts) if artifacts else None,
+                                                       ray_address=ray_address)
     Worker(settings, device, parent_pid=parent_pid).serve_forever()
 
 
@@ -271,6 +286,8 @@ def worker_command(settings: Settings, device: str, parent_pid: int | None = Non
            "--poll", str(settings.poll_seconds)]
     if parent_pid:
         cmd += ["--parent-pid", str(parent_pid)]
+    if settings.ray_address:
+        cmd += ["--ray-address", settings.ray_address]
     return cmd
 
 
@@ -283,11 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stale", type=float, help="seconds without heartbeat after which a job is resumed elsewhere")
     ap.add_argument("--poll", type=float, help="seconds between queue polls when idle")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    ap.add_argument("--ray-address", help="run the jobs on this Ray cluster (default: $EVOMERGE_RAY_ADDRESS)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env().with_(db_url=args.db, artifacts=Path(args.artifacts) if args.artifacts else None,
                                          heartbeat_seconds=args.heartbeat, stale_seconds=args.stale,
-                                         poll_seconds=args.poll)
+                                         poll_seconds=args.poll, ray_address=args.ray_address)
     Worker(settings, args.device, parent_pid=args.parent_pid).serve_forever()
     return 0
 

@@ -165,12 +165,18 @@ def _service_commands(sub) -> None:
                    help="folder model paths must lie in (repeatable; default: $EVOMERGE_MODEL_ROOTS or the CWD)")
     p.add_argument("--devices", help="comma-separated devices to start workers on; '' for none "
                                      "(default: every GPU, or the CPU)")
+    p.add_argument("--ray-address", help="run jobs on this Ray cluster (auto, HOST:PORT, ray://HOST:PORT) instead of "
+                                         "one worker per device (default: $EVOMERGE_RAY_ADDRESS)")
+    p.add_argument("--ray-jobs", type=int, help="with --ray-address: jobs running at once (default: "
+                                                "$EVOMERGE_RAY_JOBS or 4)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run jobs from the store on one device")
     p.add_argument("--db", help="SQLAlchemy URL (default: $EVOMERGE_DB)")
     p.add_argument("--artifacts", help="artifacts folder (default: $EVOMERGE_ARTIFACTS or ./artifacts)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--ray-address", help="run the jobs of every device on this Ray cluster "
+                                         "(default: $EVOMERGE_RAY_ADDRESS)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a job spec to the service")

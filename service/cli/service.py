@@ -14,7 +14,8 @@ def cmd_serve(args) -> None:
     from service.serve import serve
 
     devices = None if args.devices is None else [d.strip() for d in args.devices.split(",") if d.strip()]
-    serve(args.host, args.port, args.db, args.artifacts, args.model_roots, devices)
+    serve(args.host, args.port, args.db, args.artifacts, args.model_roots, devices, ray_address=args.ray_address,
+          ray_jobs=args.ray_jobs)
 
 
 def cmd_worker(args) -> None:
@@ -23,7 +24,7 @@ def cmd_worker(args) -> None:
     from service.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_worker(args.db, args.artifacts, args.device)
+    run_worker(args.db, args.artifacts, args.device, ray_address=args.ray_address)
 
 
 def _progress_line(ev: dict) -> str | None:

@@ -76,7 +76,8 @@ def favicon():
 
 class StoreMetrics:
     """A prometheus_client collector over the job store (so it covers every worker), limited to
-    `owner`'s jobs unless None: queue depth, jobs by state, evaluations, run time of finished jobs."""
+    `owner`'s jobs unless None: queue depth, jobs by state, evaluations, each running job's
+    evaluators' candidates and throughput, run time of finished jobs."""
 
     def __init__(self, store: Store, owner: str | None):
         self.store, self.owner = store, owner
@@ -90,6 +91,18 @@ class StoreMetrics:
         yield jobs
         yield CounterMetricFamily("evomerge_evaluations", "Candidate evaluations reported by jobs.",
                                   value=self.store.total_evaluations(self.owner))
+        scored = GaugeMetricFamily("evomerge_evaluator_candidates", "Candidates each evaluator of a running "
+                                   "job has scored (execution: ray gives one per actor).", labels=["job", "evaluator"])
+        rate = GaugeMetricFamily("evomerge_evaluator_candidates_per_minute", "Each evaluator's throughput while "
+                                 "busy, in candidates per minute.", labels=["job", "evaluator"])
+        for job_id, progress in self.store.running_progress(self.owner):
+            for e in progress.get("evaluators") or []:
+                labels = [job_id, str(e.get("evaluator"))]
+                scored.add_metric(labels, e.get("candidates") or 0)
+                if e.get("candidates_per_minute") is not None:
+                    rate.add_metric(labels, e["candidates_per_minute"])
+        yield scored
+        yield rate
         by_kind: dict[str, list[float]] = defaultdict(list)
         for kind, seconds in self.store.durations(self.owner):
             by_kind[kind].append(seconds)
