@@ -112,3 +112,15 @@ def test_a_killed_dispatcher_job_resumes_elsewhere(service):
     assert final["status"] == "succeeded" and final["attempts"] == 2, final["error"]
     generations = [e["generation"] for e in client.events(job["id"]) if e["type"] == "progress"]
     assert generations == sorted(generations) and generations[-1] == 6  # went on, did not start over
+
+
+def test_ray_backend_without_ray_is_a_4xx_naming_the_field(tmp_path, models, monkeypatch):  # noqa: F811
+    import evolve.execution
+
+    monkeypatch.setattr(evolve.execution, "ray_available", lambda: False)
+    settings = Settings(artifacts=tmp_path / "artifacts", model_roots=(models,))
+    with BackgroundServer(settings) as url, Client(url) as client:
+        client.upload_benchmark("arith", BENCH.encode())
+        r = httpx.post(f"{url}/v1/jobs", json=evolve_spec() | {"execution": {"backend": "ray", "evaluators": 2}})
+    assert 400 <= r.status_code < 500 and r.json()["field"] == "execution.backend", r.text
+    assert "ray is not installed" in r.json()["detail"]
