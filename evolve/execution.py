@@ -33,22 +33,22 @@ def ray_available() -> bool:
 
 @dataclass
 class EvaluatorStats:
-    """What one evaluator did: tasks by kind and the seconds they took (the driver's clock,
-    dispatch to result)."""
+    """What one evaluator did: tasks and their seconds by kind (the driver's clock, dispatch to
+    result), and how often it was replaced."""
 
     tasks: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
     replaced: int = 0
 
     def add(self, method: str, seconds: float) -> None:
         self.tasks[method] = self.tasks.get(method, 0) + 1
-        self.seconds += seconds
+        self.seconds[method] = self.seconds.get(method, 0.0) + seconds
 
     def to_json(self, i: int) -> dict[str, Any]:
-        n = self.tasks.get("estimate", 0)
-        return {"evaluator": i, "tasks": dict(self.tasks), "candidates": n, "busy_seconds": round(self.seconds, 3),
-                "candidates_per_minute": round(60 * n / self.seconds, 3) if self.seconds and n else None,
-                "replaced": self.replaced}
+        n, busy = self.tasks.get("estimate", 0), self.seconds.get("estimate", 0.0)
+        return {"evaluator": i, "tasks": dict(self.tasks), "candidates": n,
+                "busy_seconds": round(sum(self.seconds.values()), 3), "candidate_seconds": round(busy, 3),
+                "candidates_per_minute": round(60 * n / busy, 3) if busy and n else None, "replaced": self.replaced}
 
 
 class LocalPool:

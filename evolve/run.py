@@ -350,7 +350,8 @@ def load_run(out_dir: str | os.PathLike) -> tuple[EvolveSpec, list[Candidate]]:
     out = Path(out_dir)
     if not (out / "spec.json").is_file():
         raise ValueError(f"{out}: not an evolve run folder (no spec.json)")
-    return EvolveSpec.model_validate_json((out / "spec.json").read_text()), read_candidates(out / CANDIDATES_FILE)
+    spec = EvolveSpec.model_validate_json((out / "spec.json").read_text(), context={"recorded": True})
+    return spec, read_candidates(out / CANDIDATES_FILE)
 
 
 def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fitness.spec import EvaluationSpec, ObjectiveSpec, share_subsets
 from merging.spec import JobBase
@@ -52,10 +52,10 @@ class ExecutionSpec(BaseModel):
     cpus_per_evaluator: float = Field(1, gt=0, le=256, description="ray: CPU threads per evaluator")
 
     @model_validator(mode="after")
-    def _backend(self) -> "ExecutionSpec":
+    def _backend(self, info: ValidationInfo) -> "ExecutionSpec":
         if self.backend == "local" and self.evaluators > 1:
             raise ValueError("execution.evaluators: the local backend runs one evaluator; use backend: ray for more")
-        if self.backend == "ray":
+        if self.backend == "ray" and not (info.context or {}).get("recorded"):  # a run's spec.json: read, not run
             from .execution import RAY_MISSING, ray_available
 
             if not ray_available():

@@ -32,6 +32,17 @@ def tiny_zoo_manifest(tiny_zoo) -> dict:
     return json.loads((tiny_zoo / "zoo.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A real local Ray cluster with 2 CPUs, started once for the session; its address (what
+    another process's `ray.init(address=...)` or a spec's `execution.address` names)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """One torch thread in the test process: on 2 shared cores, two threads stall on each

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
+from factories import state_dict
 from test_evolve import spec_for
 
 from core.hooks import Hooks
-from evolve import EvolveSpec, run
+from evolve import EvolveSpec, export, run
 from evolve.execution import RayPool
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def nsga2(zoo, manifest, **execution):
@@ -52,9 +47,10 @@ def local_run(tiny_zoo, tiny_zoo_manifest, tmp_path_factory):
     return out
 
 
-def test_two_evaluators_give_the_local_backends_run(cluster, local_run, tiny_zoo, tiny_zoo_manifest, tmp_path):
+def test_two_evaluators_give_the_local_backends_run(ray_cluster, local_run, tiny_zoo, tiny_zoo_manifest, tmp_path,
+                                                    monkeypatch):
     events = []
-    result = run(nsga2(tiny_zoo, tiny_zoo_manifest, address=cluster), tmp_path / "ray", hooks=Hooks(events.append))
+    result = run(nsga2(tiny_zoo, tiny_zoo_manifest, address=ray_cluster), tmp_path / "ray", hooks=Hooks(events.append))
     same_run(local_run, tmp_path / "ray")
     evaluators = result.cost["evaluators"]
     assert len(evaluators) == 2 and sum(e["candidates"] for e in evaluators) == 12
@@ -63,9 +59,16 @@ def test_two_evaluators_give_the_local_backends_run(cluster, local_run, tiny_zoo
     assert [len(e["evaluators"]) for e in events if e["type"] == "progress"] == [2, 2]
     # the actors are gone with the job
     assert not [a for a in ray.util.list_named_actors() if a.startswith("evomerge-")]
+    # a run made on Ray exports where Ray is missing (exporting needs none)
+    import evolve.execution
+
+    monkeypatch.setattr(evolve.execution, "ray_available", lambda: False)
+    ours = state_dict(export(tmp_path / "ray", result.knee, tmp_path / "knee"))
+    theirs = state_dict(export(local_run, result.knee, tmp_path / "local-knee"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_killed_actor_is_replaced_and_its_candidate_retried(cluster, local_run, tiny_zoo, tiny_zoo_manifest,
+def test_a_killed_actor_is_replaced_and_its_candidate_retried(ray_cluster, local_run, tiny_zoo, tiny_zoo_manifest,
                                                               tmp_path):
     killed = []
 
@@ -75,7 +78,7 @@ def test_a_killed_actor_is_replaced_and_its_candidate_retried(cluster, local_run
             ray.kill(ray.get_actor(name))
             killed.append(name)
 
-    result = run(nsga2(tiny_zoo, tiny_zoo_manifest, address=cluster), tmp_path / "ray", hooks=Hooks(kill_one))
+    result = run(nsga2(tiny_zoo, tiny_zoo_manifest, address=ray_cluster), tmp_path / "ray", hooks=Hooks(kill_one))
     assert killed and sum(e["replaced"] for e in result.cost["evaluators"]) == 1
     rows = records(tmp_path / "ray")
     assert len(rows) == 12 and len({r["key"] for r in rows}) == 12  # every candidate scored and recorded once
@@ -92,8 +95,8 @@ run(spec, {out!r}, hooks=Hooks(lambda e: e["type"] == "progress" and os.kill(os.
 """
 
 
-def test_a_killed_driver_resumes_to_the_same_run(cluster, local_run, tiny_zoo, tiny_zoo_manifest, tmp_path):
-    spec = nsga2(tiny_zoo, tiny_zoo_manifest, address=cluster)
+def test_a_killed_driver_resumes_to_the_same_run(ray_cluster, local_run, tiny_zoo, tiny_zoo_manifest, tmp_path):
+    spec = nsga2(tiny_zoo, tiny_zoo_manifest, address=ray_cluster)
     tests = str(Path(__file__).parents[1])
     code = DRIVER.format(root=str(Path(tests).parent), tests=tests, spec=spec, out=str(tmp_path / "ray"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
@@ -119,7 +122,7 @@ class Fragile:
         return x * 2 if isinstance(x, int) else x
 
 
-def test_a_task_that_kills_its_actor_twice_fails_naming_it(cluster, tmp_path):
+def test_a_task_that_kills_its_actor_twice_fails_naming_it(ray_cluster, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     pool = RayPool(Fragile, (str(tmp_path / "marker"),), 2, {"num_cpus": 0.5})
     try:

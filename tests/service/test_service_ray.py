@@ -24,17 +24,10 @@ from service.serve import BackgroundServer
 pytestmark = pytest.mark.service
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.fixture
-def service(tmp_path, models, cluster):  # noqa: F811
+def service(tmp_path, models, ray_cluster):  # noqa: F811
     settings = Settings(artifacts=tmp_path / "artifacts", model_roots=(models,), heartbeat_seconds=0.3,
-                        stale_seconds=2.0, poll_seconds=0.2, ray_address=cluster)
+                        stale_seconds=2.0, poll_seconds=0.2, ray_address=ray_cluster)
     workers = Workers(settings)
     with BackgroundServer(settings) as url, Client(url) as client:
         client.upload_benchmark("arith", BENCH.encode())
