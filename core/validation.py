@@ -38,8 +38,10 @@ def off_schema(message: str) -> PydanticCustomError:
 
 
 def _not_empty(value: Any) -> Any:
-    if isinstance(value, str) and not value.strip():
+    if value == "":
         raise off_schema("must not be empty")  # Path("") would silently be "." (the working folder)
+    if isinstance(value, str) and not value.strip():  # fits the schema's minLength, names no path
+        raise ValueError("must not be blank (whitespace only)")
     return value
 
 

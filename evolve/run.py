@@ -370,3 +370,19 @@ def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.Pa
                  params=space.params_for_tensor(np.array(c.genome)),
                  card_extra={"candidate": c.id, "candidate_params": c.params, "objectives": c.objectives,
                              "true_objectives": c.true_objectives})
+
+
+def export_mergekit(out_dir: str | os.PathLike, candidate_id: int) -> dict[str, Any]:
+    """Candidate `candidate_id` of a run as a mergekit config that reproduces it (merging/mergekit.py)."""
+    from merging.mergekit import base_layout, to_mergekit
+
+    spec, cands = load_run(out_dir)
+    by_id = {c.id: c for c in cands}
+    if candidate_id not in by_id:
+        raise ValueError(f"candidate {candidate_id} is not in {out_dir} (ids 0..{len(cands) - 1})")
+    names, _, floating = base_layout(spec.base)
+    merge_spec = MergeSpec(base=spec.base, models=spec.models, method=spec.method, params=spec.params,
+                           output=spec.output)
+    params = search_space(spec).params_for_tensor(np.array(by_id[candidate_id].genome))
+    return to_mergekit(merge_spec, params, names, floating)
+

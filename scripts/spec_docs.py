@@ -33,6 +33,7 @@ MODELS = [
     "merging.spec.MergeSpec",
     "merging.spec.ModelRef",
     "merging.spec.OutputSpec",
+    "merging.mergekit.MergekitSpec",
     "evolve.spec.EvolveSpec",
     "evolve.spec.SearchSpec",
     "evolve.spec.FinalCheckSpec",

@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
+from .jobs import one_line
 from .schemas import SpecError, describe_error
-from .worker import one_line
 
 REQUEST_PARTS = ("query", "path", "body", "header")  # where FastAPI says a parameter came from; not a field
 

@@ -2,15 +2,15 @@
 
 Building a candidate's HF folder can take minutes (an evolve candidate is merged again), longer
 than a client should hold a request open: the route answers 202 + Retry-After while a thread
-builds the tar (`service.worker.build_checkpoint_tar`), and serves the file once it exists.
+builds the tar (`service.jobs.build_checkpoint_tar`), and serves the file once it exists.
 """
 from __future__ import annotations
 
 import threading
 
 from .config import Settings
+from .jobs import build_checkpoint_tar, one_line
 from .store import Job
-from .worker import build_checkpoint_tar, one_line
 
 
 class Exports:

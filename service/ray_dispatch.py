@@ -60,9 +60,9 @@ def run_job(kind: str, spec_data: dict, job_dir: str, resume: bool, db_url: str,
     """The Ray task: the job's work as the worker would do it, events straight to the store."""
     from core.hooks import Hooks
 
+    from .jobs import jsonable, run_evolve, run_merge
     from .schemas import parse_spec
     from .store import Store
-    from .worker import jsonable, run_evolve, run_merge
 
     spec = parse_spec(spec_data)
     if not (kind == "evolve" and spec.execution.backend == "ray"):
@@ -79,7 +79,7 @@ def run_job(kind: str, spec_data: dict, job_dir: str, resume: bool, db_url: str,
 
     hooks = Hooks(lambda data: store.add_event(job_id, jsonable(data)), should_stop)
     try:
-        if kind == "merge":
+        if kind in ("merge", "mergekit"):
             candidates, summary = run_merge(spec, Path(job_dir), hooks)
             return candidates, summary, True
         return run_evolve(spec, Path(job_dir), hooks, resume=resume)

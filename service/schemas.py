@@ -1,8 +1,8 @@
 """The one job spec, shared by the CLI (YAML), the REST API (JSON) and Python, and its checks.
 
 `JobSpec` is a pydantic union told apart by `kind`: `merge` (one merge with fixed
-parameters, `merging.MergeSpec`) or `evolve` (a Pareto search, `evolve.spec.EvolveSpec`,
-when that module is installed). Parsing checks shapes and types (`parse_spec`, status
+parameters, `merging.MergeSpec`), `evolve` (a Pareto search, `evolve.spec.EvolveSpec`) or
+`mergekit` (a mergekit config, `merging.mergekit.MergekitSpec`). Parsing checks shapes and types (`parse_spec`, status
 422); `check_spec` then checks what the spec refers to, against the server's view of the
 world (status 400): model paths lie inside the allowed model roots once symlinks are
 resolved, the folders exist and share the base's tensor names and shapes, the device is
@@ -23,10 +23,11 @@ from core.errors import CheckpointError
 from core.validation import error_message, field_path, json_text, non_finite
 from evolve.spec import EvolveSpec
 from merging.checkpoint import CheckpointReader
+from merging.mergekit import MergekitSpec
 from merging.spec import MergeSpec
 
-JobSpec = Annotated[Union[MergeSpec, EvolveSpec], Field(discriminator="kind")]
-KINDS: tuple[str, ...] = ("merge", "evolve")
+JobSpec = Annotated[Union[MergeSpec, EvolveSpec, MergekitSpec], Field(discriminator="kind")]
+KINDS: tuple[str, ...] = ("merge", "evolve", "mergekit")
 
 _ADAPTER = TypeAdapter(JobSpec)
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w\[\].]*): ")
@@ -151,6 +152,8 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     roots, ex = list(model_roots), list(excluded)
     if not device_accepted(spec.device, devices):
         raise SpecError("device", f"no worker serves {spec.device} (served: {', '.join(devices)})")
+    if spec.kind == "mergekit":
+        return _check_mergekit(spec, roots, ex)
     if spec.base is None:  # c2m3, weight_matching: no base; the models share names and shapes
         return _check_baseless(spec, roots, ex, uploaded_benchmark)
     base = resolve_path(spec.base, "base", roots, excluded=ex)
@@ -205,6 +208,30 @@ def check_plan_budgets(spec: Any, gpu_memory: int | None, host_memory: int | Non
         raise SpecError(getattr(e, "field", "base"), getattr(e, "message", str(e))) from None
     if not plan.fits:
         raise SpecError(plan.error.field, plan.error.message)
+
+
+def _check_mergekit(spec: MergekitSpec, roots: list[Path], ex: list[Path]) -> MergekitSpec:
+    """A mergekit config: its models inside the roots and alike, every parameter resolvable for
+    every tensor of the base (`merging.mergekit.to_merge`)."""
+    from merging.mergekit import base_layout, to_merge
+    from merging.task_vectors import open_inputs
+
+    models = [m.model_copy(update={"model": str(resolve_path(Path(m.model), f"models[{i}].model", roots, excluded=ex))})
+              for i, m in enumerate(spec.models)]
+    base = None if spec.base_model is None else str(resolve_path(Path(spec.base_model), "base_model", roots,
+                                                                 excluded=ex))
+    checked = spec.model_copy(update={"models": models, "base_model": base})
+    base_dir = base or models[0].model
+    try:
+        names, n_layers, _ = base_layout(base_dir)
+        merge_spec, _, _ = to_merge(checked, names, n_layers)
+        open_inputs(base_dir, [m.path for m in merge_spec.models])
+    except CheckpointError as e:
+        raise SpecError("base_model" if e.field in (None, "base") else "models", str(e)) from None
+    except ValueError as e:
+        m = _FIELD_PREFIX.match(str(e))
+        raise SpecError(m.group(1) if m else "parameters", str(e)[m.end():] if m else str(e)) from None
+    return checked
 
 
 def _check_baseless(spec: Any, roots: list[Path], ex: list[Path], uploaded: Callable[[str], Path | None]) -> Any:

@@ -24,46 +24,17 @@ import os
 import signal
 import socket
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from core.fs import atomic_file
 from core.hooks import Hooks, Stopped
 
 from .config import Settings
+from .jobs import jsonable, one_line, run_evolve, run_merge
 from .store import Job, Store
 
 log = logging.getLogger("evomerge.worker")
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON for the store and the browser: numpy scalars to numbers, NaN/inf to None."""
-    if hasattr(obj, "to_json") and callable(obj.to_json):
-        obj = obj.to_json()
-    elif hasattr(obj, "__dataclass_fields__"):
-        obj = dict(obj.__dict__)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return jsonable(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    return str(obj)
-
-
-def one_line(e: BaseException) -> str:
-    """An error as the user sees it: the message's first line, with the type for unexpected errors."""
-    msg = (str(e).strip().splitlines() or [""])[0]
-    if isinstance(e, (ValueError, OSError)) and msg:
-        return msg
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 class Lease(threading.Thread):
@@ -89,67 +60,6 @@ class Lease(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(timeout=5)
-
-
-# -- running one job ------------------------------------------------------------------------
-
-def run_merge(spec, job_dir: Path, hooks: Hooks):
-    """One merge into job_dir/model; the result is candidate 0 with the spec's parameters. A
-    training method (ATM) resumes from its state beside job_dir/model."""
-    from merging import merge
-    from merging.methods import get_method
-
-    hooks.emit({"type": "stage", "stage": "merging" if get_method(spec.method).kind != "training" else spec.method})
-    merge(spec, job_dir / "model", overwrite=True, progress=False, hooks=hooks)
-    candidates = [{"id": 0, "params": spec.params, "objectives": {}, "true_objectives": None, "on_front": True}]
-    return candidates, {"knee": 0, "objectives": []}
-
-
-def run_evolve(spec, job_dir: Path, hooks: Hooks, resume: bool):
-    """A Pareto search in job_dir/search (checkpointed there); the result is its front."""
-    import evolve
-
-    def progress(event) -> None:
-        data = jsonable(event)
-        data.setdefault("type", "progress")
-        hooks.emit(data)
-
-    result = evolve.run(spec, job_dir / "search", hooks=Hooks(progress, hooks.should_stop), resume=resume)
-    from evolve.search import CANDIDATES_FILE, read_candidates
-
-    front = [jsonable(c) | {"on_front": True} for c in result.front]
-    on_front = {c["id"] for c in front}
-    dominated = [jsonable(c) | {"on_front": False}
-                 for c in read_candidates(job_dir / "search" / CANDIDATES_FILE) if c.id not in on_front]
-    summary = {"knee": jsonable(result.knee), "hypervolume": jsonable(result.hypervolume),
-               "true_hypervolume": jsonable(result.true_hypervolume), "cost": jsonable(result.cost),
-               "objectives": [o["name"] for o in result.objectives],
-               "senses": {o["name"]: o["sense"] for o in result.objectives}}
-    return front + dominated, summary, result.complete
-
-
-def build_checkpoint_tar(settings: Settings, job: Job, cid: int) -> Path:
-    """The tar of candidate `cid` as a HF folder (exported first for evolve jobs); cached on disk."""
-    job_dir = settings.job_dir(job.id)
-    exports = job_dir / "exports"
-    tar_path = exports / f"{cid}.tar"
-    if tar_path.is_file():
-        return tar_path
-    exports.mkdir(parents=True, exist_ok=True)
-    if job.kind == "merge":
-        folder = job_dir / "model"
-    else:
-        import evolve
-
-        folder = exports / str(cid)
-        if not (folder / "config.json").is_file():
-            # on the CPU where export allows it: the API process should not compete with workers for a GPU
-            evolve.export(job_dir / "search", cid, folder, overwrite=True, device="cpu")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the output of job {job.id} is missing from the artifacts folder")
-    with atomic_file(tar_path) as tmp, tarfile.open(tmp, "w") as tf:
-        tf.add(folder, arcname=f"{job.id}-{cid}")
-    return tar_path
 
 
 class Worker:
@@ -229,7 +139,7 @@ class Worker:
 
                 candidates, summary, complete = run_on_ray(self.settings, job, spec, should_stop, job.attempts > 1)
                 stopped = not complete
-            elif job.kind == "merge":
+            elif job.kind in ("merge", "mergekit"):
                 spec = spec.model_copy(update={"device": self.device})  # claim() matched them
                 candidates, summary = run_merge(spec, job_dir, hooks)
             else:  # a search returns early when asked to stop

@@ -25,6 +25,8 @@ from .ties import TiesParams, disjoint_merge, indicator_positive
 class DareParams(TiesParams):
     density: float | list[float] = Field(0.5, description="probability of keeping each entry")
     seed: int = 0
+    normalize: bool | None = Field(None, description="divide by the (agreeing) weights' sum; default: true for "
+                                   "dare_ties (the disjoint mean), false for dare_linear (the weighted sum)")
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor:
@@ -46,10 +48,13 @@ def _dropped(deltas, p: DareParams, name: str):
 @register("dare_linear", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)}, sums=True)
 def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
     """Random drop and rescale, then task arithmetic."""
-    return base + p.lambda_ * weighted_sum(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))
+    w = p.per_model("weights", len(deltas), 1.0)
+    total = sum(w) if p.normalize and abs(sum(w)) >= 1e-8 else 1.0  # mergekit's divisor rule
+    return base + (p.lambda_ / total) * weighted_sum(_dropped(deltas, p, name), w)
 
 
 @register("dare_ties", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
 def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
     """Random drop and rescale, then TIES sign election and disjoint mean."""
-    return base + p.lambda_ * disjoint_merge(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0))
+    return base + p.lambda_ * disjoint_merge(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0),
+                                             p.normalize is not False)

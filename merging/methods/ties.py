@@ -10,7 +10,8 @@ Three steps per parameter (paper, Algorithm 1):
 
 Weights multiply the trimmed vectors before the sign election and normalize the disjoint
 mean, as in mergekit's `ties` (normalize: true), so that equal parameters give equal
-results. Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 1.
+results; `normalize: false` keeps the agreeing weighted sum (mergekit's normalize: false).
+Defaults: density 0.2 (the paper keeps the top 20%), weights 1, lambda 1, normalize true.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from .registry import MethodParams, register
 class TiesParams(MethodParams):
     density: float | list[float] = Field(0.2, description="fraction of each task vector kept (one value or one per model)")
     lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = Field(True, description="divide the agreeing weighted sum by the agreeing weights (the "
+                            "disjoint mean); false: the sum (mergekit's normalize)")
 
     @field_validator("density")
     @classmethod
@@ -65,8 +68,9 @@ def indicator_positive(x: torch.Tensor) -> torch.Tensor:
     return x.sign_().clamp_(min=0)
 
 
-def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Sign election and disjoint weighted mean over (already sparsified) task vectors.
+def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """Sign election and disjoint weighted mean over (already sparsified) task vectors; without
+    `normalize`, the agreeing weighted sum.
 
     Computed model by model (no stacked copy): memory is the inputs plus four tensors."""
     elected = torch.zeros_like(tvs[0])
@@ -79,6 +83,8 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
         agree = indicator_positive(t.sign().mul_(gamma).mul_(sign_w))  # 1 where sign(w t) = gamma
         num.addcmul_(t, agree, value=w)
         den.add_(agree, alpha=w)
+    if not normalize:
+        return num
     empty = indicator_positive(den.abs().sub_(1e-8).neg_())  # |den| < 1e-8: no model agrees, divide by 1
     return num.div_(den.add_(empty.mul_(1 - den)))
 
@@ -91,4 +97,4 @@ def ties(base: torch.Tensor, deltas, p: TiesParams, name: str, ctx: Sequence[Tri
     if ctx is None:
         ctx = ties_context([lambda t=t: [t.reshape(-1)] for t in deltas], deltas[0].numel(), p, name)
     trimmed = [apply_trim(t, c, offset) for t, c in zip(deltas, ctx)]
-    return base + p.lambda_ * disjoint_merge(trimmed, p.per_model("weights", len(deltas), 1.0))
+    return base + p.lambda_ * disjoint_merge(trimmed, p.per_model("weights", len(deltas), 1.0), p.normalize)

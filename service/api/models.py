@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from service.store import BenchmarkRow, CandidateRow, Job
 
 Number = Union[int, float]
-Kind = Literal["merge", "evolve"]
+Kind = Literal["merge", "evolve", "mergekit"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # store.STATES
 
 

@@ -17,6 +17,15 @@ def cmd_merge(args) -> None:
     data = load_spec_file(args.spec)
     if args.device:
         data["device"] = args.device
+    if "merge_method" in data:  # a mergekit config
+        from merging.mergekit import merge_mergekit
+
+        out, notes = merge_mergekit(data, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                                    threads=args.threads)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(out)
+        return
     spec = strict_spec(MergeSpec, data)
     out = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet, threads=args.threads)
     print(out)
@@ -77,7 +86,19 @@ def cmd_plan(args) -> None:
 def cmd_export(args) -> None:
     from evolve import export
 
-    print(export(args.run, args.candidate, args.out, overwrite=args.overwrite, progress=not args.quiet))
+    if args.out is None and args.mergekit_yaml is None:
+        raise SystemExit("evomerge export: give --out DIR (a HF folder), --mergekit-yaml FILE, or both")
+    if args.mergekit_yaml:
+        import yaml
+
+        from core.fs import atomic_write
+        from evolve.run import export_mergekit
+
+        atomic_write(Path(args.mergekit_yaml), yaml.safe_dump(export_mergekit(args.run, args.candidate),
+                                                              sort_keys=False))
+        print(args.mergekit_yaml)
+    if args.out:
+        print(export(args.run, args.candidate, args.out, overwrite=args.overwrite, progress=not args.quiet))
 
 
 def cmd_zoo_build(args) -> None:

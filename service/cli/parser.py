@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _library_commands(sub) -> None:
-    p = sub.add_parser("merge", help="merge models as a spec of kind: merge says")
-    p.add_argument("spec", help="YAML job spec (kind: merge)")
+    p = sub.add_parser("merge", help="merge models as a spec of kind: merge (or a mergekit config) says")
+    p.add_argument("spec", help="YAML job spec (kind: merge), or a mergekit YAML config (merge_method: ...)")
     p.add_argument("--out", required=True, help="output HF model folder (must not exist)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the spec)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -87,7 +87,8 @@ def _library_commands(sub) -> None:
     p = sub.add_parser("export", help="write one candidate of an evolve run as a HF model folder")
     p.add_argument("run", help="the evolve run folder")
     p.add_argument("--candidate", type=int, required=True, help="candidate id (see front.json)")
-    p.add_argument("--out", required=True, help="output HF model folder")
+    p.add_argument("--out", help="output HF model folder")
+    p.add_argument("--mergekit-yaml", help="also (or instead) write a mergekit config that reproduces the candidate")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)

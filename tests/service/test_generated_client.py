@@ -27,6 +27,7 @@ CONFIG = """\
 content_type_overrides:  # bodies the generator reads as bytes
   application/x-ndjson: application/octet-stream
   application/x-tar: application/octet-stream
+  application/yaml: application/octet-stream
   text/csv: application/octet-stream
 post_hooks: []
 """

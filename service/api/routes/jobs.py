@@ -202,3 +202,46 @@ def checkpoint(cid: Annotated[int, PathParam(ge=0, le=2**62)], job: VisibleJob, 
     if error:
         raise ApiError(500, f"building the checkpoint failed: {error}")
     return JSONResponse({"detail": "the checkpoint is being built; retry shortly"}, 202, headers={"Retry-After": "2"})
+
+
+class Yaml(Response):
+    media_type = "application/yaml"
+
+
+@router.get("/v1/jobs/{job_id}/candidates/{cid}/mergekit.yaml",
+            summary="A candidate as a mergekit config that reproduces it (the shared methods only)",
+            response_class=Yaml, responses=refusals(404, 422) | {200: {
+                "description": "mergekit's YAML", "content": {"application/yaml": {"schema": {"type": "string"}}}}})
+def mergekit_yaml(cid: Annotated[int, PathParam(ge=0, le=2**62)], job: VisibleJob, settings: SettingsDep,
+                  store: StoreDep):
+    import yaml
+
+    if store.candidate(job.id, cid) is None:
+        hint = "" if job.status == "succeeded" else f" (the job is {job.status})"
+        raise ApiError(404, f"job {job.id} has no candidate {cid}{hint}")
+    try:
+        config = mergekit_config(job, cid, settings)
+    except ValueError as e:
+        raise ApiError(404, f"candidate {cid} of job {job.id} has no mergekit form: {e}") from None
+    return Yaml(yaml.safe_dump(config, sort_keys=False),
+                headers={"Content-Disposition": f'attachment; filename="{job.id}-{cid}.mergekit.yaml"'})
+
+
+def mergekit_config(job, cid: int, settings) -> dict:
+    """The mergekit config of a job's candidate: an evolve job's from its genome, a merge job's
+    from its parameters, a mergekit job's own."""
+    spec = parse_spec(job.spec)
+    if job.kind == "mergekit":
+        return spec.model_dump(mode="json", exclude={"kind", "device"}, exclude_none=True)
+    if job.kind == "evolve":
+        from evolve.run import export_mergekit
+
+        return export_mergekit(settings.job_dir(job.id) / "search", cid)
+    from merging.mergekit import base_layout, to_mergekit
+    from merging.methods import get_method
+
+    if get_method(spec.method).kind != "tensor":
+        raise ValueError(f"method {spec.method} has no mergekit counterpart")
+    names, _, floating = base_layout(spec.base)
+    params = spec.method_params()
+    return to_mergekit(spec, lambda name: params, names, floating)
