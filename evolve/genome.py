@@ -26,6 +26,7 @@ PER_MODEL = ("weights", "density")
 GLOBAL = ("lambda", "alpha")
 
 # Default bounds per method: what a user gets without `search.space`.
+_INPUT_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|embed_positions|wte|word_embeddings)\.")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -54,7 +55,7 @@ def block_of(name: str, n_layers: int, n_blocks: int) -> int:
         return 0
     layer = layer_index(name)
     if layer is None:
-        return 0 if "embed" in name or name.startswith(("wte", "transformer.wte")) else n_blocks - 1
+        return 0 if _INPUT_EMBEDDING.search(name) else n_blocks - 1
     return min(n_blocks - 1, layer * n_blocks // max(n_layers, 1))
 
 

@@ -147,11 +147,12 @@ class ResidentMerge:
         _trim_heap()
         self.model = _empty_model(base, self.dtype, self.device)
         params = self.model.state_dict()
-        self.targets = {n: params[n] for n in self.names}
+        in_model = model_names(self.model, self.reader.names())
+        self.targets = {n: params[in_model[n]] for n in self.names}
         with torch.no_grad():
             for n in self.reader.names():
                 if n not in self.targets:
-                    params[n].copy_(self.reader.get(n, self.device))
+                    params[in_model[n]].copy_(self.reader.get(n, self.device))
         self.n_layers = getattr(self.model.config, "num_hidden_layers", 1)
         self._last: MethodParams | Callable[[str], MethodParams] | None = None
         self._last_ctx: dict[str, Any] = {}
@@ -296,6 +297,28 @@ def _empty_model(base: str | os.PathLike, dtype: torch.dtype, device: torch.devi
     return model.eval()
 
 
+def model_names(model, names: Sequence[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the name of that tensor in `model` (transformers >= 5 renames some on
+    load, e.g. GPT-NeoX's embed_out -> lm_head); a conversion that fuses tensors is refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoint names are module names
+        return {n: n for n in names}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    out = {}
+    for n in names:
+        renamed, converter = rename_source_key(n, renamings, converters, model.base_model_prefix, state)
+        if converter is not None:
+            raise CheckpointError(f"checkpoint tensor {n} is converted (fused) on load by transformers; "
+                                  "an evolve job needs one model tensor per checkpoint tensor")
+        out[n] = renamed
+    return out
+
+
 def _check_fits_class(base: str | os.PathLike, names: Sequence[str]) -> None:
     """The checkpoint's tensors are the model class's parameters, each one written (directly or
     through a tied one): an uninitialized weight would otherwise go unnoticed."""
@@ -303,6 +326,7 @@ def _check_fits_class(base: str | os.PathLike, names: Sequence[str]) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
+    names = list(model_names(model, names).values())
     have = set(names)
     state = model.state_dict()
     extra = [n for n in names if n not in state]

@@ -102,8 +102,10 @@ def resolve_spec(folder: Path, names: set[str], spec_file: str | None) -> Permut
         return spec_from_module(build_module(cfg))
     if cfg.get("model_type") == "llama":
         return llama_spec(cfg, names)
-    raise CheckpointError(f"models[0] ({folder}): cannot derive a permutation spec from its config.json "
-                          "(neither evomerge_arch nor a Llama); give params.spec (a JSON file)")
+    arch = cfg.get("model_type") or "unknown (config.json has no model_type)"
+    raise CheckpointError(f"models[0] ({folder}): architecture {arch} is not supported by the permutation methods, "
+                          "which derive specs for Llama decoders (model_type llama) and evomerge_arch models; "
+                          "give params.spec (a JSON file)")
 
 
 def repair_batches(data: str, n: int, batch_size: int, tokenizer_from: Path | None, device) -> list:
