@@ -225,3 +225,19 @@ def cmd_irt(args) -> None:
         entry = params_store.save_entry(bench, params, {"source": "imported", "rows": extra["rows"],
                                                         "file": Path(args.params).name})
     print(_entry_line(entry))
+
+
+def cmd_benchmark_import(args) -> None:
+    from core.fs import atomic_write
+    from data.benchmarks import write_benchmark
+    from data.lm_eval_tasks import import_task
+
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError("--num-fewshot: must be 0 or more")
+    items, mapping = import_task(args.lm_eval_task, args.data, args.fewshot_data, args.num_fewshot,
+                                 args.fewshot_sampler, args.limit)
+    out = write_benchmark(args.out, items)
+    atomic_write(Path(f"{args.out}.lm_eval.json"), json.dumps(mapping, indent=2))
+    stop = f"; set evaluation.stop to {mapping['until']}" if mapping.get("until") else ""
+    print(f"{out}: {len(items)} items ({mapping['output_type']}, {mapping['num_fewshot']}-shot){stop}")
+

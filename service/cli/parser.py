@@ -8,6 +8,7 @@ import re
 from service.client import DEFAULT_URL
 
 from .library import (
+    cmd_benchmark_import,
     cmd_cache,
     cmd_compress,
     cmd_evolve,
@@ -204,11 +205,24 @@ def _service_commands(sub) -> None:
     client_args(p)
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("benchmark", help="upload a JSONL benchmark to the service")
-    p.add_argument("name")
-    p.add_argument("file")
-    client_args(p)
-    p.set_defaults(func=cmd_benchmark)
+    p = sub.add_parser("benchmark", help="benchmarks: upload one to the service, or import an lm-eval task")
+    bsub = p.add_subparsers(dest="benchmark_command", required=True)
+    b = bsub.add_parser("upload", help="upload a JSONL benchmark to the service")
+    b.add_argument("name")
+    b.add_argument("file")
+    client_args(b)
+    b.set_defaults(func=cmd_benchmark)
+    b = bsub.add_parser("import", help="an lm-evaluation-harness task over local dataset files, as a JSONL benchmark")
+    b.add_argument("--lm-eval-task", required=True, help="the task's name in the installed lm-eval (e.g. arc_challenge)")
+    b.add_argument("--data", nargs="+", required=True, help="the split to evaluate: Parquet, JSONL or JSON files")
+    b.add_argument("--fewshot-data", nargs="+", help="the task's few-shot split, when it takes few-shot examples")
+    b.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    b.add_argument("--fewshot-sampler", choices=["first_n"], help="take the few-shot split's first examples "
+                                                                   "(where the task samples at random)")
+    b.add_argument("--limit", type=int, help="only the first N documents")
+    b.add_argument("--out", required=True, help="the JSONL benchmark to write; the mapping goes beside it "
+                                                "(OUT.lm_eval.json)")
+    b.set_defaults(func=cmd_benchmark_import)
 
     p = sub.add_parser("demo", help="build the tiny zoo, run an evolve job through the service, download the knee")
     p.add_argument("--out", default="demo-out")
