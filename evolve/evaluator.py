@@ -61,7 +61,7 @@ def resident_merge(spec: EvolveSpec, plan: Plan) -> ResidentMerge:
     store = store_settings_for(DTYPES[plan.dtype], plan.store_kind, ev.store_rank, ev.store_density)
     return ResidentMerge(spec.base, [m.path for m in spec.models], spec.method, device=spec.device, dtype=plan.dtype,
                          store=store, store_device="cpu" if plan.store_where == "host" else None,
-                         reanchor_every=plan.reanchor_every)
+                         reanchor_every=plan.reanchor_every, tokenizer=spec.tokenizer)
 
 
 class Evaluator:

@@ -130,7 +130,7 @@ class ResidentMerge:
 
     def __init__(self, base: str | os.PathLike, models: Sequence[str | os.PathLike], method: str,
                  device: str = "auto", *, dtype: str = "auto", store: StoreSettings | str | None = None,
-                 store_device: str | None = None, reanchor_every: int | None = None):
+                 store_device: str | None = None, reanchor_every: int | None = None, tokenizer: str | None = None):
         _return_freed_memory()
         self.method = get_method(method)
         self.device = resolve_device(device)
@@ -140,7 +140,7 @@ class ResidentMerge:
         self.settings = store
         self.store_device = torch.device(store_device) if store_device else self.device
         self.reanchor_every = reanchor_every or (16 if self.device.type == "cuda" else 1)
-        self.reader, self.sources = open_inputs(base, list(models))
+        self.reader, self.sources = open_inputs(base, list(models), tokenizer)
         self.names = [n for n in self.reader.names() if self.reader.info(n).dtype.is_floating_point]
         _check_fits_class(base, self.reader.names())  # on the meta device, before anything is read
         self.stored = self._build_store()  # before the model: setup's float32 copies never meet it

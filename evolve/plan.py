@@ -294,7 +294,7 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     reanchor = ev.reanchor_every or (16 if dev == "cuda" else 1)
 
     base = Path(spec.base)
-    reader, sources = open_inputs(base, [m.path for m in spec.models])
+    reader, sources = open_inputs(base, [m.path for m in spec.models], spec.tokenizer)
     infos = {n: reader.info(n) for n in reader.names()}
     floating = {n: i for n, i in infos.items() if i.dtype.is_floating_point}
     params = sum(i.numel for i in floating.values())

@@ -115,7 +115,7 @@ def claim_run_folder(out: Path, spec: EvolveSpec, resume: bool, overwrite: bool)
     holding a run is continued only with `resume` (same spec, same inputs) and replaced only with
     `overwrite`; the inputs must open as models that fit the base (the checks `merge` makes)."""
     try:
-        open_inputs(spec.base, [m.path for m in spec.models])
+        open_inputs(spec.base, [m.path for m in spec.models], spec.tokenizer)
     except OSError as e:
         raise ValueError(str(e)) from None
     held = (out / RUN_FILE).is_file() or (out / CANDIDATES_FILE).is_file()
@@ -365,7 +365,7 @@ def export(out_dir: str | os.PathLike, candidate_id: int, model_dir: str | os.Pa
     c = by_id[candidate_id]
     space = search_space(spec)
     merge_spec = MergeSpec(base=spec.base, models=spec.models, method=spec.method, params=spec.params,
-                           output=spec.output, device=device or spec.device)
+                           output=spec.output, device=device or spec.device, tokenizer=spec.tokenizer)
     return merge(merge_spec, model_dir, overwrite=overwrite, progress=progress,
                  params=space.params_for_tensor(np.array(c.genome)),
                  card_extra={"candidate": c.id, "candidate_params": c.params, "objectives": c.objectives,

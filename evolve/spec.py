@@ -99,6 +99,9 @@ class EvolveSpec(JobBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvolveSpec":
+        if self.tokenizer == "union":
+            raise ValueError("tokenizer: union writes a model with a new vocabulary, a merge job's work; evolve with "
+                             "tokenizer: base, or merge the vocabularies first")
         labels = [o.label for o in self.objectives]
         if len(set(labels)) != len(labels):
             raise ValueError("objectives: two objectives measure the same thing (give them distinct names)")

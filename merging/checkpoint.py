@@ -22,7 +22,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -316,8 +316,10 @@ class CheckpointWriter:
         self._written_in_shard += t.numel() * t.element_size()
         self._next += 1
 
-    def finish(self, side_files_from: str | os.PathLike | None = None, card: str | None = None) -> Path:
-        """Closes the last shard, writes the index, side files and model card, then renames into place."""
+    def finish(self, side_files_from: str | os.PathLike | None = None, card: str | None = None,
+               edit: Callable[[Path], None] | None = None) -> Path:
+        """Closes the last shard, writes the index, side files and model card, lets `edit` change
+        the folder's files (a new vocabulary's tokenizer and config), then renames into place."""
         if self._next != len(self._order):
             raise CheckpointError(f"writer finished early: {self._order[self._next]} and others not written")
         while self._shard_i < len(self.shards) - 1:  # shards holding only zero-size tensors
@@ -338,6 +340,8 @@ class CheckpointWriter:
                 _set_config_dtype(self.tmp / "config.json", next(iter(self.dtype_of.values())))
         if card is not None:
             (self.tmp / "README.md").write_text(card)
+        if edit is not None:
+            edit(self.tmp)
         _replace_dir(self.tmp, self.out_dir, self.overwrite)
         self.tmp = None
         return self.out_dir

@@ -33,16 +33,21 @@ from .task_vectors import open_inputs
 
 
 def merged_tensors(reader, sources, method: str, params: MethodParams | Callable[[str], MethodParams],
-                   device: torch.device, names=None, prefetch: int = 1):
+                   device: torch.device, names=None, prefetch: int = 1, union=None):
     """Yields (name, merged float32 tensor on `device`) in the order of `names`; the next
     `prefetch` tensors' inputs are read (and made float32 task vectors) in a background
-    thread while the current one is merged (`core.pipeline.ahead`; 0: no read-ahead)."""
+    thread while the current one is merged (`core.pipeline.ahead`; 0: no read-ahead).
+    `union`: a `merging.vocab.UnionVocab` whose new tokens extend the vocabulary tensors."""
     fn = get_method(method).fn
 
     def load(name: str):
         if not reader.info(name).dtype.is_floating_point:
             return reader.get(name, device), None
         base = reader.get(name, device, torch.float32)
+        if union is not None and name in union.names:
+            p = params(name) if callable(params) else params
+            base = union.extend_base(name, base, [getattr(s, "reader", None) for s in sources],
+                                     p.per_model("weights", len(sources), 1.0))
         return base, [s.delta(name, base) for s in sources]
 
     for name, (base, deltas) in ahead(names if names is not None else reader.names(), load, prefetch):
@@ -133,18 +138,19 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
 
 def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params, card_extra, hooks: Hooks,
             pipeline: int) -> Path:
-    reader, sources = open_inputs(spec.base, [m.path for m in spec.models])
+    reader, sources = open_inputs(spec.base, [m.path for m in spec.models], spec.tokenizer)
     device = resolve_device(spec.device)
     dtype = DTYPES[spec.output.dtype] if spec.output.dtype else None
     inputs = [spec.base, *[m.path for m in spec.models]]
     p = params or spec.method_params()
     infos = {n: reader.info(n) for n in reader.names()}
+    union = union_vocab(spec, reader, sources, infos) if spec.tokenizer == "union" else None
     last = 0.0
     # the card's input hashes (a pass over every input's bytes, remembered per machine) overlap the merge
     with ThreadPoolExecutor(1, thread_name_prefix="hash") as pool, \
             CheckpointWriter(out, infos, dtype, spec.output.max_shard_size, overwrite) as writer:
         hashes = pool.map(content_hash, inputs)
-        stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected, pipeline)
+        stream = merged_tensors(reader, sources, spec.method, p, device, writer.expected, pipeline, union)
         with closing(stream), Behind(lambda item: writer.write(*item), pipeline) as behind:
             for done, item in enumerate(tqdm(stream, total=len(infos), desc=f"merge ({spec.method})",
                                              unit="tensor", disable=not progress, leave=False), 1):
@@ -156,4 +162,26 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
                                 "fraction": round(done / len(infos), 4)})
                 hooks.check()
         hashes = dict(zip(map(str, inputs), hashes))
-        return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra))
+        edit = (lambda folder: union.write_files(spec.base, folder)) if union is not None else None
+        return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra), edit=edit)
+
+
+def union_vocab(spec: MergeSpec, reader, sources, infos: dict):
+    """`tokenizer: union`: the union of the vocabularies (None when every model has the base's);
+    `infos` get the vocabulary tensors' new rows, so the output is planned with them."""
+    from .checkpoint import TensorInfo
+    from .vocab import UnionVocab, read_vocabularies, vocab_tensors
+
+    names = vocab_tensors(infos)
+    if not names:
+        return None
+    first = next(iter(names))
+    rows = [s.reader.info(first).shape[0] if hasattr(s, "reader") and first in s.reader else None for s in sources]
+    v = read_vocabularies(spec.base, names[first], list(zip([m.path for m in spec.models], rows)))
+    if not v.differ():
+        return None
+    union = UnionVocab(v)
+    union.names = set(names)
+    for n in names:
+        infos[n] = TensorInfo((union.out_rows, *infos[n].shape[1:]), infos[n].dtype)
+    return union

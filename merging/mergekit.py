@@ -217,7 +217,8 @@ def to_merge(spec: MergekitSpec, names: Sequence[str], n_layers: int, base_path:
         params_for_tensor(name)
     out_dtype = spec.out_dtype or spec.dtype
     merge_spec = MergeSpec(base=base_path or base, models=refs, method=method, device=spec.device,
-                           output={"dtype": DTYPES[out_dtype]} if out_dtype else {})
+                           output={"dtype": DTYPES[out_dtype]} if out_dtype else {},
+                           tokenizer="base" if spec.tokenizer_source == "base" else None)
     return merge_spec, params_for_tensor, notes
 
 

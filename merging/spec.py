@@ -72,6 +72,9 @@ class JobBase(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
     device: str = Field("auto", json_schema_extra={"pattern": DEVICE_PATTERN})
+    tokenizer: Literal["base", "union"] | None = Field(
+        None, description="models whose vocabularies differ from the base's: base (keep the base's tokens) or union "
+                          "(add the models' tokens; merge jobs only); see merging/vocab.py")
 
     @field_validator("device")
     @classmethod

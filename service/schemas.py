@@ -167,7 +167,7 @@ def check_spec(spec: Any, model_roots: Iterable[Path], devices: Iterable[str] = 
     except CheckpointError as e:
         raise SpecError("base", str(e).replace(str(base), str(spec.base))) from None
     try:
-        open_inputs(base, [paths[i] for i in present])
+        open_inputs(base, [paths[i] for i in present], getattr(spec, "tokenizer", None))
     except CheckpointError as e:
         msg = str(e)
         i = present[_model_index(e.field)]

@@ -1,6 +1,7 @@
 """Tiny transformers models written as HF folders for the tests (random weights, no download)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from merging.checkpoint import write_checkpoint
+from zoo.tokenizer import build_tokenizer
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 40, hidden: int = 32) -> LlamaForCausalLM:
@@ -87,3 +89,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def with_added_tokens(base: Path, out: Path, seed: int, added: list[str], rows: int) -> Path:
+    """The base perturbed, with `added` tokens in its tokenizer and its vocabulary tensors grown
+    (new rows random: the added tokens' and, past them, padding)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in state_dict(base).items()}
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = torch.randn((rows - tensors[n].shape[0], tensors[n].shape[1]), generator=g)
+        tensors[n] = torch.cat([tensors[n], extra])
+    write_checkpoint(out, tensors, side_files_from=base)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows}))
+    tok = build_tokenizer()
+    tok.add_tokens(added)
+    tok.save_pretrained(out)
+    return out
