@@ -52,7 +52,7 @@ def _document_bodies(app: FastAPI) -> None:
     infer them) and the JSON answers of routes that otherwise send files or streams among the schemas, and no trace of FastAPI's own 422 body, which this API never sends (`errors.ErrorOut` instead)."""
     from pydantic import TypeAdapter
 
-    from .api.models import ErrorOut, IrtImport, Pending
+    from .api.models import ErrorOut, IrtImport, LmEvalImport, Pending
     from .schemas import JobSpec
 
     default_openapi = app.openapi
@@ -61,8 +61,8 @@ def _document_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             doc = default_openapi()
             components = doc.setdefault("components", {}).setdefault("schemas", {})
-            for name, model in (("JobSpec", JobSpec), ("IrtImport", IrtImport), ("ErrorOut", ErrorOut),
-                                ("Pending", Pending)):
+            for name, model in (("JobSpec", JobSpec), ("IrtImport", IrtImport), ("LmEvalImport", LmEvalImport),
+                                ("ErrorOut", ErrorOut), ("Pending", Pending)):
                 schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
                 components.update(schema.pop("$defs", {}))
                 components[name] = schema

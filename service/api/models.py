@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.store import BenchmarkRow, CandidateRow, Job
 
@@ -186,6 +186,21 @@ class IrtParamsOut(BaseModel):
     @classmethod
     def of(cls, summary: dict[str, Any]) -> Self:
         return cls.model_validate({k: summary.get(k) for k in cls.model_fields if k in summary})
+
+
+class LmEvalImport(BaseModel):
+    """An lm-eval task over dataset files under the model roots (`POST /v1/benchmarks/lm-eval`;
+    `data/lm_eval_tasks.py`, as `evomerge benchmark import`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., min_length=1, max_length=200, description="the task's name in the server's lm-eval")
+    data: list[str] = Field(..., min_length=1, max_length=1000, description="the split to evaluate: Parquet, "
+                            "JSONL or JSON files under the model roots")
+    fewshot_data: list[str] | None = Field(None, max_length=1000, description="the few-shot split's files")
+    num_fewshot: int | None = Field(None, ge=0, le=1000, description="default: the task's")
+    fewshot_sampler: Literal["first_n"] | None = None
+    limit: int | None = Field(None, ge=1, le=10_000_000)
 
 
 class IrtImport(BaseModel):

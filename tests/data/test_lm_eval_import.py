@@ -139,3 +139,28 @@ def test_parquet_files_import_as_their_jsonl(tmp_path):
                  str(tmp_path / "b.parquet"), "--out", str(out)]) == 0
     from_jsonl, _ = imported(tmp_path, "arc_challenge", write(tmp_path / "arc-src.jsonl", ARC))
     assert load_benchmark(out).items == from_jsonl
+
+
+@pytest.mark.service
+def test_the_rest_api_imports_a_task_from_files_under_the_model_roots(tmp_path):
+    import httpx
+
+    from service.config import Settings
+    from service.serve import BackgroundServer
+
+    roots = tmp_path / "models"
+    roots.mkdir()
+    write(roots / "arc.jsonl", ARC)
+    settings = Settings(artifacts=tmp_path / "artifacts", model_roots=(roots,))
+    with BackgroundServer(settings) as url:
+        r = httpx.post(f"{url}/v1/benchmarks/lm-eval", params={"name": "arc"},
+                       json={"task": "arc_challenge", "data": ["arc.jsonl"]}, timeout=120)
+        assert r.status_code == 201 and r.json()["items"] == 3, r.text
+        bad = httpx.post(f"{url}/v1/benchmarks/lm-eval", params={"name": "g"},
+                         json={"task": "gsm8k", "data": ["arc.jsonl"]}, timeout=120)
+        outside = httpx.post(f"{url}/v1/benchmarks/lm-eval", params={"name": "o"},
+                             json={"task": "arc_challenge", "data": [str(tmp_path / "elsewhere.jsonl")]})
+    assert bad.status_code == 400 and bad.json()["field"] == "task" and "at random" in bad.json()["detail"]
+    assert outside.status_code == 400 and outside.json()["field"] == "data[0]"
+    stored = load_benchmark(next((tmp_path / "artifacts" / "benchmarks").glob("arc-*.jsonl")))
+    assert stored.items == imported(tmp_path, "arc_challenge", roots / "arc.jsonl")[0]

@@ -10,6 +10,7 @@ machine's store, keyed by the benchmark's content hash), where a job on the benc
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from typing import Annotated
@@ -80,6 +81,63 @@ async def upload_benchmark(request: Request, name: NameQuery, user: UserDep, set
                        hash=digest, bytes=len(raw), created_at=time.time())
     store.put_benchmark(row)
     return BenchmarkOut.of(row)
+
+
+@router.post("/v1/benchmarks/lm-eval", status_code=201, response_model=BenchmarkOut,
+             summary="Import an lm-eval task over dataset files under the model roots as a benchmark",
+             responses=refusals(400, 409, 413, 415, 422) | {
+                 201: {"description": "Stored", "links": links("name", "$response.body#/name", "upload_irt", "list_irt")}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/LmEvalImport"}}}}})
+async def import_lm_eval(request: Request, name: NameQuery, user: UserDep, settings: SettingsDep, store: StoreDep):
+    from pydantic import ValidationError
+
+    from service.api.models import LmEvalImport
+    from service.schemas import SpecError, describe_error
+
+    checked_name(name)
+    if media_type(request) not in JSON_TYPES:
+        raise ApiError(415, f"content-type: the import is sent as application/json, not {media_type(request)}",
+                       "content-type")
+    existing = store.get_benchmark(name)
+    if existing is not None and not may_see(user, existing.owner):
+        raise ApiError(409, f"name: benchmark {name!r} belongs to another user", "name")
+    try:
+        body = LmEvalImport.model_validate(parse_json(await read_body(request, settings.max_body_bytes, "the import")))
+    except ValidationError as e:
+        field, msg = describe_error(e.errors()[0])
+        raise ApiError(422, f"{field}: {msg}" if field else msg, field or "body") from None
+    try:
+        raw, digest, n = await run_in_threadpool(_import_lm_eval, body, settings)
+    except SpecError as e:
+        raise ApiError(400, str(e), e.field) from None
+    path = settings.benchmark_dir / f"{name}-{hashlib.sha256(raw).hexdigest()[:16]}.jsonl"
+    await run_in_threadpool(atomic_write, path, raw)
+    row = BenchmarkRow(name=name, owner=owner_of(user), path=str(path.absolute()), items=n, hash=digest,
+                       bytes=len(raw), created_at=time.time())
+    store.put_benchmark(row)
+    return BenchmarkOut.of(row)
+
+
+def _import_lm_eval(body, settings) -> tuple[bytes, str, int]:
+    """(JSONL bytes, content hash, items) of an lm-eval import; SpecError naming the field."""
+    from pathlib import Path as FilePath
+
+    from data.benchmarks import content_hash
+    from data.lm_eval_tasks import TaskError, import_task
+    from service.schemas import SpecError, resolve_path
+
+    def files(key: str, given: list[str] | None) -> list | None:
+        return None if given is None else [resolve_path(FilePath(f), f"{key}[{i}]", settings.model_roots, "file",
+                                                        [settings.artifacts]) for i, f in enumerate(given)]
+
+    try:
+        items, _ = import_task(body.task, files("data", body.data), files("fewshot_data", body.fewshot_data),
+                               body.num_fewshot, body.fewshot_sampler, body.limit)
+    except TaskError as e:
+        raise SpecError("task", str(e)) from None
+    raw = "".join(json.dumps(item.to_json()) + "\n" for item in items).encode()
+    return raw, content_hash(items), len(items)
 
 
 @router.get("/v1/benchmarks", response_model=BenchmarkList, summary="Uploaded benchmarks", responses=refusals())
