@@ -100,12 +100,17 @@ def resolve_spec(folder: Path, names: set[str], spec_file: str | None) -> Permut
     cfg = _config(folder)
     if "evomerge_arch" in cfg:
         return spec_from_module(build_module(cfg))
-    if cfg.get("model_type") == "llama":
-        return llama_spec(cfg, names)
+    if cfg.get("model_type") in LLAMA_STYLE:
+        return llama_spec({**cfg, **LLAMA_STYLE[cfg["model_type"]]}, names)
     arch = cfg.get("model_type") or "unknown (config.json has no model_type)"
     raise CheckpointError(f"models[0] ({folder}): architecture {arch} is not supported by the permutation methods, "
-                          "which derive specs for Llama decoders (model_type llama) and evomerge_arch models; "
-                          "give params.spec (a JSON file)")
+                          f"which derive specs for Llama-style decoders (model_type {', '.join(LLAMA_STYLE)}) and "
+                          "evomerge_arch models; give params.spec (a JSON file)")
+
+
+# Decoders whose weights permute as Llama's do (checked by tests/merging/test_architectures.py:
+# a model merged with a shuffled copy of itself keeps its logits); Qwen2 always has q/k/v biases.
+LLAMA_STYLE = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {}}
 
 
 def repair_batches(data: str, n: int, batch_size: int, tokenizer_from: Path | None, device) -> list:

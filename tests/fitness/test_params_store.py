@@ -72,8 +72,15 @@ def test_irt_fit_recovers_the_generating_difficulties(bench, tmp_path, capsys):
     code, _, err = run_cli(capsys, "irt", "fit", "--responses", str(tmp_path / "lb.npz"), "--benchmark", str(path))
     assert code == 0, err
     np.testing.assert_allclose(params_store.latest(b.hash).params().b, params.b, atol=1e-6)
+    # and as Parquet (the CSV's table, blanks as nulls): the same fit again
+    import pandas as pd
+
+    pd.read_csv(tmp_path / "lb.csv").to_parquet(tmp_path / "lb.parquet")
+    code, _, err = run_cli(capsys, "irt", "fit", "--responses", str(tmp_path / "lb.parquet"), "--benchmark", str(path))
+    assert code == 0, err
+    np.testing.assert_allclose(params_store.latest(b.hash).params().b, params.b, atol=1e-6)
     code, out, _ = run_cli(capsys, "irt", "list")
-    assert code == 0 and len(out.strip().splitlines()) == 2 and all(b.hash[:12] in line for line in out.splitlines())
+    assert code == 0 and len(out.strip().splitlines()) == 3 and all(b.hash[:12] in line for line in out.splitlines())
 
 
 def test_import_round_trips_tinybenchmarks_parameters(bench, tmp_path, capsys):

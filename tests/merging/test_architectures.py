@@ -81,7 +81,7 @@ ARCHS = {a.name: a for a in [
     Arch("gpt_neox", GPTNeoXConfig, {}, ("query_key_value", "dense_4h_to_h", "embed_in")),
 ]}
 # Architectures whose config.json the permutation methods derive a spec from (merging/permutation/merge.py).
-PERMUTATION_SUPPORTED = {"llama"}
+PERMUTATION_SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 @dataclass(frozen=True)
@@ -520,9 +520,10 @@ def test_evolve_runs_and_exports_the_knee(family, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["c2m3", "weight_matching"])
-def test_permutation_methods_support_llama_and_name_the_others(family, tmp_path, method):
-    """Supported: merging a model with a hidden-unit shuffle of itself gives the model's function
-    back. Not supported: refused before any work, the error naming the architecture."""
+def test_permutation_methods_support_llama_style_and_name_the_others(family, tmp_path, method):
+    """Supported (Llama, Mistral, Qwen2, Qwen3): the derived spec's shuffle keeps the function, and
+    merging a model with its shuffle gives the function back. Not supported: refused before any
+    work, the error naming the architecture."""
     from core.errors import CheckpointError
 
     name = family.arch.name
@@ -536,11 +537,11 @@ def test_permutation_methods_support_llama_and_name_the_others(family, tmp_path,
         assert not (tmp_path / "out").exists()
         return
     from merging.checkpoint import write_checkpoint
-    from merging.permutation.spec import llama_spec, permute_state, random_perms
+    from merging.permutation.merge import resolve_spec
+    from merging.permutation.spec import permute_state, random_perms
 
     state = tensors(family.a)
-    config = json.loads((family.a / "config.json").read_text())
-    pspec = llama_spec(config, set(state))
+    pspec = resolve_spec(family.a, set(state), None)  # the spec the merge derives
     shuffled = permute_state(pspec, state, random_perms(pspec, torch.Generator().manual_seed(5)))
     assert any(not torch.equal(shuffled[n], state[n]) for n in state)
     write_checkpoint(tmp_path / "shuffled", shuffled, side_files_from=family.a)
