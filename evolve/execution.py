@@ -12,12 +12,13 @@ of evaluators.
 
 An actor that dies (its process killed, its node lost) is replaced by a new one, set up as the
 first was, and its task retried once; a task that kills a second actor fails the job with the
-actor's error. An exception raised by the task itself (a plan that does not fit, a bad input)
-fails the job at once, as it would locally.
+actor's error. An exception raised by the task itself (a bad input) or by an actor's constructor
+(a memory plan that does not fit its node) fails the job at once, as it would locally.
 """
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 import uuid
 from collections import deque
@@ -136,6 +137,8 @@ class RayPool:
             try:
                 result = self._get(ref)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if getattr(e, "actor_init_failed", False):  # its constructor raised: another try raises again
+                    raise ValueError(f"evaluator {slot} could not start: {_last_line(str(e))}") from None
                 failures[i] = failures.get(i, 0) + 1
                 if failures[i] > 1:
                     raise RuntimeError(f"evaluator {slot} died twice on the same {method} task: "
@@ -156,6 +159,13 @@ class RayPool:
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a remote traceback, without its `module.Type: ` prefix."""
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else text
+    return re.sub(r"^[\w.]+(?:Error|Exception): ", "", last)
 
 
 def connect(address: str) -> None:

@@ -122,6 +122,27 @@ class Fragile:
         return x * 2 if isinstance(x, int) else x
 
 
+class Unfit:
+    """An actor whose constructor refuses, as an evaluator whose memory plan does not fit its node."""
+
+    def __init__(self):
+        raise ValueError("evaluation.batch_size: 512 does not fit this node's memory")
+
+    def work(self, x):
+        return x
+
+
+def test_an_actor_that_cannot_start_fails_at_once_with_its_reason(ray_cluster):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    pool = RayPool(Unfit, (), 1, {"num_cpus": 0.5})
+    try:
+        with pytest.raises(ValueError, match=r"evaluator 0 could not start: evaluation\.batch_size: 512 does not fit"):
+            list(pool.imap("work", [(1,)]))
+        assert pool.stats[0].replaced == 0  # not retried: its constructor would refuse again
+    finally:
+        pool.close()
+
+
 def test_a_task_that_kills_its_actor_twice_fails_naming_it(ray_cluster, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     pool = RayPool(Fragile, (str(tmp_path / "marker"),), 2, {"num_cpus": 0.5})
