@@ -147,9 +147,10 @@ class CandidateEvaluator:
             for i, x in enumerate(self.probe_genomes if self.probe_genomes is not None else []):
                 self.surrogate.add(x, {k: self.scorer.fits[k].probe_thetas[i] for k in keys})
 
-    def _observe_earlier_batches(self) -> None:
-        now = [c for c in self.unobserved if c.generation < self.generation]
-        self.unobserved = [c for c in self.unobserved if c.generation >= self.generation]
+    def _observe_earlier_batches(self, everything: bool = False) -> None:
+        now = [c for c in self.unobserved if everything or c.generation < self.generation]
+        self.unobserved = self.unobserved[len(now):] if everything else [
+            c for c in self.unobserved if c.generation >= self.generation]
         for c in now:
             if hasattr(self.scorer, "observe"):
                 self.scorer.observe(c.trace)
@@ -172,14 +173,15 @@ class CandidateEvaluator:
         return genome_key(x, self.space.method, self.space.fixed, self.settings)
 
     def candidate(self, x: np.ndarray) -> Candidate:
-        return self.evaluate([x])[0]
+        """One genome as a batch of its own: its prior learns from every candidate before it."""
+        return self.evaluate([x], after_all=True)[0]
 
-    def evaluate(self, X) -> list[Candidate]:
+    def evaluate(self, X, after_all: bool = False) -> list[Candidate]:
         """The candidates of genomes X (one batch), scoring the ones not seen before."""
         keys = [self.key(x) for x in X]
         new = list({k: x for k, x in zip(keys, X) if k not in self.by_key}.items())
         if new:
-            self._observe_earlier_batches()
+            self._observe_earlier_batches(after_all)
             tasks = [(np.asarray(x, dtype=float), self._priors(x)) for _, x in new]
             done: dict[int, tuple] = {}
             first = len(self.candidates)
