@@ -168,10 +168,11 @@ def _last_line(text: str) -> str:
     return re.sub(r"^[\w.]+(?:Error|Exception): ", "", last)
 
 
-def connect(address: str) -> None:
+def connect(address: str, field: str = "execution.address") -> None:
     """Joins the Ray cluster at `address` (auto: the one this machine runs or RAY_ADDRESS names;
     local: a new one on this machine; ray://HOST:PORT or HOST:PORT) unless this process already
-    is in one (a test's `ray.init`, or a service job running as a Ray task)."""
+    is in one (a test's `ray.init`, or a service job running as a Ray task); `field` names the
+    setting in the error when there is no cluster there."""
     import ray
 
     if ray.is_initialized():
@@ -180,7 +181,14 @@ def connect(address: str) -> None:
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  logging_level="warning", log_to_driver=False)
     except ConnectionError as e:
-        raise ValueError(f"execution.address: no Ray cluster at {address} ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{field}: no Ray cluster at {address} ({str(e).splitlines()[0]})") from None
+
+
+def wants_gpu(device: str) -> bool:
+    """Whether work on `device` takes a GPU of the cluster: cuda, or auto where the cluster has GPUs."""
+    import ray
+
+    return device.startswith("cuda") or (device == "auto" and bool(ray.cluster_resources().get("GPU")))
 
 
 def open_pool(execution, actor_class, args: tuple, *, host_bytes: int, local: Callable[[], Any]):

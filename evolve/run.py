@@ -148,15 +148,13 @@ class Setup:
 def ray_placement(spec: EvolveSpec):
     """Joins the spec's Ray cluster; returns its execution spec with the evaluators' GPUs settled
     (1 when the job's device is cuda, or auto and the cluster has GPUs) and their device."""
-    import ray
-
-    from .execution import connect
+    from .execution import connect, wants_gpu
 
     x = spec.execution
     connect(x.address)
     gpus = x.gpus_per_evaluator
     if gpus is None:
-        gpus = 1 if spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU")) else 0
+        gpus = 1 if wants_gpu(spec.device) else 0
     return x.model_copy(update={"gpus_per_evaluator": gpus}), "cuda" if gpus else "cpu"
 
 

@@ -144,7 +144,7 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
     inputs = [spec.base, *[m.path for m in spec.models]]
     p = params or spec.method_params()
     infos = {n: reader.info(n) for n in reader.names()}
-    union = union_vocab(spec, reader, sources, infos) if spec.tokenizer == "union" else None
+    union = union_vocab(spec, sources, infos) if spec.tokenizer == "union" else None
     last = 0.0
     # the card's input hashes (a pass over every input's bytes, remembered per machine) overlap the merge
     with ThreadPoolExecutor(1, thread_name_prefix="hash") as pool, \
@@ -166,19 +166,14 @@ def _stream(spec: MergeSpec, out: Path, overwrite: bool, progress: bool, params,
         return writer.finish(side_files_from=spec.base, card=model_card(spec, hashes, card_extra), edit=edit)
 
 
-def union_vocab(spec: MergeSpec, reader, sources, infos: dict):
+def union_vocab(spec: MergeSpec, sources, infos: dict):
     """`tokenizer: union`: the union of the vocabularies (None when every model has the base's);
     `infos` get the vocabulary tensors' new rows, so the output is planned with them."""
     from .checkpoint import TensorInfo
-    from .vocab import UnionVocab, read_vocabularies, vocab_tensors
+    from .vocab import UnionVocab, vocabularies
 
-    names = vocab_tensors(infos)
-    if not names:
-        return None
-    first = next(iter(names))
-    rows = [s.reader.info(first).shape[0] if hasattr(s, "reader") and first in s.reader else None for s in sources]
-    v = read_vocabularies(spec.base, names[first], list(zip([m.path for m in spec.models], rows)))
-    if not v.differ():
+    names, v = vocabularies(spec.base, infos, sources, [m.path for m in spec.models])
+    if v is None:
         return None
     union = UnionVocab(v)
     union.names = set(names)

@@ -146,7 +146,7 @@ def layer_position(name: str, n_layers: int) -> float:
     return int(m.group(2)) / (n_layers - 1) if n_layers > 1 else 1.0
 
 
-def to_merge(spec: MergekitSpec, names: Sequence[str], n_layers: int, base_path: str | None = None):
+def to_merge(spec: MergekitSpec, names: Sequence[str], n_layers: int):
     """(MergeSpec, params_for_tensor, notes) computing what mergekit computes for `spec`; `names`:
     the base's tensor names (every one is resolved here, so a bad value fails before any work)."""
     from .spec import MergeSpec
@@ -216,7 +216,7 @@ def to_merge(spec: MergekitSpec, names: Sequence[str], n_layers: int, base_path:
     for name in names:
         params_for_tensor(name)
     out_dtype = spec.out_dtype or spec.dtype
-    merge_spec = MergeSpec(base=base_path or base, models=refs, method=method, device=spec.device,
+    merge_spec = MergeSpec(base=base, models=refs, method=method, device=spec.device,
                            output={"dtype": DTYPES[out_dtype]} if out_dtype else {},
                            tokenizer="base" if spec.tokenizer_source == "base" else None)
     return merge_spec, params_for_tensor, notes

@@ -172,18 +172,25 @@ def vocab_tensors(infos) -> dict[str, int]:
     return {n: i.shape[0] for n, i in infos.items() if VOCAB_TENSOR.search(n) and len(i.shape) == 2}
 
 
-def align(base: str | Path, infos, sources, paths, tokenizer: str | None) -> Vocabularies | None:
-    """Checks the models' vocabularies against the base's (`read_vocabularies`) and, with a
-    `tokenizer` mode, sets each full model's row maps (`ModelSource.rows`); returns the
-    vocabularies when they differ (None when every model has the base's)."""
+def vocabularies(base: str | Path, infos, sources, paths) -> tuple[list[str], Vocabularies | None]:
+    """The base's vocabulary tensors, and every vocabulary (`read_vocabularies`: checked to agree
+    on shared ids) when some model's differs from the base's, else None."""
     names = vocab_tensors(infos)
     if not names:
-        return None
+        return [], None
     first = next(iter(names))
     rows = [src.reader.info(first).shape[0] if hasattr(src, "reader") and first in src.reader else None
             for src in sources]
     v = read_vocabularies(base, names[first], list(zip(paths, rows)))
-    if not v.differ():
+    return list(names), v if v.differ() else None
+
+
+def align(base: str | Path, infos, sources, paths, tokenizer: str | None) -> Vocabularies | None:
+    """Checks the models' vocabularies against the base's (`vocabularies`) and, with a
+    `tokenizer` mode, sets each full model's row maps (`ModelSource.rows`); returns the
+    vocabularies when they differ (None when every model has the base's)."""
+    names, v = vocabularies(base, infos, sources, paths)
+    if v is None:
         return None
     if tokenizer is None:
         i = next(k for k, r in enumerate(v.rows) if (r is not None and r != v.base_rows) or

@@ -40,14 +40,13 @@ class StopFlag:
 
 def job_resources(spec) -> dict[str, Any]:
     """Ray resources of the task that runs `spec` (see the module docstring)."""
-    import ray
+    from evolve.execution import wants_gpu
 
     evolve = getattr(spec, "kind", "merge") == "evolve"
     remote_evaluators = evolve and spec.execution.backend == "ray"
-    wants_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU"))
     # a driver whose evaluators are actors only fits IRT and asks the search between their tasks
     out: dict[str, Any] = {"num_cpus": 0 if remote_evaluators else 1,
-                           "num_gpus": 1 if wants_gpu and not remote_evaluators else 0}
+                           "num_gpus": 1 if wants_gpu(spec.device) and not remote_evaluators else 0}
     if evolve and not remote_evaluators:
         from evolve.plan import plan_job
 
@@ -111,11 +110,3 @@ def run_on_ray(settings, job, spec, should_stop: Callable[[], bool], resume: boo
             raise e.as_instanceof_cause() from None
     finally:
         ray.kill(flag)
-
-
-def connect(address: str) -> None:
-    """The worker joins the cluster once, as a driver that outlives its jobs."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)

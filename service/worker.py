@@ -79,9 +79,9 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         if self.ray_address:
-            from .ray_dispatch import connect
+            from evolve.execution import connect
 
-            connect(self.ray_address)
+            connect(self.ray_address, "--ray-address")
         log.info("worker %s serving %s", self.id, self.settings.database_url)
         checked = -math.inf
         while not self.stopping.is_set():
