@@ -12,8 +12,10 @@ For each preset (MMLU-Pro math: 1,351 ten-option items; ARC-Challenge: 735 four-
    candidates, as a job scores every candidate on one subset) scored by subset mean, p-IRT, gp-IRT
    (lam 0.5), gmp-IRT (delta 0.5), map (p-IRT at the MAP ability under the endpoint prior), blend
    (``blend_irt``: subset mean, map and the known rows' mean, weights by leave-one-out on the known rows), and
-   adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); plus "guess": the known
-   rows' mean accuracy for every candidate (no evaluation at all).
+   adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); "auto", the product's default
+   (``fitness.fitness.choose_estimator``: per world, setting and k, the CAT or the blend, whichever erred less
+   by leave-one-out on the probe rows; its sd is the chosen one's); plus "guess": the known rows' mean
+   accuracy for every candidate (no evaluation at all).
 
 Printed and written to bench/out/fitness_simulated.{md,json}: mean absolute error in accuracy points,
 Spearman across candidates (mean over draws and seeds), and the share of truths inside the 90% interval
@@ -43,20 +45,22 @@ sys.path.insert(0, str(ROOT))
 from fitness.adaptive import (  # noqa: E402
     accuracy_sd,
     answers_prior,  # noqa: E402
-    calibrate_model_sd,
+    loo_cats,
     map_theta,
     predicted_accuracy,
     run_cat,
 )
 from fitness.estimators import blend_irt, calibrate_blend, estimate  # noqa: E402
+from fitness.fitness import choose_estimator  # noqa: E402
 from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.simulate import PRESETS, REAL, Simulation, describe, merge_family, simulate  # noqa: E402
 
 FIXED = ["subset_mean", "p_irt", "gp_irt", "gmp_irt", "map"]
-COLUMNS = FIXED + ["blend", "adaptive", "guess"]
+COLUMNS = FIXED + ["blend", "adaptive", "auto", "guess"]
 EXTRA = ["adaptive_sd"]  # the CAT's estimates with calibrate_model_sd's sd: coverage only
 LABELS = {"subset_mean": "subset mean", "p_irt": "p-IRT", "gp_irt": "gp-IRT", "gmp_irt": "gmp-IRT", "map": "map",
-          "blend": "blend (LOO)", "adaptive": "adaptive p-IRT", "guess": "guess known mean"}
+          "blend": "blend (LOO)", "adaptive": "adaptive p-IRT", "auto": "auto (default)",
+          "guess": "guess known mean"}
 NAMES = {"mmlu_pro_math": "MMLU-Pro math", "arc_challenge": "ARC-Challenge"}
 Z90 = 1.6448536269514722
 
@@ -90,7 +94,9 @@ def one_world(cfg, seed: int, args) -> dict:
             res["guess"].append({"pred": guess, "truth": truth})
             # the weights by leave-one-out on the known rows (a leaderboard's parameters are not refitted)
             blend = calibrate_blend(known, args.parents, subsets[k][0], None, fit, prior_of, seed=seed)
-            model_sd = calibrate_model_sd(known, args.parents, fit, prior_of, k)
+            check = loo_cats(known, args.parents, fit, prior_of, k)
+            choice = choose_estimator(check, blend)
+            out.setdefault("chose_cat", {}).setdefault(setting, {})[k] = choice["estimator"] == "p_irt"
             for idx in subsets[k]:
                 ys = Y[:, idx]
                 for est in FIXED[:-1]:
@@ -109,7 +115,11 @@ def one_world(cfg, seed: int, args) -> dict:
                 pred.append(r.accuracy)
                 sd.append(r.sd)
             res["adaptive"].append({"pred": np.array(pred), "sd": np.array(sd), "truth": truth})
-            res["adaptive_sd"].append({"pred": np.array(pred), "sd": np.hypot(np.array(sd), model_sd), "truth": truth})
+            res["adaptive_sd"].append({"pred": np.array(pred), "sd": np.hypot(np.array(sd), check.model_sd),
+                                       "truth": truth})
+            # auto: the chosen estimator's entries, the CAT's repeated once per draw so that worlds weigh alike
+            res["auto"] += [res["adaptive_sd"][-1]] * args.draws if choice["estimator"] == "p_irt" \
+                else res["blend"][-args.draws:]
     return out
 
 
@@ -192,8 +202,8 @@ def main() -> None:
 
     tables, record["results"] = [], {}
     head = ("| setting | k | " + " | ".join(LABELS[c] for c in COLUMNS) +
-            " | Spearman (subset mean / map / blend / adaptive) | 90 % coverage (map / blend / adaptive / adaptive with "
-            "model sd) |")
+            " | Spearman (subset mean / map / blend / adaptive / auto) | 90 % coverage (map / blend / adaptive / "
+            "adaptive with model sd / auto) | auto chose the CAT (%) |")
     tables += [head, "| --- " * (head.count("|") - 1) + "|"]
     compact = ["| setting | k items | " + " | ".join(LABELS[c] for c in COLUMNS) + " |",
                "| --- " * (len(COLUMNS) + 2) + "|"]
@@ -217,11 +227,15 @@ def main() -> None:
                 s = {c: summarize(runs[c]) for c in COLUMNS + EXTRA}
                 per_k[k] = s
                 record["results"][name][f"{setting}/{k}"] = s
+                cat_share = 100 * float(np.mean([w["chose_cat"][setting][k] for w in worlds]))
+                s["auto"]["chose_cat"] = cat_share
                 tables.append(f"| {label} | {k} | " + " | ".join(f"{s[c]['mae']:.1f}" for c in COLUMNS) +
                               f" | {s['subset_mean']['spearman']:.2f} / {s['map']['spearman']:.2f} / "
-                              f"{s['blend']['spearman']:.2f} / {s['adaptive']['spearman']:.2f} | "
+                              f"{s['blend']['spearman']:.2f} / {s['adaptive']['spearman']:.2f} / "
+                              f"{s['auto']['spearman']:.2f} | "
                               f"{100 * s['map']['coverage']:.0f} / {100 * s['blend']['coverage']:.0f} / "
-                              f"{100 * s['adaptive']['coverage']:.0f} / {100 * s['adaptive_sd']['coverage']:.0f} |")
+                              f"{100 * s['adaptive']['coverage']:.0f} / {100 * s['adaptive_sd']['coverage']:.0f} / "
+                              f"{100 * s['auto']['coverage']:.0f} | {cat_share:.0f} |")
             compact.append(f"| {label} | {' / '.join(map(str, args.ks))} | " +
                            " | ".join(" / ".join(f"{per_k[k][c]['mae']:.1f}" for k in args.ks) for c in COLUMNS) + " |")
     total = time.perf_counter() - t_start

@@ -377,29 +377,55 @@ def fixed_map_accuracy(item_params: ItemParams, items, y, prior: Prior) -> float
     return predicted_accuracy(item_params, items, y, theta)
 
 
-def calibrate_model_sd(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],
-                       prior_of: Callable[[ItemParams, Array], Prior], budget: int,
-                       round_size: int = DEFAULT_ROUND) -> float:
-    """What the Laplace sd of a CAT leaves out, measured where the truth is known: each probe
-    row of the known ``rows`` [endpoints then probes, items] (full answers; probes are merges, as
-    candidates are) runs the CAT against item parameters ``fit`` on the other rows (leave-one-out)
-    and the prior ``prior_of(params, the endpoints' answers)``; the model-error variance is the
-    mean squared error of those estimates less their mean squared Laplace sd and less the sampling
-    variance of a row's observed accuracy, the truth measured here (ybar (1 - ybar) / N: a row's
-    answers are one draw; a candidate's truth is its expected accuracy), at least 0. A CAT then
-    reports sqrt(sd_laplace^2 + model_sd^2): with item parameters from few rows the Laplace sd
-    alone covered 4-62 % of simulated truths with its 90 % interval (bench/README.md). Without
-    probes the endpoints stand in."""
+@dataclass(frozen=True)
+class CatCheck:
+    """Leave-one-out CATs on known rows (`loo_cats`): per row, the CAT's estimate minus the row's
+    observed accuracy and the CAT's Laplace sd; ``sampling`` is the mean sampling variance of a
+    row's observed accuracy (ybar (1 - ybar) / N)."""
+
+    errors: Array
+    sds: Array
+    sampling: float
+
+    @property
+    def rmse(self) -> float:
+        return float(np.sqrt(np.mean(self.errors ** 2)))
+
+    @property
+    def model_sd(self) -> float:
+        """What the Laplace sd leaves out: sqrt(max(mse - mean sd^2 - sampling, 0))."""
+        return float(np.sqrt(max(np.mean(self.errors ** 2) - np.mean(self.sds ** 2) - self.sampling, 0.0)))
+
+
+def loo_cats(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],
+             prior_of: Callable[[ItemParams, Array], Prior], budget: int,
+             round_size: int = DEFAULT_ROUND) -> CatCheck:
+    """The CAT run where the truth is known: each probe row of the known ``rows`` [endpoints then
+    probes, items] (full answers; probes are merges, as candidates are) answers a CAT of
+    ``budget`` items against item parameters ``fit`` on the other rows (leave-one-out) and the
+    prior ``prior_of(params, the other endpoints' answers)``. Without probes the endpoints stand
+    in."""
     y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
-    targets = range(n_endpoints, y.shape[0]) if y.shape[0] > n_endpoints else range(y.shape[0])
-    sq_err, sq_sd = [], []
+    targets = list(range(n_endpoints, y.shape[0])) if y.shape[0] > n_endpoints else list(range(y.shape[0]))
+    errors, sds = [], []
     for r in targets:
         rest = np.delete(y, r, axis=0)
         params = fit(rest)
         prior = prior_of(params, rest[: n_endpoints - (r < n_endpoints)])
         result = run_cat(params, lambda idx, r=r: y[r, idx], prior, budget, round_size)
-        sq_err.append((result.accuracy - y[r].mean()) ** 2)
-        sq_sd.append(result.sd ** 2)
-    acc = y[list(targets)].mean(axis=1)
-    sampling = float(np.mean(acc * (1.0 - acc))) / y.shape[1]
-    return float(np.sqrt(max(np.mean(sq_err) - np.mean(sq_sd) - sampling, 0.0)))
+        errors.append(result.accuracy - y[r].mean())
+        sds.append(result.sd)
+    acc = y[targets].mean(axis=1)
+    return CatCheck(np.array(errors), np.array(sds), float(np.mean(acc * (1.0 - acc))) / y.shape[1])
+
+
+def calibrate_model_sd(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],
+                       prior_of: Callable[[ItemParams, Array], Prior], budget: int,
+                       round_size: int = DEFAULT_ROUND) -> float:
+    """What the Laplace sd of a CAT leaves out, measured by `loo_cats` on the known ``rows``: the
+    model-error variance is the mean squared error of those estimates less their mean squared
+    Laplace sd and less the sampling variance of a row's observed accuracy, the truth measured
+    there (a row's answers are one draw; a candidate's truth is its expected accuracy), at least
+    0. A CAT then reports sqrt(sd_laplace^2 + model_sd^2): with item parameters from few rows the
+    Laplace sd alone covered 4-62 % of simulated truths with its 90 % interval (bench/README.md)."""
+    return loo_cats(rows, n_endpoints, fit, prior_of, budget, round_size).model_sd

@@ -250,9 +250,13 @@ class Blend:
     prior: float
     known: float
     rmse: float = float("nan")  # the calibration's leave-one-out error at these weights: the estimate's sd
+    # the error on the probe rows with the weights also fitted without the row (nested leave-one-out):
+    # what `estimator: auto` compares with the CAT's leave-one-out error
+    check_rmse: float = float("nan")
 
     def to_json(self) -> dict:
-        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known, "rmse": self.rmse}
+        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known, "rmse": self.rmse,
+                "check_rmse": self.check_rmse}
 
 
 def blend_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *, prior=None,
@@ -330,13 +334,16 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
     as its subset mean m, its map_irt q and the other rows' mean accuracy g. The weights are
     those on the simplex (a grid of ``step``) minimizing sum (w_m m + w_q q + w_g g - t)^2; the
     root mean square of those leave-one-out errors is the blend's ``rmse``, the sd to report
-    with an estimate (it contains what the model gets wrong, which a Laplace sd leaves out)."""
+    with an estimate (it contains what the model gets wrong, which a Laplace sd leaves out).
+    ``check_rmse`` is the same error on the probe rows (the rows after the endpoints: merges, as
+    candidates are; all rows when there are none) with each row's weights fitted without it too,
+    an honest figure to compare with another estimator's leave-one-out error."""
     y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     n_rows, N = y.shape
     idx0 = np.asarray(subset_idx, dtype=int)
     rng = np.random.default_rng(seed)
     subsets = [(idx0, weights)] + [(np.sort(rng.choice(N, idx0.size, replace=False)), None) for _ in range(draws - 1)]
-    parts, truth, shares = [], [], []
+    parts, truth, shares, row_of = [], [], [], []
     for r in range(n_rows):
         rest = np.delete(y, r, axis=0)
         params = fit(rest)
@@ -345,14 +352,19 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
             parts.append(_blend_parts(y[r : r + 1, idx], idx, w, params, prior, rest.mean())[0])
             truth.append(y[r].mean())
             shares.append(idx.size / N)
-    X, t, share = np.array(parts), np.array(truth), np.array(shares)
+            row_of.append(r)
+    X, t, share, row_of = np.array(parts), np.array(truth), np.array(shares), np.array(row_of)
     ticks = np.round(np.arange(0.0, 1.0 + step / 2, step), 10)
     grid = np.array([(a, b, 1.0 - a - b) for a in ticks for b in ticks if a + b <= 1.0 + 1e-9])
     pred = share[:, None] * X[:, :1] + (1.0 - share[:, None]) * (X[:, 1:] @ grid.T)
-    sse = ((pred - t[:, None]) ** 2).sum(axis=0)
+    sq = (pred - t[:, None]) ** 2
+    sse = sq.sum(axis=0)
     best = int(np.argmin(sse))
     m, q, g = (float(max(v, 0.0)) for v in grid[best])
-    return Blend(m, q, g, float(y.mean()), float(np.sqrt(sse[best] / t.size)))
+    checked = range(n_endpoints, n_rows) if n_rows > n_endpoints else range(n_rows)
+    nested = [sq[row_of == r, int(np.argmin(sse - sq[row_of == r].sum(axis=0)))] for r in checked]
+    return Blend(m, q, g, float(y.mean()), float(np.sqrt(sse[best] / t.size)),
+                 float(np.sqrt(np.concatenate(nested).mean())))
 
 
 def judge(estimated, exact) -> dict[str, float]:

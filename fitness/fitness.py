@@ -48,12 +48,13 @@ from data.benchmarks import Benchmark, load_benchmark
 
 from . import params_store
 from .adaptive import (
+    CatCheck,
     CatSession,
     PopulationPrior,
     Prior,
     answers_prior,
-    calibrate_model_sd,
     endpoint_prior,
+    loo_cats,
     map_abilities,
     map_theta,
 )
@@ -102,6 +103,11 @@ class BenchmarkFit:
     irt_source: str | None = None  # where item_params came from: fitted here, params_file, or stored
     model_sd: float = 0.0  # adaptive: what the CAT's Laplace sd leaves out (fitness.adaptive.calibrate_model_sd)
     probe_thetas: np.ndarray | None = None  # adaptive: the probes' MAP abilities [probes, dims] (N(0, 1) prior)
+    choice: dict | None = None  # estimator auto: the estimator chosen and both leave-one-out errors
+
+    def estimator(self, spec: ObjectiveSpec) -> str:
+        """The estimator that scores ``spec``: its own, or the one `choose_estimator` chose for ``auto``."""
+        return self.choice["estimator"] if spec.estimator == "auto" else spec.estimator
 
     @property
     def adaptive(self) -> bool:
@@ -227,7 +233,7 @@ class Fitness:
             pos = np.searchsorted(asked[key], fit.subset.indices)
             for s in (s for s in self.specs if str(s.benchmark) == key):
                 values[s.label] = self._estimate(s, fit, resp, pos)
-                if s.estimator == "blend_irt":
+                if fit.estimator(s) == "blend_irt":
                     sd[s.label] = fit.blend.rmse
         trace: dict[str, Any] = {}
         adaptive = [k for k in self.fits if self._is_adaptive(k)]
@@ -237,7 +243,8 @@ class Fitness:
             items += a_items
             passes += a_passes
             for s in self.specs:
-                if str(s.benchmark) in trace and s.metric == "accuracy" and s.estimator in ("p_irt", "map_irt"):
+                if (str(s.benchmark) in trace and s.metric == "accuracy"
+                        and self.fits[str(s.benchmark)].estimator(s) in ("p_irt", "map_irt")):
                     sd[s.label] = float(np.hypot(trace[str(s.benchmark)]["sd"], self.fits[str(s.benchmark)].model_sd))
         return Score(values, items, passes, time.perf_counter() - t0, trace, sd)
 
@@ -268,14 +275,15 @@ class Fitness:
             fit = self.fits[key]
             seen, y = np.array(sess.items), np.array(sess.correct, dtype=float)
             for s in (s for s in self.specs if str(s.benchmark) == key):
+                name = fit.estimator(s)
                 if s.metric == "mean_output_tokens":
                     values[s.label] = float(np.mean(tokens[key]))
-                elif s.estimator in ("p_irt", "map_irt"):  # the CAT's own MAP prediction
+                elif name in ("p_irt", "map_irt"):  # the CAT's own MAP prediction
                     values[s.label] = sess.accuracy
-                elif s.estimator == "gp_irt":
+                elif name == "gp_irt":
                     values[s.label] = 0.5 * float(y.mean()) + 0.5 * sess.accuracy
                 else:
-                    values[s.label] = float(estimate(s.estimator, y, seen, None, fit.item_params, fit.endpoint_thetas))
+                    values[s.label] = float(estimate(name, y, seen, None, fit.item_params, fit.endpoint_thetas))
             trace[key] = sess.trace()
         return values, items, passes, trace
 
@@ -286,10 +294,11 @@ class Fitness:
         if s.metric == "mean_output_tokens":
             w = fit.subset.weights / fit.subset.weights.sum()
             return float(resp.output_tokens[pos].astype(float) @ w)
-        options = {"prior": fit.prior} if s.estimator in NEEDS_PRIOR else {}
-        if s.estimator == "blend_irt":
+        name = fit.estimator(s)
+        options = {"prior": fit.prior} if name in NEEDS_PRIOR else {}
+        if name == "blend_irt":
             options["blend"] = fit.blend
-        return float(estimate(s.estimator, resp.correct[pos].astype(float), fit.subset.indices, fit.subset.weights,
+        return float(estimate(name, resp.correct[pos].astype(float), fit.subset.indices, fit.subset.weights,
                               fit.item_params, fit.endpoint_thetas, **options))
 
     def score_full(self, model) -> Score:
@@ -323,7 +332,8 @@ class Fitness:
                     "irt_rows": f.irt_rows, "irt": f.item_params is not None,
                     **({"irt_source": f.irt_source} if f.irt_source is not None else {}),
                     **({"model_sd": f.model_sd} if f.adaptive else {}),
-                    **({"blend": f.blend.to_json()} if f.blend is not None else {})} for k, f in self.fits.items()}
+                    **({"blend": f.blend.to_json()} if f.blend is not None else {}),
+                    **({"auto": f.choice} if f.choice is not None else {})} for k, f in self.fits.items()}
 
 
 def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec,
@@ -334,7 +344,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     Y = response_matrix(list(endpoints) + list(probes)).astype(float)
     irt = evaluation.irt
     params, source = None, None
-    if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy in ("anchor", "adaptive"):
+    if any(s.estimator in NEEDS_ITEM_PARAMS for s in specs) or sub.strategy in ("anchor", "adaptive", "auto"):
         stored = None if irt.params_file is not None else params_store.latest(bench.hash)
         if irt.params_file is not None:
             params = ItemParams.load(irt.params_file)
@@ -347,12 +357,13 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
             params, source = fitted_item_params(Y, irt), f"fitted on {len(Y)} rows"
     thetas = estimate_theta(Y[: len(endpoints)], params) if params is not None else None
     prior = None
-    if sub.strategy == "adaptive" or any(s.estimator in NEEDS_PRIOR for s in specs):
+    if sub.strategy in ("adaptive", "auto") or any(s.estimator in NEEDS_PRIOR for s in specs):
         prior_thetas = map_abilities(params, Y)
         prior = endpoint_prior(prior_thetas[: len(endpoints)], sub.adaptive_settings()["min_sd"])
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
-    if sub.strategy == "random":
+    adaptive = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")  # no fixed items: each candidate's CAT
+    if sub.strategy in ("random", "auto"):
         subset = random_subset(len(bench), k, seed=sub.seed, groups=difficulty_strata(kinds, Y, k))
     elif sub.strategy == "balanced":
         subset = balanced_subset(Y, k, seed=sub.seed, groups=difficulty_strata(kinds, Y, k))
@@ -360,25 +371,47 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = anchor_subset(k, item_params=params, responses=Y, seed=sub.seed, groups=kinds)
     elif sub.strategy == "entropy":
         subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
-    else:  # adaptive: no fixed items; each candidate's CAT starts from the endpoints' abilities
-        subset = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")
-    blend, model_sd = None, 0.0
-    calibrate = any(s.estimator == "blend_irt" for s in specs) or (
-        sub.strategy == "adaptive" and any(s.estimator in ("p_irt", "map_irt") for s in specs))
-    if calibrate:  # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
-        min_sd = sub.adaptive_settings()["min_sd"]
+    else:
+        subset = adaptive
+    blend, model_sd, choice = None, 0.0, None
+    cat = sub.strategy in ("adaptive", "auto") and any(s.estimator in ("p_irt", "map_irt", "auto") for s in specs)
+    if cat or any(s.estimator in ("blend_irt", "auto") for s in specs):
+        # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
+        min_sd, st = sub.adaptive_settings()["min_sd"], sub.adaptive_settings()
 
         def prior_of(p: ItemParams, answers: np.ndarray):
             return answers_prior(p, answers, min_sd)
 
         refit = (lambda rows: fitted_item_params(rows, irt)) if source.startswith("fitted") else (lambda rows: params)
-        if sub.strategy == "adaptive":
-            st = sub.adaptive_settings()
-            model_sd = calibrate_model_sd(Y, len(endpoints), refit, prior_of, min(sub.size, len(bench)), st["round"])
-        else:
+        check = loo_cats(Y, len(endpoints), refit, prior_of, k, st["round"]) if cat else None
+        if sub.strategy != "adaptive":
             blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights, refit, prior_of, seed=sub.seed)
-    probe_thetas = prior_thetas[len(endpoints):] if prior is not None and sub.strategy == "adaptive" else None
-    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd, probe_thetas)
+        if sub.strategy == "auto":
+            choice = choose_estimator(check, blend)
+            if choice["estimator"] == "p_irt":
+                subset, blend = adaptive, None
+            else:
+                check = None
+        model_sd = check.model_sd if check is not None else 0.0
+    probe_thetas = prior_thetas[len(endpoints):] if prior is not None and subset.strategy == "adaptive" else None
+    return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd, probe_thetas, choice)
+
+
+def choose_estimator(cat: CatCheck, blend: Blend) -> dict:
+    """``estimator: auto`` for one benchmark: the CAT (adaptive items, p-IRT) or ``blend_irt`` on a
+    stratified random subset of the same size, whichever erred less where the truth is known:
+    the probe rows, each answered by a CAT against item parameters fitted without it
+    (`fitness.adaptive.loo_cats`) and predicted by the blend from its subsets with weights and
+    item parameters fitted without it (``Blend.check_rmse``, nested leave-one-out); the CAT on a
+    tie. Why not one default: on the zoo's nearly deterministic answers the CAT is the most
+    accurate estimator and searched best (bench/fitness_estimators.py, bench/evolve_ablation.py);
+    on answers as noisy as real LLMs', with item parameters from a job's few rows, its error
+    stops falling after 10 items while the blend stays at or below the subset mean at every k
+    (bench/fitness_simulated.py, issue 22)."""
+    cat_rmse, blend_rmse = cat.rmse, blend.check_rmse
+    name = "p_irt" if cat_rmse <= blend_rmse else "blend_irt"
+    return {"estimator": name, "strategy": "adaptive" if name == "p_irt" else "random",
+            "loo_rmse": {"p_irt": cat_rmse, "blend_irt": blend_rmse}, "rows": int(cat.errors.size)}
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:

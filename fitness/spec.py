@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 from core.validation import GivenPath
 
-ESTIMATOR_NAMES = ("subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "blend_irt", "full")
+ESTIMATOR_NAMES = ("auto", "subset_mean", "p_irt", "gp_irt", "mp_irt", "gmp_irt", "map_irt", "blend_irt", "full")
 
 
 ADAPTIVE_FIELDS = ("round", "prior", "stop_sd", "min_sd")
@@ -17,16 +17,19 @@ class SubsetSpec(BaseModel):
     """Which items a candidate answers. ``random``, ``anchor`` and ``entropy`` fix one subset of
     ``size`` items per benchmark before the search (``fitness.subsets``); ``adaptive`` chooses each
     candidate's items in rounds from its own answers (computerized adaptive testing,
-    ``fitness.adaptive``), ``size`` being the item budget. ``round``, ``prior``, ``stop_sd`` and
-    ``min_sd`` belong to ``adaptive`` only; left out they take ``fitness.adaptive``'s defaults and
-    stay out of the spec's serialized form (so fingerprints of fixed-subset jobs do not change)."""
+    ``fitness.adaptive``), ``size`` being the item budget; ``auto`` (with ``estimator: auto``)
+    is one of the two, chosen per benchmark at job start (``fitness.fitness.choose_estimator``).
+    ``round``, ``prior``, ``stop_sd`` and ``min_sd`` belong to ``adaptive`` and ``auto`` only; left
+    out they take ``fitness.adaptive``'s defaults and stay out of the spec's serialized form (so
+    fingerprints of fixed-subset jobs do not change)."""
 
     model_config = ConfigDict(extra="forbid")
 
     size: int = Field(20, ge=1, le=100_000, description="items per benchmark evaluated per candidate (adaptive: the budget)")
-    strategy: Literal["random", "balanced", "anchor", "entropy", "adaptive"] = Field(
-        "random", description="in an objective left out: adaptive for accuracy, random for mean_output_tokens "
-                              "(fitness.spec.default_fitness). random (stratified), balanced (the random draw, of 300, on which the endpoints "
+    strategy: Literal["random", "balanced", "anchor", "entropy", "adaptive", "auto"] = Field(
+        "random", description="in an objective left out: auto for accuracy, random for mean_output_tokens "
+                              "(fitness.spec.default_fitness). auto (estimator auto: adaptive or random, "
+                              "whichever erred less on the known rows), random (stratified), balanced (the random draw, of 300, on which the endpoints "
                               "and probes score closest to their full accuracies: lower estimation error in "
                               "bench/fitness_estimators.py), anchor, entropy, or adaptive (CAT: items chosen per "
                               "candidate)")
@@ -43,10 +46,10 @@ class SubsetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _adaptive_only(self) -> "SubsetSpec":
-        if self.strategy != "adaptive":
+        if self.strategy not in ("adaptive", "auto"):
             for name in ADAPTIVE_FIELDS:
                 if getattr(self, name) is not None:
-                    raise ValueError(f"subset.{name} applies to strategy adaptive only, not {self.strategy}")
+                    raise ValueError(f"subset.{name} applies to strategy adaptive (or auto) only, not {self.strategy}")
         return self
 
     @model_serializer(mode="wrap")
@@ -89,20 +92,27 @@ def share_subsets(objectives: list) -> list:
 def default_fitness(metric: str, estimator: str | None, strategy: str | None) -> tuple[str, str]:
     """(estimator, subset strategy) for an objective that may leave either out.
 
-    Accuracy objectives default to adaptive items scored by p-IRT: the lowest estimation error
-    (bench/fitness_estimators.py) and the best true hypervolume of the search
-    (bench/evolve_ablation.py: on average 1.02 of full evaluation's over ten search seeds on two
-    builds of the small zoo, against 0.97 for gmp-IRT on random subsets), at 1.1-1.2x a fixed
-    subset's time (four rounds of CAT). An objective that names its estimator but no strategy gets
-    a fixed random subset, as before adaptive items were the default. An adaptive subset given no
+    Accuracy objectives default to ``auto``: per benchmark, adaptive items scored by p-IRT or
+    ``blend_irt`` on a stratified random subset, whichever erred less by leave-one-out on the
+    known rows (`fitness.fitness.choose_estimator`). Neither wins everywhere: on the zoo's nearly
+    deterministic answers the CAT has the lowest error (bench/fitness_estimators.py) and the best
+    true hypervolume of the search (bench/evolve_ablation.py), on simulated real answers with item
+    parameters from a job's few rows it stops improving after 10 items and the blend is at or
+    below the subset mean at every k (bench/fitness_simulated.py). An objective that names its
+    estimator but no strategy gets a fixed random subset; one that names ``auto`` takes strategy
+    ``auto``, and a subset of strategy ``auto`` takes estimator ``auto``; a subset that sets the
+    CAT's settings (``round``, ``prior``, ``stop_sd``, ``min_sd``) and no strategy is adaptive,
+    unless the estimator is ``auto``. An adaptive subset given no
     estimator takes p-IRT (subset-mean blends are biased on items chosen near the candidate's
     ability); a fixed subset given no estimator takes MERGE^3's gmp-IRT. IRT models correctness,
     not lengths, so a mean_output_tokens objective takes the subset mean on a fixed random subset."""
     if metric == "mean_output_tokens":
         return estimator or "subset_mean", strategy or "random"
     if strategy is None:
-        strategy = "adaptive" if estimator is None else "random"
-    return estimator or ("p_irt" if strategy == "adaptive" else "gmp_irt"), strategy
+        strategy = "auto" if estimator in (None, "auto") else "random"
+    if estimator is None:
+        estimator = {"auto": "auto", "adaptive": "p_irt"}.get(strategy, "gmp_irt")
+    return estimator, strategy
 
 
 class ObjectiveSpec(BaseModel):
@@ -111,8 +121,10 @@ class ObjectiveSpec(BaseModel):
     benchmark: GivenPath = Field(..., description="JSONL benchmark file")
     metric: Literal["accuracy", "mean_output_tokens"] = "accuracy"
     estimator: Literal[ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
-        "p_irt", description="left out: p_irt on adaptive subsets, gmp_irt on fixed ones, subset_mean for "
-                             "mean_output_tokens (fitness.spec.default_fitness)")
+        "auto", description="left out: auto for accuracy (p_irt on adaptive items or blend_irt on a random "
+                            "subset, per benchmark: whichever erred less by leave-one-out on the endpoints and "
+                            "probes), p_irt on adaptive subsets, gmp_irt on fixed ones, subset_mean for "
+                            "mean_output_tokens (fitness.spec.default_fitness)")
     subset: SubsetSpec = Field(default_factory=SubsetSpec)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]+$", max_length=128)
 
@@ -126,6 +138,9 @@ class ObjectiveSpec(BaseModel):
         if isinstance(sub, SubsetSpec):
             sub = sub.model_dump(exclude_unset=True)
         strategy = sub.get("strategy") if isinstance(sub, dict) else None
+        if strategy is None and data.get("estimator") != "auto" and isinstance(sub, dict) and any(
+                sub.get(name) is not None for name in ADAPTIVE_FIELDS):
+            strategy = "adaptive"  # CAT settings given: adaptive items were meant
         estimator, strategy = default_fitness(data.get("metric", "accuracy"), data.get("estimator"), strategy)
         return {**data, "estimator": estimator, "subset": {**(sub if isinstance(sub, dict) else {}), "strategy": strategy}}
 
@@ -133,6 +148,9 @@ class ObjectiveSpec(BaseModel):
     def _metric_estimator(self) -> "ObjectiveSpec":
         if self.metric == "mean_output_tokens" and self.estimator not in ("subset_mean", "full"):
             raise ValueError(f"estimator: mean_output_tokens is estimated by subset_mean or full, not {self.estimator}")
+        if self.metric == "accuracy" and (self.estimator == "auto") != (self.subset.strategy == "auto"):
+            raise ValueError("estimator: auto chooses the subset strategy too (adaptive or random): give estimator "
+                             "auto with subset.strategy auto or left out, or neither")
         if self.estimator == "blend_irt" and self.subset.strategy == "adaptive":
             raise ValueError("estimator: blend_irt weighs the subset mean, which items chosen per candidate bias; "
                              "give it a fixed subset (subset.strategy random or balanced)")

@@ -26,7 +26,7 @@ def spec_for(zoo, manifest, **search):
         "models": [{"name": t, "path": str(zoo / manifest["models"][t]["path"])} for t in tasks],
         "method": "ties",
         "search": {"population": 6, "generations": 3, "seed": 1, **search},
-        # fitness left to the defaults (p_irt on 20 adaptive items), as a user's spec would
+        # fitness left to the defaults (auto: the CAT or blend_irt on 20 items), as a user's spec would
         "objectives": [{"benchmark": str(zoo / manifest["benchmarks"][t]["path"])} for t in tasks],
         "evaluation": {"max_new_tokens": manifest["eval_settings"]["max_new_tokens"], "irt": {"probes": 5, "epochs": 200}},
         "device": "cpu",
@@ -62,13 +62,18 @@ def test_front_is_non_dominated_and_reported(finished):
         assert max(doc["front"], key=lambda c: c["objectives"][n])["id"] in checked
     assert doc["cost"]["items_per_candidate"] <= 40 < doc["cost"]["full_items_per_candidate"]
     assert (out / "front.png").stat().st_size > 1000
-    # each adaptive estimate keeps its sd: the CAT's Laplace sd with the job's model error, in the front too
-    for c in cands:
-        for t in ("rev", "cip"):
-            key = next(k for k in c["trace"] if k.endswith(f"{t}.jsonl"))
-            model_sd = doc["fitness"][key]["model_sd"]
-            assert c["sd"][f"{t}:accuracy"] == pytest.approx(float(np.hypot(c["trace"][key]["sd"], model_sd)))
-            assert c["sd"][f"{t}:accuracy"] > 0 and model_sd >= 0
+    # estimator auto chose, per benchmark, the setting with the lower leave-one-out error, and each
+    # estimate keeps its sd: the CAT's Laplace sd with the job's model error, or the blend's rmse
+    for t in ("rev", "cip"):
+        key = next(k for k in doc["fitness"] if k.endswith(f"{t}.jsonl"))
+        fit = doc["fitness"][key]
+        loo = fit["auto"]["loo_rmse"]
+        assert fit["auto"]["estimator"] == ("p_irt" if loo["p_irt"] <= loo["blend_irt"] else "blend_irt")
+        assert fit["strategy"] == fit["auto"]["strategy"] and ("blend" in fit) == (fit["strategy"] == "random")
+        for c in cands:
+            assert (key in (c["trace"] or {})) == (fit["strategy"] == "adaptive")
+            want = np.hypot(c["trace"][key]["sd"], fit["model_sd"]) if key in (c["trace"] or {}) else fit["blend"]["rmse"]
+            assert c["sd"][f"{t}:accuracy"] == pytest.approx(float(want)) and want > 0
     assert all(f["sd"] == next(c["sd"] for c in cands if c["id"] == f["id"]) for f in doc["front"])
 
 

@@ -85,7 +85,7 @@ def test_evolve_spec_rejects_a_space_the_method_cannot_take():
 
 
 def test_fitness_defaults_follow_metric_and_subset():
-    """Left out, accuracy is p-IRT on adaptive items, a named estimator gets a fixed random subset,
+    """Left out, accuracy is auto (the CAT or blend_irt, chosen at job start), a named estimator gets a fixed random subset,
     a fixed subset takes gmp-IRT, an adaptive one p-IRT, and lengths (which IRT does not model) the
     subset mean on a fixed random subset, shared with the accuracy objective on the same benchmark; an IRT estimator on tokens and two subset
     specs on one benchmark are refused, naming the field."""
@@ -98,13 +98,23 @@ def test_fitness_defaults_follow_metric_and_subset():
                 "objectives": list(objectives)}
         return [(o.estimator, o.subset.strategy, o.subset.size) for o in EvolveSpec.model_validate(spec).objectives]
 
-    assert resolved({"benchmark": "x.jsonl"}) == [("p_irt", "adaptive", 20)]
-    assert resolved({"benchmark": "x.jsonl", "subset": {"size": 10}}) == [("p_irt", "adaptive", 10)]
+    assert resolved({"benchmark": "x.jsonl"}) == [("auto", "auto", 20)]
+    assert resolved({"benchmark": "x.jsonl", "subset": {"size": 10}}) == [("auto", "auto", 10)]
+    assert resolved({"benchmark": "x.jsonl", "estimator": "auto"}) == [("auto", "auto", 20)]
+    assert resolved({"benchmark": "x.jsonl", "subset": {"strategy": "auto", "round": 4}}) == [("auto", "auto", 20)]
+    assert resolved({"benchmark": "x.jsonl", "subset": {"strategy": "adaptive"}}) == [("p_irt", "adaptive", 20)]
+    for bad in ({"estimator": "auto", "subset": {"strategy": "random"}}, {"estimator": "p_irt", "subset": {"strategy": "auto"}}):
+        with pytest.raises(ValidationError, match="estimator: auto chooses the subset strategy too"):
+            resolved({"benchmark": "x.jsonl", **bad})
+    assert resolved({"benchmark": "x.jsonl", "subset": {"prior": "surrogate"}}) == [("p_irt", "adaptive", 20)]
+    assert resolved({"benchmark": "x.jsonl", "estimator": "p_irt", "subset": {"round": 4}}) == [("p_irt", "adaptive", 20)]
+    with pytest.raises(ValidationError, match="subset.round applies to strategy adaptive"):
+        resolved({"benchmark": "x.jsonl", "subset": {"strategy": "random", "round": 4}})
     assert resolved({"benchmark": "x.jsonl", "subset": {"strategy": "anchor"}}) == [("gmp_irt", "anchor", 20)]
     assert resolved({"benchmark": "x.jsonl", "estimator": "map_irt"}) == [("map_irt", "random", 20)]
     tokens = {"benchmark": "x.jsonl", "metric": "mean_output_tokens"}
     assert resolved({"benchmark": "x.jsonl"}, tokens) == [("gmp_irt", "random", 20), ("subset_mean", "random", 20)]
-    assert resolved({"benchmark": "y.jsonl"}, tokens) == [("p_irt", "adaptive", 20), ("subset_mean", "random", 20)]
+    assert resolved({"benchmark": "y.jsonl"}, tokens) == [("auto", "auto", 20), ("subset_mean", "random", 20)]
     cat = {"benchmark": "x.jsonl", "subset": {"strategy": "adaptive", "size": 10}}
     assert resolved(cat, tokens) == [("p_irt", "adaptive", 10), ("subset_mean", "adaptive", 10)]
     with pytest.raises(ValidationError, match=r"objectives\[1\].subset"):
@@ -125,7 +135,7 @@ def test_readme_evolve_example_is_a_valid_spec():
     block = re.search(r"```yaml\n(kind: evolve\n.*?)```", readme, re.S).group(1)
     spec = EvolveSpec.model_validate(yaml.safe_load(block))
     assert [(o.estimator, o.subset.strategy, o.subset.size) for o in spec.objectives] == [
-        ("p_irt", "adaptive", 20), ("gmp_irt", "random", 20)]
+        ("auto", "auto", 20), ("gmp_irt", "random", 20)]
 
 
 def test_knee_point_on_convex_and_concave_fronts():

@@ -354,3 +354,91 @@ def test_a_job_calibrates_blend_irt_on_its_known_rows():
                                                  [""] * 15), np.arange(15))
     y = cand.correct[idx].astype(float)
     assert got == pytest.approx(float(blend_irt(y, idx, fit.subset.weights, fit.item_params, prior=fit.prior, blend=b)))
+
+
+def test_blend_check_rmse_is_nested_leave_one_out():
+    """Brute force: for each probe row, the parts of every (row, subset) pair are recomputed by
+    hand (item parameters and prior fitted without the row), the simplex grid is searched for the
+    weights that fit every other row best, and that row's errors at those weights are kept; their
+    root mean square is ``check_rmse``."""
+    from fitness.estimators import _blend_parts, calibrate_blend
+
+    world = make_world(5, n_items=80, n_models=9)
+    rows, n_end, idx = world["y"], 3, np.arange(0, 80, 8)
+    blend = calibrate_blend(rows, n_end, idx, None, _map_fit, _endpoint_prior, draws=3, seed=1, step=0.1)
+    rng = np.random.default_rng(1)
+    subsets = [idx] + [np.sort(rng.choice(80, idx.size, replace=False)) for _ in range(2)]
+    share = idx.size / 80
+    per_row = []
+    for r in range(len(rows)):
+        rest = np.delete(rows, r, axis=0)
+        params = _map_fit(rest)
+        prior = _endpoint_prior(params, rest[: n_end - (r < n_end)])
+        per_row.append([(_blend_parts(rows[r: r + 1, s], s, None, params, prior, rest.mean())[0], rows[r].mean())
+                        for s in subsets])
+    ticks = np.round(np.arange(0, 1.05, 0.1), 10)
+    grid = [np.array([a, b, 1 - a - b]) for a in ticks for b in ticks if a + b <= 1 + 1e-9]
+
+    def sq_errors(r, w):
+        return [(share * p[0] + (1 - share) * p[1:] @ w - t) ** 2 for p, t in per_row[r]]
+
+    nested = []
+    for r in range(n_end, len(rows)):
+        best = min(grid, key=lambda w: sum(sum(sq_errors(o, w)) for o in range(len(rows)) if o != r))
+        nested += sq_errors(r, best)
+    assert blend.check_rmse == pytest.approx(float(np.sqrt(np.mean(nested))), rel=1e-9)
+
+
+def test_choose_estimator_takes_the_lower_leave_one_out_error():
+    from fitness.adaptive import CatCheck
+    from fitness.estimators import Blend
+    from fitness.fitness import choose_estimator
+
+    cat = CatCheck(np.array([0.03, -0.04]), np.array([0.01, 0.01]), 0.0)  # rmse sqrt(0.00125)
+    for blend_rmse, chosen in ((0.02, "blend_irt"), (0.05, "p_irt"), (float(np.sqrt(0.00125)), "p_irt")):
+        got = choose_estimator(cat, Blend(0.2, 0.3, 0.5, 0.5, 0.01, blend_rmse))
+        assert got["estimator"] == chosen and got["rows"] == 2
+        assert got["loo_rmse"] == {"p_irt": pytest.approx(np.sqrt(0.00125)), "blend_irt": blend_rmse}
+
+
+@pytest.mark.parametrize("world", ["2pl", "equal_scores"])
+def test_estimator_auto_is_the_configuration_it_chooses(world):
+    """A job's ``estimator: auto`` on one benchmark equals the explicit configuration it names: the
+    CAT (adaptive items, p_irt, the same model sd) or blend_irt on the same stratified random
+    subset with the same weights; the leave-one-out errors it reports are `loo_cats`' and
+    ``calibrate_blend``'s, and the lower one won. On rows that all score alike (the known rows'
+    mean predicts each exactly) the blend wins."""
+    from data.benchmarks import from_items
+    from fitness.adaptive import answers_prior, loo_cats
+    from fitness.evaluate import Responses
+    from fitness.fitness import fit_benchmark, fitted_item_params
+    from fitness.spec import EvaluationSpec, ObjectiveSpec
+
+    n = 120
+    bench = from_items("b", [{"id": f"g{i}", "prompt": "p", "answer": "a"} for i in range(n)])
+    rng = np.random.default_rng(4)
+    if world == "2pl":
+        skill, difficulty = np.linspace(-1.5, 1.5, 8), rng.normal(0, 1, n)
+        correct = [(rng.random(n) < 1 / (1 + np.exp(difficulty - s))).astype(np.uint8) for s in skill]
+    else:
+        correct = [np.isin(np.arange(n), rng.choice(n, 48, replace=False)).astype(np.uint8) for _ in range(8)]
+    answers = [Responses(bench.ids, c, np.ones(n, int), [""] * n) for c in correct]
+    ev = EvaluationSpec()
+    auto = fit_benchmark(bench, [ObjectiveSpec(benchmark="b.jsonl", subset={"size": 15})], ev, answers[:3], answers[3:])
+    cat = fit_benchmark(bench, [ObjectiveSpec(benchmark="b.jsonl", subset={"size": 15, "strategy": "adaptive"})],
+                        ev, answers[:3], answers[3:])
+    blend = fit_benchmark(bench, [ObjectiveSpec(benchmark="b.jsonl", estimator="blend_irt", subset={"size": 15})],
+                          ev, answers[:3], answers[3:])
+    Y = np.array(correct, dtype=float)
+    check = loo_cats(Y, 3, lambda rows: fitted_item_params(rows, ev.irt), lambda p, a: answers_prior(p, a, 0.5), 15)
+    rmse = auto.choice["loo_rmse"]
+    assert rmse == {"p_irt": pytest.approx(check.rmse), "blend_irt": pytest.approx(blend.blend.check_rmse)}
+    chosen = min(rmse, key=lambda k: (rmse[k], k != "p_irt"))
+    assert auto.choice["estimator"] == chosen
+    same = cat if chosen == "p_irt" else blend
+    assert auto.subset.strategy == same.subset.strategy and np.array_equal(auto.subset.indices, same.subset.indices)
+    assert auto.model_sd == pytest.approx(same.model_sd) and (auto.blend is None) == (same.blend is None)
+    if auto.blend is not None:
+        assert auto.blend == same.blend
+    if world == "equal_scores":
+        assert chosen == "blend_irt"
