@@ -2,7 +2,8 @@
 
 For each merge method (`--methods`, default ties and task_arithmetic) one Fitness is built
 exactly as an evolve job builds it (endpoints, probe merges at Latin-hypercube points, IRT
-fit; fitness by the product's defaults: p-IRT on 20 adaptive items per task), with one
+fit; fitness: p-IRT on 20 adaptive items per task, the setting the default `estimator: auto`
+keeps on the zoo, bench/fitness_auto.py), with one
 resident model. Then, per search seed, with that Fitness and search space, three searches of
 `--budget` candidates each:
 - `bo`: evolve's search loop with `algorithm: bo` (evolve/bo.py; the job's probes, scored in
@@ -223,7 +224,7 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(r))
             results[method + tag].append(r)
-    print(f"\nzoo {args.preset}, tasks {args.tasks}, fitness: p_irt on 20 adaptive items per task (the defaults), "
+    print(f"\nzoo {args.preset}, tasks {args.tasks}, fitness: p_irt on 20 adaptive items per task, "
           f"{args.probes} probes; budget {args.budget}, granularity {args.granularity}"
           + (f" ({args.blocks} blocks)" if tag else ""))
     report(results, args)

@@ -5,8 +5,9 @@ Input: the response matrices ``bench/fitness_estimators.py --dump FILE.npz`` wri
 endpoints' and probes' full answers, what a job knows; the held-out merges' full answers, whose accuracies
 are the truth). Per benchmark and k, as a job does at its start, ``fitness.fitness.choose_estimator``
 compares the CAT's leave-one-out error on the probe rows (``fitness.adaptive.loo_cats``) with the blend's
-(``calibrate_blend``'s nested ``check_rmse``, on a random subset of k items); then every held-out merge is
-scored by the CAT (rounds of 5, endpoint prior) and by ``blend_irt`` and the subset mean on ``--draws``
+(``calibrate_blend``'s nested ``check_errors``, on a random subset of k items); then every held-out merge is
+scored by the CAT (rounds of 5, endpoint prior; raw, and mapped by the line fitted on the probe rows, as auto
+reports it) and by ``blend_irt`` and the subset mean on ``--draws``
 random subsets of k items (the blend's weights calibrated for each subset, as a job calibrates them for
 its own), and auto's error is the chosen one's. The item parameters of every leave-one-out fit are fitted
 once per benchmark and reused for every k and draw (the fits are deterministic).
@@ -50,9 +51,9 @@ def main() -> None:
             memo[key] = fit_item_params(rows, "2pl")
         return memo[key]
 
-    lines = ["| benchmark | k | chose | LOO rmse CAT / blend (points) | MAE CAT | MAE blend | MAE auto | MAE subset mean |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    totals: dict[int, dict[str, list]] = {k: {c: [] for c in ("cat", "blend", "auto", "mean")} for k in ks}
+    lines = ["| benchmark | k | chose | LOO MAE CAT / with line / blend (points) | MAE CAT | MAE CAT with line | MAE blend "
+             "| MAE auto | MAE subset mean |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    totals: dict[int, dict[str, list]] = {k: {c: [] for c in ("cat", "line", "blend", "auto", "mean")} for k in ks}
     t0 = time.perf_counter()
     for t in tasks:
         ends, probes, truth_rows = (data[f"{kind}/{t}"].astype(float) for kind in ("endpoints", "probes", "truth"))
@@ -68,24 +69,29 @@ def main() -> None:
             check = loo_cats(Y, n_end, fit, answers_prior, k)
             blends = [calibrate_blend(Y, n_end, s, None, fit, answers_prior, seed=d) for d, s in enumerate(subsets)]
             choice = choose_estimator(check, blends[0])
+            a, b = check.line()
             cat = np.array([run_cat(params, lambda idx, i=i: truth_rows[i, idx], prior, k).accuracy
                             for i in range(len(truth))])
             mae_cat = float(np.abs(cat - truth).mean() * 100)
+            mae_line = float(np.abs(np.clip(a + b * cat, 0, 1) - truth).mean() * 100)
             mae_blend = float(np.mean([np.abs(blend_irt(truth_rows[:, s], s, None, params, prior=prior, blend=b)
                                               - truth).mean() for s, b in zip(subsets, blends)]) * 100)
             mae_mean = float(np.mean([np.abs(truth_rows[:, s].mean(axis=1) - truth).mean() for s in subsets]) * 100)
-            mae_auto = mae_cat if choice["estimator"] == "p_irt" else mae_blend
-            for c, v in (("cat", mae_cat), ("blend", mae_blend), ("auto", mae_auto), ("mean", mae_mean)):
+            mae_auto = mae_blend if choice["estimator"] == "blend_irt" else mae_line if choice["line"] else mae_cat
+            for c, v in (("cat", mae_cat), ("line", mae_line), ("blend", mae_blend), ("auto", mae_auto),
+                         ("mean", mae_mean)):
                 totals[k][c].append(v)
-            loo = choice["loo_rmse"]
-            lines.append(f"| {t} | {k} | {'CAT' if choice['estimator'] == 'p_irt' else 'blend'} | "
-                         f"{100 * loo['p_irt']:.1f} / {100 * loo['blend_irt']:.1f} | {mae_cat:.2f} | {mae_blend:.2f} | "
+            loo = choice["loo_mae"]
+            chose = "blend" if choice["estimator"] == "blend_irt" else "CAT, line" if choice["line"] else "CAT"
+            lines.append(f"| {t} | {k} | {chose} | {100 * loo['p_irt']:.1f} / {100 * loo['p_irt_line']:.1f} / "
+                         f"{100 * loo['blend_irt']:.1f} | {mae_cat:.2f} | {mae_line:.2f} | "
+                         f"{mae_blend:.2f} | "
                          f"{mae_auto:.2f} | {mae_mean:.2f} |")
             print(lines[-1], flush=True)
     for k in ks:
         if totals[k]["cat"]:
             m = {c: float(np.mean(v)) for c, v in totals[k].items()}
-            lines.append(f"| mean of {len(totals[k]['cat'])} | {k} | | | {m['cat']:.2f} | {m['blend']:.2f} | "
+            lines.append(f"| mean of {len(totals[k]['cat'])} | {k} | | | {m['cat']:.2f} | {m['line']:.2f} | {m['blend']:.2f} | "
                          f"{m['auto']:.2f} | {m['mean']:.2f} |")
     print("\n".join(lines))
     print(f"{args.dump.name}: {len(tasks)} benchmarks, {len(truth)} held-out merges, {args.draws} subsets per k; "

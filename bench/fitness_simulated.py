@@ -12,10 +12,11 @@ For each preset (MMLU-Pro math: 1,351 ten-option items; ARC-Challenge: 735 four-
    candidates, as a job scores every candidate on one subset) scored by subset mean, p-IRT, gp-IRT
    (lam 0.5), gmp-IRT (delta 0.5), map (p-IRT at the MAP ability under the endpoint prior), blend
    (``blend_irt``: subset mean, map and the known rows' mean, weights by leave-one-out on the known rows), and
-   adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); "auto", the product's default
-   (``fitness.fitness.choose_estimator``: per world, setting and k, the CAT or the blend, whichever erred less
-   by leave-one-out on the probe rows; its sd is the chosen one's); plus "guess": the known rows' mean
-   accuracy for every candidate (no evaluation at all).
+   adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); "adaptive, line": the same CAT
+   estimates mapped by the line fitted on the probe rows' leave-one-out CATs (``fitness.adaptive.fit_line``);
+   "auto", the product's default (``fitness.fitness.choose_estimator``: per world, setting and k, the CAT with
+   its line or the blend, by their leave-one-out errors on the probe rows; its sd is the chosen one's); plus
+   "guess": the known rows' mean accuracy for every candidate (no evaluation at all).
 
 Printed and written to bench/out/fitness_simulated.{md,json}: mean absolute error in accuracy points,
 Spearman across candidates (mean over draws and seeds), and the share of truths inside the 90% interval
@@ -56,10 +57,11 @@ from fitness.irt import estimate_theta, fit_item_params  # noqa: E402
 from fitness.simulate import PRESETS, REAL, Simulation, describe, merge_family, simulate  # noqa: E402
 
 FIXED = ["subset_mean", "p_irt", "gp_irt", "gmp_irt", "map"]
-COLUMNS = FIXED + ["blend", "adaptive", "auto", "guess"]
+COLUMNS = FIXED + ["blend", "adaptive", "adaptive_line", "auto", "guess"]
 EXTRA = ["adaptive_sd"]  # the CAT's estimates with calibrate_model_sd's sd: coverage only
 LABELS = {"subset_mean": "subset mean", "p_irt": "p-IRT", "gp_irt": "gp-IRT", "gmp_irt": "gmp-IRT", "map": "map",
-          "blend": "blend (LOO)", "adaptive": "adaptive p-IRT", "auto": "auto (default)",
+          "blend": "blend (LOO)", "adaptive": "adaptive p-IRT",
+          "adaptive_line": "adaptive, line", "auto": "auto (default)",
           "guess": "guess known mean"}
 NAMES = {"mmlu_pro_math": "MMLU-Pro math", "arc_challenge": "ARC-Challenge"}
 Z90 = 1.6448536269514722
@@ -95,6 +97,7 @@ def one_world(cfg, seed: int, args) -> dict:
             # the weights by leave-one-out on the known rows (a leaderboard's parameters are not refitted)
             blend = calibrate_blend(known, args.parents, subsets[k][0], None, fit, prior_of, seed=seed)
             check = loo_cats(known, args.parents, fit, prior_of, k)
+            calibrated, (a, b) = check.calibrated(), check.line()
             choice = choose_estimator(check, blend)
             out.setdefault("chose_cat", {}).setdefault(setting, {})[k] = choice["estimator"] == "p_irt"
             for idx in subsets[k]:
@@ -117,9 +120,11 @@ def one_world(cfg, seed: int, args) -> dict:
             res["adaptive"].append({"pred": np.array(pred), "sd": np.array(sd), "truth": truth})
             res["adaptive_sd"].append({"pred": np.array(pred), "sd": np.hypot(np.array(sd), check.model_sd),
                                        "truth": truth})
+            res["adaptive_line"].append({"pred": np.clip(a + b * np.array(pred), 0, 1),
+                                         "sd": np.hypot(b * np.array(sd), calibrated.model_sd), "truth": truth})
             # auto: the chosen estimator's entries, the CAT's repeated once per draw so that worlds weigh alike
-            res["auto"] += [res["adaptive_sd"][-1]] * args.draws if choice["estimator"] == "p_irt" \
-                else res["blend"][-args.draws:]
+            chosen = "blend" if choice["estimator"] == "blend_irt" else "adaptive_line" if choice["line"] else "adaptive_sd"
+            res["auto"] += [res[chosen][-1]] * args.draws if chosen != "blend" else res["blend"][-args.draws:]
     return out
 
 

@@ -379,22 +379,53 @@ def fixed_map_accuracy(item_params: ItemParams, items, y, prior: Prior) -> float
 
 @dataclass(frozen=True)
 class CatCheck:
-    """Leave-one-out CATs on known rows (`loo_cats`): per row, the CAT's estimate minus the row's
+    """Leave-one-out CATs on known rows (`loo_cats`): per row, the CAT's estimate, the row's
     observed accuracy and the CAT's Laplace sd; ``sampling`` is the mean sampling variance of a
     row's observed accuracy (ybar (1 - ybar) / N)."""
 
-    errors: Array
+    estimates: Array
+    truths: Array
     sds: Array
     sampling: float
 
     @property
-    def rmse(self) -> float:
-        return float(np.sqrt(np.mean(self.errors ** 2)))
+    def errors(self) -> Array:
+        return self.estimates - self.truths
+
+    @property
+    def mae(self) -> float:
+        return float(np.mean(np.abs(self.errors)))
 
     @property
     def model_sd(self) -> float:
         """What the Laplace sd leaves out: sqrt(max(mse - mean sd^2 - sampling, 0))."""
         return float(np.sqrt(max(np.mean(self.errors ** 2) - np.mean(self.sds ** 2) - self.sampling, 0.0)))
+
+    def line(self) -> tuple[float, float]:
+        """(intercept, slope) of `fit_line` on these rows: what a CAT's estimate is mapped by."""
+        return fit_line(self.estimates, self.truths)
+
+    def calibrated(self) -> "CatCheck":
+        """The same rows with each estimate mapped by the line fitted on the other rows (nested
+        leave-one-out) and its sd scaled by that line's slope: the calibrated CAT's honest errors."""
+        est, sds = np.empty_like(self.estimates), np.empty_like(self.sds)
+        for r in range(self.estimates.size):
+            a, b = fit_line(np.delete(self.estimates, r), np.delete(self.truths, r))
+            est[r], sds[r] = a + b * self.estimates[r], b * self.sds[r]
+        return CatCheck(est, self.truths, sds, self.sampling)
+
+
+def fit_line(estimates, truths) -> tuple[float, float]:
+    """Least-squares line from a CAT's estimates to the truths, its slope clipped to [0, 1] (a
+    shrinkage toward the rows' mean, never an expansion or a reversal): with item parameters
+    fitted on few rows the CAT's errors are mostly a shared bias and an over-spread scale, which
+    such a line removes without changing the order of the candidates (Spearman). Fewer than
+    three rows, or estimates that do not vary: the identity."""
+    x, t = np.asarray(estimates, dtype=np.float64), np.asarray(truths, dtype=np.float64)
+    if x.size < 3 or np.ptp(x) == 0:
+        return 0.0, 1.0
+    slope = float(np.clip(np.cov(x, t)[0, 1] / x.var(ddof=1), 0.0, 1.0))
+    return float(t.mean() - slope * x.mean()), slope
 
 
 def loo_cats(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],
@@ -407,16 +438,16 @@ def loo_cats(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],
     in."""
     y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     targets = list(range(n_endpoints, y.shape[0])) if y.shape[0] > n_endpoints else list(range(y.shape[0]))
-    errors, sds = [], []
+    estimates, sds = [], []
     for r in targets:
         rest = np.delete(y, r, axis=0)
         params = fit(rest)
         prior = prior_of(params, rest[: n_endpoints - (r < n_endpoints)])
         result = run_cat(params, lambda idx, r=r: y[r, idx], prior, budget, round_size)
-        errors.append(result.accuracy - y[r].mean())
+        estimates.append(result.accuracy)
         sds.append(result.sd)
     acc = y[targets].mean(axis=1)
-    return CatCheck(np.array(errors), np.array(sds), float(np.mean(acc * (1.0 - acc))) / y.shape[1])
+    return CatCheck(np.array(estimates), acc, np.array(sds), float(np.mean(acc * (1.0 - acc))) / y.shape[1])
 
 
 def calibrate_model_sd(rows, n_endpoints: int, fit: Callable[[Array], ItemParams],

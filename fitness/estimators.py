@@ -250,13 +250,17 @@ class Blend:
     prior: float
     known: float
     rmse: float = float("nan")  # the calibration's leave-one-out error at these weights: the estimate's sd
-    # the error on the probe rows with the weights also fitted without the row (nested leave-one-out):
-    # what `estimator: auto` compares with the CAT's leave-one-out error
-    check_rmse: float = float("nan")
+    # per probe row, the mean absolute error over the calibration's subsets with the weights also
+    # fitted without the row (nested leave-one-out): what `estimator: auto` compares with the CAT's
+    check_errors: tuple[float, ...] = ()
+
+    @property
+    def check_mae(self) -> float:
+        return float(np.mean(self.check_errors)) if self.check_errors else float("nan")
 
     def to_json(self) -> dict:
         return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known, "rmse": self.rmse,
-                "check_rmse": self.check_rmse}
+                "check_mae": self.check_mae}
 
 
 def blend_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *, prior=None,
@@ -335,9 +339,9 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
     those on the simplex (a grid of ``step``) minimizing sum (w_m m + w_q q + w_g g - t)^2; the
     root mean square of those leave-one-out errors is the blend's ``rmse``, the sd to report
     with an estimate (it contains what the model gets wrong, which a Laplace sd leaves out).
-    ``check_rmse`` is the same error on the probe rows (the rows after the endpoints: merges, as
-    candidates are; all rows when there are none) with each row's weights fitted without it too,
-    an honest figure to compare with another estimator's leave-one-out error."""
+    ``check_errors`` are the mean absolute errors of the probe rows (the rows after the endpoints:
+    merges, as candidates are; all rows when there are none) with each row's weights fitted
+    without it too, honest figures to compare with another estimator's leave-one-out errors."""
     y = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     n_rows, N = y.shape
     idx0 = np.asarray(subset_idx, dtype=int)
@@ -362,9 +366,8 @@ def calibrate_blend(rows, n_endpoints: int, subset_idx, weights, fit: Callable[[
     best = int(np.argmin(sse))
     m, q, g = (float(max(v, 0.0)) for v in grid[best])
     checked = range(n_endpoints, n_rows) if n_rows > n_endpoints else range(n_rows)
-    nested = [sq[row_of == r, int(np.argmin(sse - sq[row_of == r].sum(axis=0)))] for r in checked]
-    return Blend(m, q, g, float(y.mean()), float(np.sqrt(sse[best] / t.size)),
-                 float(np.sqrt(np.concatenate(nested).mean())))
+    nested = [np.sqrt(sq[row_of == r, int(np.argmin(sse - sq[row_of == r].sum(axis=0)))]).mean() for r in checked]
+    return Blend(m, q, g, float(y.mean()), float(np.sqrt(sse[best] / t.size)), tuple(float(e) for e in nested))
 
 
 def judge(estimated, exact) -> dict[str, float]:

@@ -92,9 +92,9 @@ def share_subsets(objectives: list) -> list:
 def default_fitness(metric: str, estimator: str | None, strategy: str | None) -> tuple[str, str]:
     """(estimator, subset strategy) for an objective that may leave either out.
 
-    Accuracy objectives default to ``auto``: per benchmark, adaptive items scored by p-IRT or
-    ``blend_irt`` on a stratified random subset, whichever erred less by leave-one-out on the
-    known rows (`fitness.fitness.choose_estimator`). Neither wins everywhere: on the zoo's nearly
+    Accuracy objectives default to ``auto``: per benchmark, adaptive items scored by p-IRT (its
+    estimates mapped by a line fitted on the probes, or not) or ``blend_irt`` on a stratified
+    random subset, by their leave-one-out errors on the probes (`fitness.fitness.choose_estimator`). Neither wins everywhere: on the zoo's nearly
     deterministic answers the CAT has the lowest error (bench/fitness_estimators.py) and the best
     true hypervolume of the search (bench/evolve_ablation.py), on simulated real answers with item
     parameters from a job's few rows it stops improving after 10 items and the blend is at or
@@ -121,10 +121,11 @@ class ObjectiveSpec(BaseModel):
     benchmark: GivenPath = Field(..., description="JSONL benchmark file")
     metric: Literal["accuracy", "mean_output_tokens"] = "accuracy"
     estimator: Literal[ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
-        "auto", description="left out: auto for accuracy (p_irt on adaptive items or blend_irt on a random "
-                            "subset, per benchmark: whichever erred less by leave-one-out on the endpoints and "
-                            "probes), p_irt on adaptive subsets, gmp_irt on fixed ones, subset_mean for "
-                            "mean_output_tokens (fitness.spec.default_fitness)")
+        "auto", description="left out: auto for accuracy (per benchmark, p_irt on adaptive items, with or "
+                            "without a line fitted on the probes, or blend_irt on a random subset, by their "
+                            "leave-one-out errors on the probes: fitness.fitness.choose_estimator), p_irt on "
+                            "adaptive subsets, gmp_irt on fixed ones, subset_mean for mean_output_tokens "
+                            "(fitness.spec.default_fitness)")
     subset: SubsetSpec = Field(default_factory=SubsetSpec)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]+$", max_length=128)
 

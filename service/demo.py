@@ -3,8 +3,8 @@
 1. builds (or reuses) the tiny zoo: a char-level Llama base, task fine-tunes, benchmarks;
 2. starts the service (`evomerge serve`: API plus one CPU worker) on a free loopback port;
 3. submits an evolve job over REST: TIES over two fine-tunes (`inc` and `dup`), two
-   objectives (each task's accuracy, estimated by p-IRT on 20 items chosen per candidate by
-   adaptive testing, the default), NSGA-II;
+   objectives (each task's accuracy on 20 items per candidate, by the default `estimator: auto`:
+   on the zoo, p-IRT on items chosen per candidate by adaptive testing), NSGA-II;
 4. follows its progress (server-sent events), prints the Pareto front with estimated and
    true (fully re-evaluated) accuracies, downloads the knee point's checkpoint and loads it
    with transformers;

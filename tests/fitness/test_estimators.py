@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fitness.adaptive import Prior, answers_prior, endpoint_prior
+from fitness.adaptive import Prior, answers_prior, endpoint_prior, run_cat
 from fitness.estimators import (
     ESTIMATORS,
     NEEDS_PRIOR,
@@ -291,14 +291,18 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
     a 1-D 2PL is the wrong model), item parameters from a job's 17 known rows, merges of the same
     parents as candidates: over seeds, blend_irt's mean absolute error is at most the subset
     mean's at k = 20 and 50, and at most map_irt's (the stack's weights can always fall back on
-    either); the interval +- 1.645 rmse holds about 90 % of the truths (240 of them per preset)."""
+    either); the interval +- 1.645 rmse holds about 90 % of the truths (240 of them per preset).
+    ``estimator: auto``, the CAT or the blend per world and k by their leave-one-out errors on the
+    known rows, errs less than the subset mean and no more than the worse of the two would."""
     from dataclasses import replace
 
+    from fitness.adaptive import loo_cats
     from fitness.estimators import blend_irt, calibrate_blend
+    from fitness.fitness import choose_estimator
     from fitness.simulate import PRESETS, job_world
 
     cfg = replace(PRESETS[preset], n_items=300)
-    err = {name: [] for name in ("mean", "map", "blend")}
+    err = {name: [] for name in ("mean", "map", "blend", "cat", "auto")}
     inside = []
     for seed in range(4):
         rng = np.random.default_rng(seed)
@@ -314,8 +318,13 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
             got = blend_irt(y, idx, None, params, prior=prior, blend=blend)
             err["blend"].append(np.abs(got - truth).mean())
             inside.append(np.abs(got - truth) <= 1.6449 * blend.rmse)
+            cat = [run_cat(params, lambda j, i=i: answers[i, j], prior, budget=k).accuracy for i in range(len(truth))]
+            err["cat"].append(np.abs(np.array(cat) - truth).mean())
+            chosen = choose_estimator(loo_cats(known, 4, _map_fit, _endpoint_prior, k), blend)["estimator"]
+            err["auto"].append(err["cat" if chosen == "p_irt" else "blend"][-1])
     mae = {name: float(np.mean(v)) for name, v in err.items()}
     assert mae["blend"] <= mae["mean"] and mae["blend"] <= mae["map"] + 0.002, mae
+    assert mae["auto"] <= mae["mean"] and mae["auto"] <= max(mae["cat"], mae["blend"]), mae
     coverage = float(np.mean(np.concatenate(inside)))
     assert 0.85 <= coverage <= 0.97, coverage  # the leave-one-out rmse as the sd: a 90 % interval
 
@@ -356,11 +365,11 @@ def test_a_job_calibrates_blend_irt_on_its_known_rows():
     assert got == pytest.approx(float(blend_irt(y, idx, fit.subset.weights, fit.item_params, prior=fit.prior, blend=b)))
 
 
-def test_blend_check_rmse_is_nested_leave_one_out():
+def test_blend_check_mae_is_nested_leave_one_out():
     """Brute force: for each probe row, the parts of every (row, subset) pair are recomputed by
     hand (item parameters and prior fitted without the row), the simplex grid is searched for the
     weights that fit every other row best, and that row's errors at those weights are kept; their
-    root mean square is ``check_rmse``."""
+    mean absolute values, per row, are ``check_errors``."""
     from fitness.estimators import _blend_parts, calibrate_blend
 
     world = make_world(5, n_items=80, n_models=9)
@@ -385,29 +394,62 @@ def test_blend_check_rmse_is_nested_leave_one_out():
     nested = []
     for r in range(n_end, len(rows)):
         best = min(grid, key=lambda w: sum(sum(sq_errors(o, w)) for o in range(len(rows)) if o != r))
-        nested += sq_errors(r, best)
-    assert blend.check_rmse == pytest.approx(float(np.sqrt(np.mean(nested))), rel=1e-9)
+        nested.append(np.mean(np.sqrt(sq_errors(r, best))))
+    assert blend.check_errors == pytest.approx(nested, rel=1e-9) and len(nested) == len(rows) - n_end
 
 
-def test_choose_estimator_takes_the_lower_leave_one_out_error():
+def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_noise():
+    """The rule, by brute force on random cases: an alternative (the CAT with a line fitted
+    without each row, by least squares with its slope clipped to [0, 1]; the blend) passes when
+    the mean of the paired differences d = |e_CAT| - |e_alt| exceeds its standard error; the
+    passing one with the lower error wins, else the plain CAT. Closed cases: a CAT off by a
+    constant is mapped exactly by the line; a blend that errs much less than a CAT with no
+    shared bias is taken."""
     from fitness.adaptive import CatCheck
     from fitness.estimators import Blend
     from fitness.fitness import choose_estimator
 
-    cat = CatCheck(np.array([0.03, -0.04]), np.array([0.01, 0.01]), 0.0)  # rmse sqrt(0.00125)
-    for blend_rmse, chosen in ((0.02, "blend_irt"), (0.05, "p_irt"), (float(np.sqrt(0.00125)), "p_irt")):
-        got = choose_estimator(cat, Blend(0.2, 0.3, 0.5, 0.5, 0.01, blend_rmse))
-        assert got["estimator"] == chosen and got["rows"] == 2
-        assert got["loo_rmse"] == {"p_irt": pytest.approx(np.sqrt(0.00125)), "blend_irt": blend_rmse}
+    def nested_line_errors(x, t):
+        out = []
+        for r in range(x.size):
+            k = np.arange(x.size) != r
+            slope = float(np.clip(np.polyfit(x[k], t[k], 1)[0], 0, 1))
+            out.append(abs(t[k].mean() + slope * (x[r] - x[k].mean()) - t[r]))
+        return np.array(out)
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        t = rng.uniform(0.1, 0.6, 9)
+        x = t + rng.normal(rng.uniform(-0.05, 0.05), 0.03, 9) * rng.choice([0.3, 1.0])
+        b_err = np.abs(rng.normal(0, rng.uniform(0.005, 0.05), 9))
+        got = choose_estimator(CatCheck(x, t, np.full(9, 0.01), 0.0), Blend(0.2, 0.3, 0.5, 0.5, 0.01, tuple(b_err)))
+        plain, passed = np.abs(x - t), {}
+        for name, alt in (("p_irt_line", nested_line_errors(x, t)), ("blend_irt", b_err)):
+            d = plain - alt
+            assert got["margin"][name] == pytest.approx(d.std(ddof=1) / 3) and got["loo_mae"][name] == pytest.approx(alt.mean())
+            if d.mean() > d.std(ddof=1) / 3:
+                passed[name] = alt.mean()
+        want = min(passed, key=passed.get) if passed else "p_irt"
+        assert (got["estimator"], got["line"]) == ({"blend_irt": "blend_irt"}.get(want, "p_irt"), want == "p_irt_line")
+        seen.add(want)
+    assert seen == {"p_irt", "p_irt_line", "blend_irt"}
+    t = np.linspace(0.1, 0.5, 6)
+    offset = choose_estimator(CatCheck(t + 0.05, t, np.zeros(6), 0.0), Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
+    assert offset["line"] and offset["loo_mae"]["p_irt_line"] == pytest.approx(0, abs=1e-12)
+    noisy = choose_estimator(CatCheck(t + np.array([0.06, -0.05, 0.07, -0.06, 0.05, -0.07]), t, np.zeros(6), 0.0),
+                             Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
+    assert noisy["estimator"] == "blend_irt" and not noisy["line"]
 
 
 @pytest.mark.parametrize("world", ["2pl", "equal_scores"])
 def test_estimator_auto_is_the_configuration_it_chooses(world):
     """A job's ``estimator: auto`` on one benchmark equals the explicit configuration it names: the
-    CAT (adaptive items, p_irt, the same model sd) or blend_irt on the same stratified random
-    subset with the same weights; the leave-one-out errors it reports are `loo_cats`' and
-    ``calibrate_blend``'s, and the lower one won. On rows that all score alike (the known rows'
-    mean predicts each exactly) the blend wins."""
+    CAT (adaptive items, p_irt, with the line of `loo_cats` on the probe rows and the model sd of
+    its nested calibration) or blend_irt on the same stratified random subset with the same
+    weights; the leave-one-out errors it reports are those and ``calibrate_blend``'s, and its
+    rule chose between them. On rows that all score alike the CAT's line is flat at their
+    accuracy, which predicts each exactly."""
     from data.benchmarks import from_items
     from fitness.adaptive import answers_prior, loo_cats
     from fitness.evaluate import Responses
@@ -431,14 +473,43 @@ def test_estimator_auto_is_the_configuration_it_chooses(world):
                           ev, answers[:3], answers[3:])
     Y = np.array(correct, dtype=float)
     check = loo_cats(Y, 3, lambda rows: fitted_item_params(rows, ev.irt), lambda p, a: answers_prior(p, a, 0.5), 15)
-    rmse = auto.choice["loo_rmse"]
-    assert rmse == {"p_irt": pytest.approx(check.rmse), "blend_irt": pytest.approx(blend.blend.check_rmse)}
-    chosen = min(rmse, key=lambda k: (rmse[k], k != "p_irt"))
-    assert auto.choice["estimator"] == chosen
+    cal = check.calibrated()
+    assert auto.choice["loo_mae"] == {"p_irt": pytest.approx(float(np.abs(check.errors).mean())),
+                                      "p_irt_line": pytest.approx(float(np.abs(cal.errors).mean())),
+                                      "blend_irt": pytest.approx(float(np.mean(blend.blend.check_errors)))}
+    chosen = auto.choice["estimator"]  # the rule itself: test_choose_estimator_leaves_the_plain_cat_...
     same = cat if chosen == "p_irt" else blend
     assert auto.subset.strategy == same.subset.strategy and np.array_equal(auto.subset.indices, same.subset.indices)
-    assert auto.model_sd == pytest.approx(same.model_sd) and (auto.blend is None) == (same.blend is None)
+    assert (auto.blend is None) == (same.blend is None)
     if auto.blend is not None:
-        assert auto.blend == same.blend
-    if world == "equal_scores":
-        assert chosen == "blend_irt"
+        assert auto.blend == same.blend and auto.cat_line is None and auto.model_sd == 0
+    elif auto.choice["line"]:
+        assert auto.cat_line == pytest.approx(check.line()) and auto.model_sd == pytest.approx(cal.model_sd)
+        assert auto.cat_value(0.3) == pytest.approx(min(max(check.line()[0] + check.line()[1] * 0.3, 0), 1))
+    else:
+        assert auto.cat_line is None and auto.model_sd == pytest.approx(same.model_sd) and auto.cat_value(0.3) == 0.3
+    if world == "equal_scores":  # every row at 0.4: a flat line at 0.4 predicts each exactly
+        assert auto.choice["line"] and auto.cat_line == pytest.approx((0.4, 0.0))
+
+
+def test_fit_line_is_least_squares_with_its_slope_in_the_unit_interval():
+    """Closed cases: an exact line with slope 0.5 is recovered; slope 2 is clipped to 1 (intercept
+    then mean(t) - mean(x)), a negative slope to 0 (intercept mean(t)); fewer than three rows give
+    the identity. `CatCheck.calibrated` maps each row by the line of the other rows (brute force)."""
+    from fitness.adaptive import CatCheck, fit_line
+
+    x = np.array([0.1, 0.2, 0.4, 0.5])
+    assert fit_line(x, 0.1 + 0.5 * x) == pytest.approx((0.1, 0.5))
+    assert fit_line(x, 2 * x) == pytest.approx((2 * x.mean() - x.mean(), 1.0))
+    assert fit_line(x, 1 - x) == pytest.approx(((1 - x).mean(), 0.0))
+    assert fit_line(x[:2], x[:2] + 0.3) == (0.0, 1.0)
+    t = np.array([0.12, 0.18, 0.33, 0.41])
+    check = CatCheck(x, t, np.full(4, 0.02), 0.0)
+    cal = check.calibrated()
+    for r in range(4):
+        keep = np.arange(4) != r
+        slope = np.polyfit(x[keep], t[keep], 1)[0]
+        assert 0 < slope < 1
+        intercept = t[keep].mean() - slope * x[keep].mean()
+        assert cal.estimates[r] == pytest.approx(intercept + slope * x[r])
+        assert cal.sds[r] == pytest.approx(0.02 * slope)
