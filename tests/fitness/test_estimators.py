@@ -428,7 +428,7 @@ def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_no
         t = rng.uniform(0.1, 0.6, 9)
         x = t + rng.normal(rng.uniform(-0.05, 0.05), 0.03, 9) * rng.choice([0.3, 1.0])
         b_err = np.abs(rng.normal(0, rng.uniform(0.005, 0.05), 9))
-        got = choose_estimator(CatCheck(x, t, np.full(9, 0.01), 0.0), Blend(0.2, 0.3, 0.5, 0.5, 0.01, tuple(b_err)))
+        got = choose_estimator(CatCheck(x, t, np.full(9, 0.01)), Blend(0.2, 0.3, 0.5, 0.5, 0.01, tuple(b_err)))
         plain, passed = np.abs(x - t), {}
         for name, alt in (("p_irt_line", nested_line_errors(x, t)), ("blend_irt", b_err)):
             d = plain - alt
@@ -440,9 +440,9 @@ def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_no
         seen.add(want)
     assert seen == {"p_irt", "p_irt_line", "blend_irt"}
     t = np.linspace(0.1, 0.5, 6)
-    offset = choose_estimator(CatCheck(t + 0.05, t, np.zeros(6), 0.0), Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
+    offset = choose_estimator(CatCheck(t + 0.05, t, np.zeros(6)), Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
     assert offset["line"] and offset["loo_mae"]["p_irt_line"] == pytest.approx(0, abs=1e-12)
-    noisy = choose_estimator(CatCheck(t + np.array([0.06, -0.05, 0.07, -0.06, 0.05, -0.07]), t, np.zeros(6), 0.0),
+    noisy = choose_estimator(CatCheck(t + np.array([0.06, -0.05, 0.07, -0.06, 0.05, -0.07]), t, np.zeros(6)),
                              Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
     assert noisy["estimator"] == "blend_irt" and not noisy["line"]
 
@@ -509,7 +509,7 @@ def test_fit_line_is_least_squares_with_its_slope_in_the_unit_interval():
     assert fit_line(x, 1 - x) == pytest.approx(((1 - x).mean(), 0.0))
     assert fit_line(x[:2], x[:2] + 0.3) == (0.0, 1.0)
     t = np.array([0.12, 0.18, 0.33, 0.41])
-    check = CatCheck(x, t, np.full(4, 0.02), 0.0)
+    check = CatCheck(x, t, np.full(4, 0.02))
     cal = check.calibrated()
     for r in range(4):
         keep = np.arange(4) != r
