@@ -31,13 +31,33 @@ def cmd_merge(args) -> None:
     print(out)
 
 
+def fitness_line(info: dict) -> str:
+    """How a job scores one benchmark, from `Fitness.describe()`'s entry: the subset and, for
+    `estimator: auto`, what it chose and the leave-one-out errors it chose by."""
+    auto = info.get("auto")
+    if auto is None:
+        return f"{info['strategy']} subset, {info['subset']} items"
+    if auto["estimator"] == "blend_irt":
+        chosen = f"blend_irt on {info['subset']} fixed random items"
+    else:
+        line = auto["line"]
+        chosen = f"p_irt on {info['subset']} adaptive items" + (
+            f", mapped by {line['intercept']:.3f} + {line['slope']:.2f} x" if line else "")
+    errors = ", ".join(f"{name} {100 * v:.1f}" for name, v in auto["loo_mae"].items())
+    return f"{chosen} (auto; leave-one-out error on {auto['rows']} probes, points: {errors})"
+
+
 class ProgressPrinter:
-    """One line per stage and per generation on stderr (a progress bar for the search)."""
+    """One line per stage, per benchmark's fitness and per generation on stderr (a progress bar
+    for the search)."""
 
     def __call__(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "stage":
             print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+        elif kind == "irt":
+            for bench, info in event["benchmarks"].items():
+                print(f"  {Path(bench).name}: {fitness_line(info)}", file=sys.stderr, flush=True)
         elif kind == "progress":
             best = ", ".join(f"{k}={v:.4g}" for k, v in event["best"].items())
             eta = event.get("eta_seconds")

@@ -34,6 +34,10 @@ def _progress_line(ev: dict) -> str | None:
         return f"stage: {ev.get('stage')}"
     if ev.get("type") == "progress":
         return "progress: " + ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("type", "id"))
+    if ev.get("type") == "irt":
+        from service.cli.library import fitness_line
+
+        return "\n".join(f"fitness: {Path(b).name}: {fitness_line(i)}" for b, i in ev["benchmarks"].items())
     return None
 
 

@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,24 @@ def test_front_is_non_dominated_and_reported(finished):
                     else fit["blend"]["rmse"])
             assert c["sd"][f"{t}:accuracy"] == pytest.approx(float(want)) and want > 0
     assert all(f["sd"] == next(c["sd"] for c in cands if c["id"] == f["id"]) for f in doc["front"])
+
+
+def test_cli_progress_says_what_auto_chose(finished, capsys):
+    """`evomerge evolve`'s progress prints one line per benchmark at the irt stage naming the
+    setting auto chose (as front.json records it) and the errors it chose by."""
+    from service.cli.library import ProgressPrinter
+
+    out, _, events = finished
+    doc = json.loads((out / "front.json").read_text())
+    ProgressPrinter()(next(e for e in events if e["type"] == "irt"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(doc["fitness"]) == 2
+    for key, info in doc["fitness"].items():
+        line = next(x for x in lines if x.strip().startswith(Path(key).name + ":"))
+        chosen = "blend_irt on 20 fixed random items" if info["auto"]["estimator"] == "blend_irt" else (
+            "p_irt on 20 adaptive items")
+        assert chosen in line and ("mapped by" in line) == bool(info["auto"]["line"])
+        assert f"p_irt {100 * info['auto']['loo_mae']['p_irt']:.1f}" in line
 
 
 def test_exported_knee_loads_and_scores_its_true_objectives(finished, tiny_zoo, tiny_zoo_manifest, tmp_path):
