@@ -428,7 +428,7 @@ LLAMA_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "permutation-llam
 
 
 def test_c2m3_and_repair_merge_pretrained_llamas(tmp_path, tiny_zoo):
-    """Three independently initialized tiny Llamas (zoo/family.py, 100 pretraining steps each,
+    """Three independently initialized tiny Llamas (zoo/family.py, 30 pretraining steps each,
     cached) merged with c2m3 + REPAIR on a JSONL benchmark through merging.merge; the oracle
     for REPAIR is the per-unit std of the repaired layers, measured here with forward hooks on
     the written model and on the aligned endpoints (Llama's MLP projections have no bias, so
@@ -440,7 +440,7 @@ def test_c2m3_and_repair_merge_pretrained_llamas(tmp_path, tiny_zoo):
     from merging.permutation.merge import repair_batches
     from zoo.family import build_llama_family
 
-    folders = build_llama_family(LLAMA_CACHE, seeds=(0, 1, 2), steps=100)
+    folders = build_llama_family(LLAMA_CACHE, seeds=(0, 1, 2), steps=30)
     data = tiny_zoo / "benchmarks" / "rev.jsonl"
     params = {"repair": True, "data": str(data), "repair_examples": 32, "batch_size": 16, "iterations": 5,
               "init": "weight_matching"}  # one Frank-Wolfe run (auto runs two), few iterations: test time
