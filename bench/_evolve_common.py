@@ -116,7 +116,7 @@ def forget_setup(spec: dict) -> int:
 
     from core.cache import cache_dir
     from data.benchmarks import load_benchmark
-    from evolve.run import probe_recipes
+    from evolve.run import probe_batches, probe_recipes
     from evolve.spec import EvolveSpec
     from fitness.evaluate import cached_responses_path
     from fitness.fitness import benchmark_paths, eval_settings
@@ -125,7 +125,7 @@ def forget_setup(spec: dict) -> int:
     settings = eval_settings(s.evaluation)
     benches = [load_benchmark(p) for p in benchmark_paths(s.objectives)]
     removed = 0
-    for _, digest in probe_recipes(s):
+    for _, digest in (r for j in range(probe_batches(s)) for r in probe_recipes(s, batch=j)):
         for b in benches:
             f = cached_responses_path(digest, b, settings, s.device)
             removed += f.exists()

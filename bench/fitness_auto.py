@@ -68,7 +68,7 @@ def main() -> None:
             subsets = [np.sort(rng.choice(Y.shape[1], k, replace=False)) for _ in range(args.draws)]
             check = loo_cats(Y, n_end, fit, answers_prior, k)
             blends = [calibrate_blend(Y, n_end, s, None, fit, answers_prior, seed=d) for d, s in enumerate(subsets)]
-            choice = choose_estimator(check, blends[0])
+            choice, _ = choose_estimator(check, blends[0])
             a, b = check.line()
             cat = np.array([run_cat(params, lambda idx, i=i: truth_rows[i, idx], prior, k).accuracy
                             for i in range(len(truth))])

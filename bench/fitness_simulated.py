@@ -14,8 +14,9 @@ For each preset (MMLU-Pro math: 1,351 ten-option items; ARC-Challenge: 735 four-
    (``blend_irt``: subset mean, map and the known rows' mean, weights by leave-one-out on the known rows), and
    adaptive p-IRT (``run_cat``: rounds of 5, endpoint prior, no early stop); "adaptive, line": the same CAT
    estimates mapped by the line fitted on the probe rows' leave-one-out CATs (``fitness.adaptive.fit_line``);
-   "auto", the product's default (``fitness.fitness.choose_estimator``: per world, setting and k, the CAT with
-   its line or the blend, by their leave-one-out errors on the probe rows; its sd is the chosen one's); plus
+   "auto", the product's default (``fitness.fitness.choose_estimator``: per world, setting and k, the plain
+   CAT, the CAT mapped by its line, or the blend, by their leave-one-out errors on the probe rows; its sd
+   is the chosen one's); plus
    "guess": the known rows' mean accuracy for every candidate (no evaluation at all).
 
 Printed and written to bench/out/fitness_simulated.{md,json}: mean absolute error in accuracy points,
@@ -98,7 +99,7 @@ def one_world(cfg, seed: int, args) -> dict:
             blend = calibrate_blend(known, args.parents, subsets[k][0], None, fit, prior_of, seed=seed)
             check = loo_cats(known, args.parents, fit, prior_of, k)
             calibrated, (a, b) = check.calibrated(), check.line()
-            choice = choose_estimator(check, blend)
+            choice, _ = choose_estimator(check, blend)
             out.setdefault("chose_cat", {}).setdefault(setting, {})[k] = choice["estimator"] == "p_irt"
             for idx in subsets[k]:
                 ys = Y[:, idx]
@@ -208,7 +209,7 @@ def main() -> None:
     tables, record["results"] = [], {}
     head = ("| setting | k | " + " | ".join(LABELS[c] for c in COLUMNS) +
             " | Spearman (subset mean / map / blend / adaptive / auto) | 90 % coverage (map / blend / adaptive / "
-            "adaptive with model sd / auto) | auto chose the CAT (%) |")
+            "adaptive with model sd / auto) | auto chose the CAT, line or not (%) |")
     tables += [head, "| --- " * (head.count("|") - 1) + "|"]
     compact = ["| setting | k items | " + " | ".join(LABELS[c] for c in COLUMNS) + " |",
                "| --- " * (len(COLUMNS) + 2) + "|"]

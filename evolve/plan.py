@@ -410,7 +410,7 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
                              + (f", K = {choice}" if k == "logits" else "")) for k, v in evaluation.items()]
     search = getattr(spec, "search", None)
     if search is not None and search.algorithm == "bo":
-        n_obs = search.population * search.generations + spec.evaluation.irt.probes
+        n_obs = search.population * search.generations + spec.evaluation.irt.probes + spec.evaluation.irt.more_probes
         components.append(Component("search: bo surrogate", BO_BASE + BO_PER_OBSERVATION * n_obs, "host",
                                     f"GP fits and acquisition at up to {n_obs} observations, transient"))
 

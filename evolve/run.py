@@ -8,7 +8,8 @@ Stages (each reported to the hooks as {"type": "stage", "stage": ...}):
    the candidates it will score, and give the entropy subset its disagreement signal. Their answers
    are cached per machine like the endpoints' (keyed by the probe's parameters and the
    inputs' content hashes), so a repeated or resumed job does not evaluate them again;
-   the cost report counts them as a first run pays them;
+   the cost report counts them as a first run pays them. Batches of more probes follow while the
+   last batch improved the item fit and the probes stay cheap next to the search (fitness.probes);
 3. irt: item parameters, endpoint abilities and subsets (`fitness.Fitness.fit`);
 4. search: pymoo over the search space, candidates materialized in memory and scored on
    the subsets; progress events after every generation; checkpointed for `resume`;
@@ -41,6 +42,7 @@ from core.validation import strict_spec
 from data.benchmarks import load_benchmark
 from fitness.evaluate import Responses
 from fitness.fitness import Fitness, benchmark_paths
+from fitness.probes import probe_budget
 from merging.engine import merge
 from merging.spec import MergeSpec
 from merging.task_vectors import open_inputs
@@ -88,14 +90,30 @@ def input_hashes(spec: EvolveSpec) -> dict[str, Any]:
     return {"base": content_hash(spec.base), "models": [content_hash(m.path) for m in spec.models]}
 
 
-def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None) -> list[tuple[np.ndarray, str]]:
+def probe_recipes(spec: EvolveSpec, space: SearchSpace | None = None, batch: int = 0) -> list[tuple[np.ndarray, str]]:
     """The job's probe merges: (genome, digest naming their answers in the response cache);
-    `space`: the job's search space when the caller has built it already."""
-    space, n = space or search_space(spec), spec.evaluation.irt.probes
+    `space`: the job's search space when the caller has built it already. Batch 0 is the first
+    ``irt.probes``; batch j >= 1 the j-th ``irt.probe_batch`` more (`fitness.probes`), each its own
+    Latin hypercube (seed + j)."""
+    irt = spec.evaluation.irt
+    space, n = space or search_space(spec), irt.probes if batch == 0 else irt.probe_batch
     hashes = input_hashes(spec)
     inputs = [hashes["base"], *hashes["models"]]
     return [(x, recipe_digest({"probe": spec.method, "blocks": space.decode(x)}, inputs))
-            for x in (probe_genomes(space, n, spec.evaluation.irt.seed) if n else [])]
+            for x in (probe_genomes(space, n, irt.seed + batch) if n else [])]
+
+
+def probe_batches(spec: EvolveSpec) -> int:
+    """How many batches of probes a job may evaluate (the first included)."""
+    irt = spec.evaluation.irt
+    return 1 + (-(-irt.more_probes // irt.probe_batch) if irt.probes else 0)
+
+
+def search_items(spec: EvolveSpec, benches: Mapping[str, Any]) -> int:
+    """The items the search will score: candidates x subset size (at most the benchmark's items),
+    summed over benchmarks; what `fitness.probes.probe_budget` weighs the probes against."""
+    sizes = {str(o.benchmark): o.subset.size for o in spec.objectives}
+    return spec.search.population * spec.search.generations * sum(min(sizes[k], len(b)) for k, b in benches.items())
 
 
 def check_inputs_unchanged(out: Path, spec: EvolveSpec) -> None:
@@ -195,21 +213,34 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None, e
             endpoints[k][i] = answers[k]
         cost["endpoint_items"] += per_answer_set
 
-    hooks.emit({"type": "stage", "stage": "probes"})
-    space = search_space(spec)
-    recipes = probe_recipes(spec, space)
-    probes: dict[str, list[Responses]] = {k: [None] * len(recipes) for k in benches}
-    for i, answers in evaluators.imap("probe", recipes):
-        for k in benches:
-            probes[k][i] = answers[k]
-        cost["probe_items"] += per_answer_set  # counted as a first run pays it, cached or not
-
-    hooks.emit({"type": "stage", "stage": "irt"})
     from transformers import AutoTokenizer
 
-    fitness = Fitness.fit(spec.objectives, ev, AutoTokenizer.from_pretrained(spec.base), endpoints, probes,
-                          device=spec.device)
-    hooks.emit({"type": "irt", "benchmarks": fitness.describe()})
+    tokenizer, irt = AutoTokenizer.from_pretrained(spec.base), spec.evaluation.irt
+    space, recipes = search_space(spec), []
+    probes: dict[str, list[Responses]] = {k: [] for k in benches}
+    budget = search_items(spec, benches)
+    for batch in range(probe_batches(spec)):  # the first probes, then batches while they pay (fitness.probes)
+        hooks.emit({"type": "stage", "stage": "probes", **({"batch": batch} if batch else {})})
+        new = probe_recipes(spec, space, batch)[: irt.probes + irt.more_probes - len(recipes)]
+        for k in benches:
+            probes[k] += [None] * len(new)
+        for i, answers in evaluators.imap("probe", new):
+            for k in benches:
+                probes[k][len(recipes) + i] = answers[k]
+            cost["probe_items"] += per_answer_set  # counted as a first run pays it, cached or not
+        recipes += new
+        hooks.emit({"type": "stage", "stage": "irt"})
+        more = probe_budget(len(recipes), irt.probe_batch, irt.probes + irt.more_probes, irt.probe_share,
+                            per_answer_set, budget) > len(recipes)
+        fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device,
+                              new_probes=len(new) if batch and more else 0)
+        gains = {k: f.probe_gain for k, f in fitness.fits.items() if f.probe_gain is not None}
+        if gains:
+            hooks.emit({"type": "probe_gain", "probes": len(recipes), "benchmarks": {k: g.to_json() for k, g in gains.items()}})
+        more = more and (not batch or any(g.helped for g in gains.values()))
+        if not more:
+            break
+    hooks.emit({"type": "irt", "benchmarks": fitness.describe(), "probes": len(recipes)})
     evaluators.broadcast("set_fitness", fitness)
 
     initial = None

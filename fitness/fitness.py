@@ -62,6 +62,7 @@ from .adaptive import (
 from .estimators import NEEDS_ITEM_PARAMS, NEEDS_PRIOR, Blend, calibrate_blend, estimate
 from .evaluate import EvalSettings, Responses, evaluate, response_matrix
 from .irt import ItemParams, estimate_theta, fit_item_params
+from .probes import ProbeGain, probe_gain
 from .spec import EvaluationSpec, ObjectiveSpec
 from .subsets import Subset, anchor_subset, balanced_subset, difficulty_strata, entropy_subset, random_subset
 
@@ -106,6 +107,7 @@ class BenchmarkFit:
     probe_thetas: np.ndarray | None = None  # adaptive: the probes' MAP abilities [probes, dims] (N(0, 1) prior)
     choice: dict | None = None  # estimator auto: the estimator chosen and both leave-one-out errors
     cat_line: tuple[float, float] | None = None  # estimator auto's CAT: (intercept, slope) its estimates are mapped by
+    probe_gain: ProbeGain | None = None  # what the last batch of probes did for the fit (fitness.probes)
 
     def estimator(self, spec: ObjectiveSpec) -> str:
         """The estimator that scores ``spec``: its own, or the one `choose_estimator` chose for ``auto``."""
@@ -332,12 +334,15 @@ class Fitness:
     @classmethod
     def fit(cls, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec, tokenizer,
             endpoints: dict[str, list[Responses]], probes: dict[str, list[Responses]] | None = None,
-            device="auto") -> "Fitness":
-        """Fits IRT and extracts subsets from full responses, keyed by benchmark path."""
+            device="auto", new_probes: int = 0) -> "Fitness":
+        """Fits IRT and extracts subsets from full responses, keyed by benchmark path; with
+        ``new_probes``, each fit also measures what the last that many probes did for it
+        (`fitness.probes.probe_gain`)."""
         fits = {}
         for key in dict.fromkeys(str(s.benchmark) for s in specs):
             mine = [s for s in specs if str(s.benchmark) == key]
-            fits[key] = fit_benchmark(load_benchmark(key), mine, evaluation, endpoints[key], (probes or {}).get(key, []))
+            fits[key] = fit_benchmark(load_benchmark(key), mine, evaluation, endpoints[key], (probes or {}).get(key, []),
+                                      new_probes)
         return cls(specs, fits, tokenizer, evaluation, device)
 
     def describe(self) -> dict:
@@ -347,11 +352,13 @@ class Fitness:
                     **({"irt_source": f.irt_source} if f.irt_source is not None else {}),
                     **({"model_sd": f.model_sd} if f.adaptive else {}),
                     **({"blend": f.blend.to_json()} if f.blend is not None else {}),
-                    **({"auto": f.choice} if f.choice is not None else {})} for k, f in self.fits.items()}
+                    **({"auto": f.choice} if f.choice is not None else {}),
+                    **({"probe_gain": f.probe_gain.to_json()} if f.probe_gain is not None else {})}
+                for k, f in self.fits.items()}
 
 
 def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: EvaluationSpec,
-                  endpoints: list[Responses], probes: list[Responses]) -> BenchmarkFit:
+                  endpoints: list[Responses], probes: list[Responses], new_probes: int = 0) -> BenchmarkFit:
     sub = specs[0].subset
     if any(s.subset != sub for s in specs):
         raise ValueError(f"objectives on {bench.name} must share one subset spec")
@@ -387,35 +394,33 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = entropy_subset(Y, k, seed=sub.seed, groups=kinds)
     else:
         subset = adaptive
-    blend, model_sd, choice, line = None, 0.0, None, None
+    blend, model_sd, choice, line, gain = None, 0.0, None, None, None
     cat = sub.strategy in ("adaptive", "auto") and any(s.estimator in ("p_irt", "map_irt", "auto") for s in specs)
+    st = sub.adaptive_settings()
+
+    def prior_of(p: ItemParams, answers: np.ndarray):
+        return answers_prior(p, answers, st["min_sd"])
+
+    # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
+    refit = (lambda rows: fitted_item_params(rows, irt)) if source and source.startswith("fitted") else (lambda rows: params)
+    check = loo_cats(Y, len(endpoints), refit, prior_of, k, st["round"]) if cat else None
+    if new_probes and source and source.startswith("fitted"):  # parameters from elsewhere: probes cannot improve them
+        gain = probe_gain(Y, len(endpoints), new_probes, refit, prior_of, k, st["round"], with_new=check)
     if cat or any(s.estimator in ("blend_irt", "auto") for s in specs):
-        # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
-        min_sd, st = sub.adaptive_settings()["min_sd"], sub.adaptive_settings()
-
-        def prior_of(p: ItemParams, answers: np.ndarray):
-            return answers_prior(p, answers, min_sd)
-
-        refit = (lambda rows: fitted_item_params(rows, irt)) if source.startswith("fitted") else (lambda rows: params)
-        check = loo_cats(Y, len(endpoints), refit, prior_of, k, st["round"]) if cat else None
         if sub.strategy != "adaptive":
             blend = calibrate_blend(Y, len(endpoints), subset.indices, subset.weights, refit, prior_of, seed=sub.seed)
         if sub.strategy == "auto":  # the CAT, with a line (fitness.adaptive.fit_line) or not, or the blend
-            choice = choose_estimator(check, blend)
-            if choice["estimator"] == "blend_irt":
-                check = None
-            else:
+            choice, check = choose_estimator(check, blend)
+            if choice["estimator"] == "p_irt":
                 subset, blend = adaptive, None
-                if choice["line"]:
-                    line, check = check.line(), check.calibrated()
-                    choice["line"] = {"intercept": line[0], "slope": line[1]}
+                line = (choice["line"]["intercept"], choice["line"]["slope"]) if choice["line"] else None
         model_sd = check.model_sd if check is not None else 0.0
     probe_thetas = prior_thetas[len(endpoints):] if prior is not None and subset.strategy == "adaptive" else None
     return BenchmarkFit(bench, subset, params, thetas, len(Y), prior, blend, source, model_sd, probe_thetas, choice,
-                        line)
+                        line, gain)
 
 
-def choose_estimator(cat: CatCheck, blend: Blend) -> dict:
+def choose_estimator(cat: CatCheck, blend: Blend) -> tuple[dict, CatCheck | None]:
     """``estimator: auto`` for one benchmark: the CAT (adaptive items, p-IRT), the CAT with its
     estimates mapped by a line fitted on the probe rows (`fitness.adaptive.fit_line`), or
     ``blend_irt`` on a stratified random subset of the same size, by their errors where the truth
@@ -435,9 +440,13 @@ def choose_estimator(cat: CatCheck, blend: Blend) -> dict:
     answers as noisy as real LLMs', with item parameters from a job's few rows, its error stops
     falling after 10 items while the blend stays at or below the subset mean at every k, and
     the CAT's errors are mostly a shared bias and scale that the line removes without changing
-    the candidates' order (bench/fitness_simulated.py, issue 22)."""
-    plain = np.abs(cat.errors)
-    options = {"p_irt_line": np.abs(cat.calibrated().errors), "blend_irt": np.asarray(blend.check_errors)}
+    the candidates' order (bench/fitness_simulated.py, issue 22).
+
+    Returns the choice (estimator, strategy, the line as {intercept, slope} or False, the
+    leave-one-out errors and margins it chose by) and the check that goes with it: ``cat``, its
+    calibrated version, or None for the blend."""
+    plain, calibrated = np.abs(cat.errors), cat.calibrated()
+    options = {"p_irt_line": np.abs(calibrated.errors), "blend_irt": np.asarray(blend.check_errors)}
     errors, margins, passed = {"p_irt": float(plain.mean())}, {}, {}
     for name, alt in options.items():
         d = plain - alt
@@ -447,8 +456,10 @@ def choose_estimator(cat: CatCheck, blend: Blend) -> dict:
             passed[name] = errors[name]
     chosen = min(passed, key=passed.get) if passed else "p_irt"
     name = "blend_irt" if chosen == "blend_irt" else "p_irt"
-    return {"estimator": name, "strategy": "adaptive" if name == "p_irt" else "random", "line": chosen == "p_irt_line",
-            "loo_mae": errors, "margin": margins, "rows": int(plain.size)}
+    line = dict(zip(("intercept", "slope"), cat.line())) if chosen == "p_irt_line" else False
+    check = {"p_irt": cat, "p_irt_line": calibrated, "blend_irt": None}[chosen]
+    return ({"estimator": name, "strategy": "adaptive" if name == "p_irt" else "random", "line": line,
+             "loo_mae": errors, "margin": margins, "rows": int(plain.size)}, check)
 
 
 def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
@@ -457,7 +468,7 @@ def fitted_item_params(Y: np.ndarray, irt) -> ItemParams:
     from core.cache import cache_dir
 
     key = hashlib.sha256(Y.astype(np.uint8).tobytes() + str(Y.shape).encode()
-                         + irt.model_dump_json(exclude={"probes", "params_file"}).encode()).hexdigest()
+                         + irt.model_dump_json(exclude={"probes", "more_probes", "probe_batch", "probe_share", "params_file"}).encode()).hexdigest()
     path = cache_dir() / "irt" / f"{key}.json"
     if path.is_file():
         touch(path)

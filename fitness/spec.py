@@ -173,6 +173,13 @@ class IrtSpec(BaseModel):
     epochs: int = Field(600, ge=10, le=20_000, description="py-irt fitter only: SVI epochs")
     probes: int = Field(11, ge=0, le=200, description="probe merges evaluated in full to enrich the IRT fit: random merges of the "
                                                           "job's method, a Latin hypercube over its search space")
+    more_probes: int = Field(24, ge=0, le=200, description="probes a job may add after the first, in batches of "
+                             "probe_batch, while the last batch lowered the leave-one-out CAT errors on the earlier "
+                             "probes beyond noise and all probes cost at most probe_share of the search's items "
+                             "(fitness.probes); 0: exactly `probes`")
+    probe_batch: int = Field(4, ge=1, le=64, description="probes added at a time (see more_probes)")
+    probe_share: float = Field(0.5, ge=0.0, le=100.0, description="the most all probes' items may be, as a share of "
+                               "the items the search scores (candidates x subset size, summed over benchmarks)")
     seed: int = Field(42, ge=0, le=2**32 - 1)
     params_file: GivenPath | None = Field(None, description="import fitted item parameters instead of fitting")
 

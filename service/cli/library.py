@@ -47,6 +47,11 @@ def fitness_line(info: dict) -> str:
     return f"{chosen} (auto; leave-one-out error on {auto['rows']} probes, points: {errors})"
 
 
+def stage_name(event: dict) -> str:
+    """A stage event's name, with the probe batch after the first (fitness.probes)."""
+    return event["stage"] + (f", batch {event['batch']}" if event.get("batch") else "")
+
+
 class ProgressPrinter:
     """One line per stage, per benchmark's fitness and per generation on stderr (a progress bar
     for the search)."""
@@ -54,8 +59,10 @@ class ProgressPrinter:
     def __call__(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "stage":
-            print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+            print(f"[{stage_name(event)}]", file=sys.stderr, flush=True)
         elif kind == "irt":
+            if "probes" in event:
+                print(f"  probes: {event['probes']}", file=sys.stderr, flush=True)
             for bench, info in event["benchmarks"].items():
                 print(f"  {Path(bench).name}: {fitness_line(info)}", file=sys.stderr, flush=True)
         elif kind == "progress":

@@ -31,13 +31,16 @@ def _progress_line(ev: dict) -> str | None:
     if ev.get("type") == "status":
         return f"status: {ev['status']}" + (f" ({ev['error']})" if ev.get("error") else "")
     if ev.get("type") == "stage":
-        return f"stage: {ev.get('stage')}"
+        from service.cli.library import stage_name
+
+        return f"stage: {stage_name(ev)}"
     if ev.get("type") == "progress":
         return "progress: " + ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("type", "id"))
     if ev.get("type") == "irt":
         from service.cli.library import fitness_line
 
-        return "\n".join(f"fitness: {Path(b).name}: {fitness_line(i)}" for b, i in ev["benchmarks"].items())
+        return "\n".join(([f"probes: {ev['probes']}"] if "probes" in ev else [])
+                         + [f"fitness: {Path(b).name}: {fitness_line(i)}" for b, i in ev["benchmarks"].items()])
     return None
 
 

@@ -91,7 +91,7 @@ def test_cli_progress_says_what_auto_chose(finished, capsys):
     doc = json.loads((out / "front.json").read_text())
     ProgressPrinter()(next(e for e in events if e["type"] == "irt"))
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == len(doc["fitness"]) == 2
+    assert lines[0] == "  probes: 5" and len(lines) - 1 == len(doc["fitness"]) == 2
     for key, info in doc["fitness"].items():
         line = next(x for x in lines if x.strip().startswith(Path(key).name + ":"))
         chosen = "blend_irt on 20 fixed random items" if info["auto"]["estimator"] == "blend_irt" else (
@@ -180,6 +180,40 @@ def test_probe_answers_are_cached_and_equal_fresh_ones(tiny_zoo, tiny_zoo_manife
         assert len(fit.subset.indices) == 20 and np.array_equal(fit.subset.indices, again.subset.indices)
         assert np.allclose(fit.item_params.a, again.item_params.a) and np.allclose(fit.item_params.b, again.item_params.b)
         assert np.allclose(fit.endpoint_thetas, again.endpoint_thetas)
+
+
+def test_probes_grow_in_batches_while_the_last_helped_and_they_are_cheap(tiny_zoo, tiny_zoo_manifest, tmp_path,
+                                                                         monkeypatch):
+    """fitness.probes in a job: with room in the budget, a batch of 2 follows the first 5 probes,
+    and the second batch only if the first one's gain helped on some benchmark (its probe_gain
+    event says), up to 5 + 4; with every batch helping, exactly 9 (the batches' own Latin
+    hypercubes, in order); with the probes too dear next to the search, 5."""
+    from evolve.run import probe_recipes, setup
+    from fitness.probes import ProbeGain
+    from service.cli.library import stage_name
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    raw = spec_for(tiny_zoo, tiny_zoo_manifest)
+    raw["evaluation"]["irt"].update(more_probes=4, probe_batch=2, probe_share=100.0)
+    spec = EvolveSpec.model_validate(raw)
+    per_probe = sum(len(load_benchmark(o.benchmark)) for o in spec.objectives)
+    events = []
+    job = setup(spec, Hooks(events.append))
+    gains = [e for e in events if e["type"] == "probe_gain"]  # measured after each batch another could follow
+    n = len(job.probes[0])
+    assert [e["probes"] for e in gains] == [7]
+    assert n == (9 if any(b["helped"] for b in gains[0]["benchmarks"].values()) else 7)
+    assert [e for e in events if e["type"] == "irt"][-1]["probes"] == n and job.cost["probe_items"] == n * per_probe
+    stages = [e for e in events if e["type"] == "stage" and e["stage"] == "probes"]
+    assert [stage_name(e) for e in stages] == ["probes"] + [f"probes, batch {j}" for j in range(1, (n - 5) // 2 + 1)]
+
+    monkeypatch.setattr(ProbeGain, "helped", property(lambda self: True))
+    grown = setup(spec).probes[0]
+    batches = [np.array([x for x, _ in probe_recipes(spec, job.space, j)]) for j in range(3)]
+    assert len(grown) == 9 and np.array_equal(grown, np.vstack(batches)) and np.array_equal(job.probes[0], grown[:n])
+    raw["evaluation"]["irt"]["probe_share"] = 0.5  # 7 probes' items > half of 6 x 3 candidates' 40
+    dear = setup(EvolveSpec.model_validate(raw))
+    assert len(dear.probes[0]) == 5 and all("probe_gain" not in b for b in dear.fitness.describe().values())
 
 
 def test_full_estimator_final_check_reuses_exact_objectives(tiny_zoo, tiny_zoo_manifest, tmp_path):

@@ -323,7 +323,7 @@ def test_calibrated_blend_is_no_worse_than_the_subset_mean_on_misspecified_answe
                             for i in range(len(truth))])
             err["cat"].append(np.abs(cat - truth).mean())
             check = loo_cats(known, 4, _map_fit, _endpoint_prior, k)
-            choice = choose_estimator(check, blend)
+            choice, _ = choose_estimator(check, blend)
             intercept, slope = check.line() if choice["line"] else (0.0, 1.0)
             err["auto"].append(err["blend"][-1] if choice["estimator"] == "blend_irt"
                                else np.abs(np.clip(intercept + slope * cat, 0, 1) - truth).mean())
@@ -428,7 +428,8 @@ def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_no
         t = rng.uniform(0.1, 0.6, 9)
         x = t + rng.normal(rng.uniform(-0.05, 0.05), 0.03, 9) * rng.choice([0.3, 1.0])
         b_err = np.abs(rng.normal(0, rng.uniform(0.005, 0.05), 9))
-        got = choose_estimator(CatCheck(x, t, np.full(9, 0.01)), Blend(0.2, 0.3, 0.5, 0.5, 0.01, tuple(b_err)))
+        cat = CatCheck(x, t, np.full(9, 0.01))
+        got, check = choose_estimator(cat, Blend(0.2, 0.3, 0.5, 0.5, 0.01, tuple(b_err)))
         plain, passed = np.abs(x - t), {}
         for name, alt in (("p_irt_line", nested_line_errors(x, t)), ("blend_irt", b_err)):
             d = plain - alt
@@ -436,13 +437,21 @@ def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_no
             if d.mean() > d.std(ddof=1) / 3:
                 passed[name] = alt.mean()
         want = min(passed, key=passed.get) if passed else "p_irt"
-        assert (got["estimator"], got["line"]) == ({"blend_irt": "blend_irt"}.get(want, "p_irt"), want == "p_irt_line")
+        assert got["estimator"] == {"blend_irt": "blend_irt"}.get(want, "p_irt")
+        if want == "p_irt_line":
+            slope = float(np.clip(np.polyfit(x, t, 1)[0], 0, 1))
+            assert got["line"] == pytest.approx({"intercept": t.mean() - slope * x.mean(), "slope": slope})
+        else:
+            assert got["line"] is False
+        assert check is {"p_irt": cat}.get(want, check) and (check is None) == (want == "blend_irt")
+        if want == "p_irt_line":
+            assert np.allclose(np.abs(check.errors), nested_line_errors(x, t))
         seen.add(want)
     assert seen == {"p_irt", "p_irt_line", "blend_irt"}
     t = np.linspace(0.1, 0.5, 6)
-    offset = choose_estimator(CatCheck(t + 0.05, t, np.zeros(6)), Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
+    offset, _ = choose_estimator(CatCheck(t + 0.05, t, np.zeros(6)), Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
     assert offset["line"] and offset["loo_mae"]["p_irt_line"] == pytest.approx(0, abs=1e-12)
-    noisy = choose_estimator(CatCheck(t + np.array([0.06, -0.05, 0.07, -0.06, 0.05, -0.07]), t, np.zeros(6)),
+    noisy, _ = choose_estimator(CatCheck(t + np.array([0.06, -0.05, 0.07, -0.06, 0.05, -0.07]), t, np.zeros(6)),
                              Blend(0.2, 0.3, 0.5, 0.5, 0.01, (0.01,) * 6))
     assert noisy["estimator"] == "blend_irt" and not noisy["line"]
 
