@@ -225,9 +225,10 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     import evolve.materialize as mat
+    import merging.chunks
 
-    if cfg.get("chunk"):  # an experiment: rows merged per run (elements), instead of evolve.materialize.CHUNK
-        mat.CHUNK = cfg["chunk"]
+    if cfg.get("chunk"):  # an experiment: rows merged per run (elements), instead of merging.chunks.CHUNK
+        merging.chunks.CHUNK = cfg["chunk"]
     from evolve.genome import SearchSpace
     from merging.checkpoint import CheckpointReader
 
@@ -450,7 +451,7 @@ def main() -> None:
     ap.add_argument("--config-timeout", type=float, default=1800.0, help="seconds before a configuration's process is stopped")
     ap.add_argument("--malloc", choices=["default", "keep"], default="default",
                     help="keep: every configuration of the new implementation runs with glibc keeping freed memory")
-    ap.add_argument("--chunk", type=int, help="experiment: evolve.materialize.CHUNK (elements per run of rows) in the "
+    ap.add_argument("--chunk", type=int, help="experiment: merging.chunks.CHUNK (elements per run of rows) in the "
                                               "new implementation's processes and in the plan")
     ap.add_argument("--results", default="results.json", help="file name under bench/out/scale/")
     ap.add_argument("--shared", default="yes", help="was the machine shared with other work (printed)")
@@ -481,9 +482,9 @@ def main() -> None:
     reanchors = [int(k) for k in args.reanchor.split(",")]
     keep = set(filter(None, args.malloc_keep.split(",")))
     if args.chunk:
-        import evolve.materialize
+        import merging.chunks
 
-        evolve.materialize.CHUNK = args.chunk
+        merging.chunks.CHUNK = args.chunk
     base, fts, shape = build_family(OUT, args.params, args.models, log)
     bench = plan_benchmark(OUT / "plan_bench.jsonl")
 

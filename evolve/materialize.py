@@ -9,8 +9,8 @@ What stays resident for a job (`evolve.plan` counts each of these from headers a
   materialized fresh, and TIES' trims are found per candidate by a streaming selection
   (no rank per entry).
 
-A candidate is written tensor by tensor, and large tensors in runs of rows (`CHUNK`
-elements, for `chunkable` methods), merged in float32 and cast into the model: the
+A candidate is written tensor by tensor, and large tensors in runs of rows (`merging.chunks`:
+`CHUNK` elements, for `chunkable` methods), merged in float32 and cast into the model: the
 working set is a few chunks, not a float32 copy of the model.
 
 Fresh or incremental. A fresh candidate is theta = base + f(tau; p), exactly what the
@@ -35,12 +35,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from core.devices import DTYPES, resolve_device, resolve_dtype
 from core.errors import CheckpointError
+from merging.chunks import CHUNK, row_chunks
 from merging.engine import all_finite, merged_tensors
 from merging.methods import MethodParams, get_method
 from merging.store import StoredTensor, StoreSettings
 from merging.task_vectors import open_inputs
-
-CHUNK = 1 << 20  # elements per run of rows merged at once (4 MB in float32)
 
 
 def tree_map(fn: Callable[[Any], Any], obj: Any, leaf: type = torch.Tensor) -> Any:
@@ -63,16 +62,6 @@ def tree_leaves(obj: Any, leaf: type) -> list:
 def store_settings_for(dtype: torch.dtype, kind: str = "dense", rank: float = 0.1, density: float = 0.1) -> StoreSettings:
     """The store for a model of `dtype`: float32 task vectors for a float32 model (exact), else bfloat16."""
     return StoreSettings(kind, torch.float32 if dtype == torch.float32 else torch.bfloat16, rank, density)
-
-
-def row_chunks(shape: Sequence[int], chunkable: bool) -> list[tuple[int, int]]:
-    """Runs of rows [a, b) of at most CHUNK elements (a multiple of 8 of them, for packed bits)."""
-    rows = shape[0] if len(shape) else 1
-    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if not chunkable or len(shape) < 2 or rows * per_row <= CHUNK:
-        return [(0, rows)]
-    step = max(8, CHUNK // max(per_row, 1) // 8 * 8)
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def working_set(method, numel: int, n_models: int, read_size: int) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from core.validation import strict_spec
 
 from .card import model_card
 from .checkpoint import CheckpointWriter
+from .chunks import merge_rows
 from .methods import MethodParams, get_method
 from .spec import MergeSpec
 from .task_vectors import open_inputs
@@ -38,7 +39,7 @@ def merged_tensors(reader, sources, method: str, params: MethodParams | Callable
     `prefetch` tensors' inputs are read (and made float32 task vectors) in a background
     thread while the current one is merged (`core.pipeline.ahead`; 0: no read-ahead).
     `union`: a `merging.vocab.UnionVocab` whose new tokens extend the vocabulary tensors."""
-    fn = get_method(method).fn
+    m = get_method(method)
 
     def load(name: str):
         if not reader.info(name).dtype.is_floating_point:
@@ -56,7 +57,7 @@ def merged_tensors(reader, sources, method: str, params: MethodParams | Callable
             continue
         p = params(name) if callable(params) else params
         try:
-            merged = fn(base, deltas, p, name)
+            merged = merge_rows(m, base, deltas, p, name)
         except RuntimeError:  # e.g. an SVD that does not converge on NaN
             culprit = non_finite_input(base, deltas)
             if culprit is None:

@@ -1,13 +1,12 @@
 """The resident merge and its task-vector stores (evolve.materialize, merging.store)."""
-import math
 
 import numpy as np
 import pytest
 import torch
 from factories import perturbed, save, state_dict, tiny_llama
 
-import evolve.materialize as materialize
-from evolve.materialize import ResidentMerge, row_chunks, store_settings_for
+import merging.chunks
+from evolve.materialize import ResidentMerge, store_settings_for
 from merging import merge
 from merging.methods import get_method
 from merging.store import StoredTensor, StoreSettings, tensor_bytes
@@ -39,10 +38,10 @@ def test_chunked_candidate_equals_the_streaming_merge(family, method, tmp_path, 
     """In float32 with the dense store, a candidate merged in runs of 64 elements (TIES' trims
     found over whole tensors in chunks) is the streamed checkpoint bit for bit, and so is an exact
     materialization with a lossy store (what the final check measures)."""
-    monkeypatch.setattr(materialize, "CHUNK", 64)
     base, models = family
     p = params_for(method, np.random.default_rng(3))
-    exported = state_dict(merge(spec(base, models, method, p), tmp_path / "out", progress=False))
+    exported = state_dict(merge(spec(base, models, method, p), tmp_path / "out", progress=False))  # whole tensors
+    monkeypatch.setattr(merging.chunks, "CHUNK", 64)
     for store in ("dense", "sparse"):
         rm = ResidentMerge(base, models, method, device="cpu", store=store_settings_for(torch.float32, store))
         got = (rm.materialize(p, exact=True) if store == "sparse" else rm.materialize(p)).state_dict()
@@ -117,16 +116,6 @@ def test_chunks_are_the_tensor_in_pieces(kind):
     s = StoredTensor.make(t, "w", StoreSettings("dense" if kind == "zero" else kind, torch.float32, rank=0.4, density=0.3))
     spans = [(a, min(a + 8, 37)) for a in range(0, 37, 8)]
     assert torch.equal(torch.cat(list(s.chunks(spans))), s.get())
-
-
-def test_row_chunks_cover_the_tensor_in_aligned_runs(monkeypatch):
-    monkeypatch.setattr(materialize, "CHUNK", 100)
-    for shape in [(37, 5), (1000, 3), (7, 300), (9,)]:
-        spans = row_chunks(shape, True)
-        assert spans[0][0] == 0 and spans[-1][1] == shape[0]
-        assert all(a == b for (_, a), (b, _) in zip(spans, spans[1:]))
-        assert all((b - a) * math.prod(shape[1:]) % 8 == 0 for a, b in spans[:-1])
-    assert row_chunks((1000, 3), False) == [(0, 1000)]
 
 
 @pytest.mark.parametrize("kind", ["dense", "lowrank", "sparse"])

@@ -139,7 +139,7 @@ def lowrank_by_hand(cfg: dict, rank: float = 0.1) -> int:
 
 def written_by_hand(largest: int, n: int) -> int:
     """Writing a candidate with a chunkable method: N + 6 float32 chunks of 2**20 entries
-    (evolve.materialize.CHUNK) and the base's bf16 rows of one chunk, as read."""
+    (merging.chunks.CHUNK) and the base's bf16 rows of one chunk, as read."""
     return (2 + (n + 6) * 4) * min(largest, 1 << 20)
 
 
