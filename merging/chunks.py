@@ -12,7 +12,7 @@ whole float32 task vector).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,18 +29,31 @@ def row_chunks(shape: Sequence[int], chunkable: bool) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def merge_rows(method, base: torch.Tensor, deltas: Sequence[torch.Tensor], p, name: str) -> torch.Tensor:
-    """``method.fn(base, deltas, p, name)``, run of rows by run of rows when the method is
-    `chunkable` and needs no `prepare` (TSV's SVDs take the whole matrix): the same values."""
+RowFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (a, b, base rows a..b in float32) -> its rows; 2+ dims
+
+
+def merge_rows(method, base: torch.Tensor, deltas: Sequence[torch.Tensor | RowFn], p, name: str) -> torch.Tensor:
+    """``method.fn(base, deltas, p, name)`` in float32, run of rows by run of rows when the method
+    is `chunkable` and needs no `prepare` (TSV's SVDs take the whole matrix): the same values.
+
+    ``base`` may be in its stored dtype and each task vector a `RowFn` that makes its rows from
+    the base's (`merging.task_vectors`: a fine-tune's rows minus the base's, promoted inside the
+    subtraction): then no whole float32 copy of any input exists, and every conversion runs in
+    the cache with the method's passes."""
     spans = row_chunks(base.shape, method.chunkable and method.prepare is None)
     if len(spans) == 1:
-        return method.fn(base, deltas, p, name)
+        whole = base.float()
+        return method.fn(whole, [d if isinstance(d, torch.Tensor) else d(0, len(whole), whole) for d in deltas], p, name)
+    rows = [(lambda a, b, _, d=d: d[a:b]) if isinstance(d, torch.Tensor) else d for d in deltas]
     ctx = {}
     if method.context is not None:
-        ctx = {"ctx": method.context([lambda d=d: [d.reshape(-1)] for d in deltas], base.numel(), p, name)}
+        streams = [(lambda d=d: [d.reshape(-1)]) if isinstance(d, torch.Tensor) else
+                   (lambda f=f: (f(a, b, base[a:b].float()).reshape(-1) for a, b in spans)) for d, f in zip(deltas, rows)]
+        ctx = {"ctx": method.context(streams, base.numel(), p, name)}
     per_row = math.prod(base.shape[1:])
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     for a, b in spans:
         kw = {**ctx, "offset": a * per_row} if ctx else {}
-        out[a:b] = method.fn(base[a:b], [d[a:b] for d in deltas], p, name, **kw)
+        part = base[a:b].float()
+        out[a:b] = method.fn(part, [f(a, b, part) for f in rows], p, name, **kw)
     return out

@@ -27,7 +27,7 @@ from core.validation import strict_spec
 
 from .card import model_card
 from .checkpoint import CheckpointWriter
-from .chunks import merge_rows
+from .chunks import merge_rows, row_chunks
 from .methods import MethodParams, get_method
 from .spec import MergeSpec
 from .task_vectors import open_inputs
@@ -36,14 +36,24 @@ from .task_vectors import open_inputs
 def merged_tensors(reader, sources, method: str, params: MethodParams | Callable[[str], MethodParams],
                    device: torch.device, names=None, prefetch: int = 1, union=None):
     """Yields (name, merged float32 tensor on `device`) in the order of `names`; the next
-    `prefetch` tensors' inputs are read (and made float32 task vectors) in a background
-    thread while the current one is merged (`core.pipeline.ahead`; 0: no read-ahead).
+    `prefetch` tensors' inputs are read in a background thread while the current one is merged
+    (`core.pipeline.ahead`; 0: no read-ahead). A chunkable method's large tensors stay in their
+    stored dtype and become float32 task vectors a run of rows at a time (`merging.chunks`)
+    when it has no `context`; other methods get whole float32 task vectors.
     `union`: a `merging.vocab.UnionVocab` whose new tokens extend the vocabulary tensors."""
     m = get_method(method)
 
+    # inputs made float32 run by run (merging.chunks); not for a method with a context (TIES' trims
+    # pass over whole task vectors three times: remaking them each pass cost 15-20 % more time)
+    by_rows = m.chunkable and m.prepare is None and m.context is None
+
     def load(name: str):
-        if not reader.info(name).dtype.is_floating_point:
+        info = reader.info(name)
+        if not info.dtype.is_floating_point:
             return reader.get(name, device), None
+        if by_rows and len(row_chunks(info.shape, True)) > 1 and (union is None or name not in union.names):
+            base = reader.get(name, device)
+            return base, [s.delta_rows(name, base) for s in sources]
         base = reader.get(name, device, torch.float32)
         if union is not None and name in union.names:
             p = params(name) if callable(params) else params
@@ -79,10 +89,12 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def non_finite_input(base: torch.Tensor, deltas: Sequence[torch.Tensor]) -> str | None:
-    """Which input holds non-finite values, if any (a checkpoint is never written with them)."""
+    """Which input holds non-finite values, if any (a checkpoint is never written with them);
+    a task vector may be a `merging.chunks.RowFn`."""
     if not all_finite(base):
         return "from the base"
-    bad = [i for i, d in enumerate(deltas) if not all_finite(d)]
+    whole = base.float()
+    bad = [i for i, d in enumerate(deltas) if not all_finite(d(0, len(whole), whole) if callable(d) else d)]
     return f"from models[{bad[0]}]" if bad else None
 
 
@@ -117,8 +129,10 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     Reading, merging and writing overlap (`core.pipeline`): while tensor t is merged, the
     inputs of the next `pipeline` tensors are read and the merged tensors before t are cast
     and written, each stage in its own thread. Memory: at most pipeline + 1 tensors' inputs
-    (the base's and one task vector per model, float32) and pipeline + 1 merged outputs, next
-    to the one tensor of each kind the plain loop holds (pipeline 0). Default: 1, and 0 for a
+    (the base's and one per model: as stored for a chunkable, context-free method's tensors
+    larger than `merging.chunks.CHUNK`, else float32 task vectors) and pipeline + 1 merged float32 outputs,
+    next to the one tensor of each kind the plain loop holds (pipeline 0), and a chunkable
+    method's few float32 runs. Default: 1, and 0 for a
     method with a `prepare` step (TSV): its SVDs keep every core busy, and the pipeline's threads
     slowed them 1.5x (bench/README.md). `threads`: torch's intra-op threads for the methods'
     arithmetic (default: as torch is set, all cores unless OMP_NUM_THREADS says otherwise).

@@ -31,6 +31,14 @@ class ModelSource:
             return gather_rows(self.reader.get(name, base.device), self.rows[name].to(base.device), base)
         return torch.sub(self.reader.get(name, base.device), base)
 
+    def delta_rows(self, name: str, base: torch.Tensor):
+        """`delta` by runs of rows (a `merging.chunks.RowFn`), from ``base`` as stored: the tensor
+        is read once in its own dtype and each run promoted inside the subtraction."""
+        if name in self.rows:
+            return _rows_of(self.delta(name, base.float()))
+        mine = self.reader.get(name, base.device)
+        return lambda a, b, base_rows: torch.sub(mine[a:b], base_rows)
+
     def mismatch(self, infos: dict[str, TensorInfo], vocab: frozenset[str] = frozenset()) -> str | None:
         """The first way this model differs from the base's tensor names and shapes, or None
         (`vocab`: tensors whose first dimension, the vocabulary, may differ)."""
@@ -63,6 +71,10 @@ class AdapterSource:
             return out
         return self.adapter.delta(name, base)
 
+    def delta_rows(self, name: str, base: torch.Tensor):
+        """`delta` as a `merging.chunks.RowFn` (made whole first: scale * B @ A)."""
+        return _rows_of(self.delta(name, base.float()))
+
     def mismatch(self, infos: dict[str, TensorInfo], vocab: frozenset[str] = frozenset()) -> str | None:
         for name in self.adapter.targets():
             if name not in infos:
@@ -71,6 +83,10 @@ class AdapterSource:
             if shape != infos[name].shape:
                 return f"adapter target {name} has shape {shape}, the base has {infos[name].shape}"
         return None
+
+
+def _rows_of(delta: torch.Tensor):
+    return lambda a, b, _: delta[a:b]
 
 
 def open_source(path: str | os.PathLike) -> ModelSource | AdapterSource:
