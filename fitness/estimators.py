@@ -259,8 +259,11 @@ class Blend:
         return float(np.mean(self.check_errors)) if self.check_errors else float("nan")
 
     def to_json(self) -> dict:
-        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known, "rmse": self.rmse,
-                "check_mae": self.check_mae}
+        def finite(x: float) -> float | None:  # JSON has no NaN
+            return x if np.isfinite(x) else None
+
+        return {"mean": self.mean, "irt": self.irt, "prior": self.prior, "known": self.known,
+                "rmse": finite(self.rmse), "check_mae": finite(self.check_mae)}
 
 
 def blend_irt(responses, subset_idx, weights=None, item_params=None, endpoint_thetas=None, *, prior=None,

@@ -43,7 +43,8 @@ class ProbeGain:
         return self.rows > 1 and self.mean > self.se
 
     def to_json(self) -> dict:
-        return {"mean": self.mean, "se": self.se, "rows": self.rows, "helped": self.helped}
+        return {"mean": self.mean, "se": self.se if np.isfinite(self.se) else None, "rows": self.rows,
+                "helped": self.helped}  # JSON has no infinity
 
 
 def probe_gain(rows, n_endpoints: int, new: int, fit: Callable[[np.ndarray], ItemParams],

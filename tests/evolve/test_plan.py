@@ -263,7 +263,7 @@ def test_cpu_plan_holds_everything_on_the_host(shapes7b):
     assert plan.fits and plan.budgets["gpu"] is None and plan.reanchor_every == 1
     ev = evaluation_by_hand(cfg, 16, SEQ, CHOICE, 2)
     bo = plan.component("search: bo surrogate").bytes  # the default search for 16 x 8 candidates
-    assert bo == BO_BASE + BO_PER_OBSERVATION * (16 * 8 + 11)
+    assert bo == BO_BASE + BO_PER_OBSERVATION * (16 * 8 + 11 + 24)  # candidates and the most probes (11 + 24)
     assert plan.totals["host"] == 2 * published + 3 * lowrank_by_hand(cfg) + written_by_hand(32000 * 4096, 3) + ev + bo
     assert plan.totals["gpu"] == 0 and plan.moved["host->GPU"] == 0
     assert plan.bytes_moved_per_candidate == 3 * lowrank_by_hand(cfg) + 2 * published + 2 * published

@@ -1,4 +1,6 @@
 """fitness.estimators on simulated benchmarks where the true accuracy is known."""
+import json
+
 import numpy as np
 import pytest
 
@@ -401,6 +403,10 @@ def test_blend_check_mae_is_nested_leave_one_out():
         best = min(grid, key=lambda w: sum(sum(sq_errors(o, w)) for o in range(len(rows)) if o != r))
         nested.append(np.mean(np.sqrt(sq_errors(r, best))))
     assert blend.check_errors == pytest.approx(nested, rel=1e-9) and len(nested) == len(rows) - n_end
+    assert blend.to_json()["check_mae"] == pytest.approx(np.mean(nested))
+    unchecked = blend.__class__(blend.mean, blend.irt, blend.prior, blend.known)  # no rmse, no check rows
+    assert {k: v for k, v in json.loads(json.dumps(unchecked.to_json(), allow_nan=False)).items()
+            if v is None} == {"rmse": None, "check_mae": None}  # strict JSON
 
 
 def test_choose_estimator_leaves_the_plain_cat_only_for_an_error_lower_beyond_noise():

@@ -65,7 +65,7 @@ def test_no_batch_or_too_few_earlier_probes_measure_nothing(rows):
     _, y = rows
     assert not probe_gain(y, N_ENDS, 0, _fit, answers_prior, K).helped
     thin = probe_gain(y[: N_ENDS + 5], N_ENDS, 4, _fit, answers_prior, K)
-    assert thin.rows == 1 and not thin.helped
+    assert thin.rows == 1 and not thin.helped and thin.to_json()["se"] is None  # strict JSON: no infinity
     assert ProbeGain(0.02, 0.01, 8).to_json() == {"mean": 0.02, "se": 0.01, "rows": 8, "helped": True}
 
 
