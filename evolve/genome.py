@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from merging.checkpoint import layer_index
 from merging.methods import MethodParams, get_method, method_params
 
 PER_MODEL = ("weights", "density")
@@ -27,7 +28,6 @@ GLOBAL = ("lambda", "alpha")
 
 # Default bounds per method: what a user gets without `search.space`.
 _INPUT_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|embed_positions|wte|word_embeddings)\.")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,6 @@ class Gene:
     def label(self) -> str:
         who = f"[{self.model}]" if self.model is not None else ""
         return f"{self.param}{who}@b{self.block}"
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def block_of(name: str, n_layers: int, n_blocks: int) -> int:

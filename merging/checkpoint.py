@@ -47,6 +47,16 @@ SIDE_FILES = (
     "chat_template.json",
 )
 
+LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")  # a decoder layer's tensors: prefix, index
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (``model.layers.3.mlp.up_proj.weight`` -> 3; GPT-2's
+    ``h.3.``, ``blocks.3.``, ``layer.3.`` too), None outside the layers."""
+    m = LAYER.match(name)
+    return int(m.group(2)) if m else None
+
+
 _ST_DTYPE = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.validation import off_schema
 
+from .checkpoint import LAYER, layer_index
 from .methods.registry import MethodParams, method_params
 from .spec import DEVICE_PATTERN, check_device
 
@@ -44,7 +45,6 @@ REFUSED = {
     "tokenizer": "tokenizer settings are not supported; the output keeps the base's tokenizer",
     "chat_template": "chat_template is not supported; the output keeps the base's tokenizer files",
 }
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")
 
 
 class ModelEntry(BaseModel):
@@ -140,10 +140,10 @@ def evaluate_setting(setting: Any, name: str, t: float, where: str) -> Any:
 
 def layer_position(name: str, n_layers: int) -> float:
     """mergekit's t for a tensor: i / (L - 1) in layer i of L (1 when L = 1), 0 outside the layers."""
-    m = _LAYER.match(name)
-    if m is None:
+    i = layer_index(name)
+    if i is None:
         return 0.0
-    return int(m.group(2)) / (n_layers - 1) if n_layers > 1 else 1.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 
 def to_merge(spec: MergekitSpec, names: Sequence[str], n_layers: int):
@@ -242,7 +242,7 @@ def to_mergekit(spec, params_for_tensor: Callable[[str], MethodParams], names: S
     for name in names:
         if not floating(name):
             continue
-        m = _LAYER.match(name)
+        m = LAYER.match(name)
         key = m.group(1) if m else name
         p = params_for_tensor(name)
         if key in groups and groups[key] != p:
