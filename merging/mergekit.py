@@ -25,13 +25,13 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.validation import off_schema
 
 from .checkpoint import LAYER, layer_index
 from .methods.registry import MethodParams, method_params
-from .spec import DEVICE_PATTERN, check_device
+from .spec import Device
 
 SHARED = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
@@ -68,12 +68,7 @@ class MergekitSpec(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = Field(None, description="base (mergekit's default) only")
-    device: str = Field("auto", json_schema_extra={"pattern": DEVICE_PATTERN})
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return check_device(v)
+    device: Device = "auto"
 
     @model_validator(mode="before")
     @classmethod

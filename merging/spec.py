@@ -7,9 +7,9 @@ parameter model, so an unknown key or an out-of-range value names its field.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.validation import GivenPath, field_path, non_finite, off_schema
 
@@ -49,6 +49,9 @@ def check_device(v: str) -> str:
     return v
 
 
+Device = Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}), AfterValidator(check_device)]
+
+
 def _schema_of_job(schema: dict[str, Any], cls: type) -> None:
     """A job's JSON schema as clients need it: the methods it may name as an enum, and `kind`,
     the job spec union's tag, required (Python and YAML callers may leave it to its default)."""
@@ -71,15 +74,10 @@ class JobBase(BaseModel):
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    device: str = Field("auto", json_schema_extra={"pattern": DEVICE_PATTERN})
+    device: Device = "auto"
     tokenizer: Literal["base", "union"] | None = Field(
         None, description="models whose vocabularies differ from the base's: base (keep the base's tokens) or union "
                           "(add the models' tokens; merge jobs only); see merging/vocab.py")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return check_device(v)
 
     @field_validator("params")
     @classmethod
