@@ -218,10 +218,10 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None, e
     tokenizer, irt = AutoTokenizer.from_pretrained(spec.base), spec.evaluation.irt
     space, recipes = search_space(spec), []
     probes: dict[str, list[Responses]] = {k: [] for k in benches}
-    budget = search_items(spec, benches)
+    budget, most = search_items(spec, benches), irt.probes + irt.more_probes
     for batch in range(probe_batches(spec)):  # the first probes, then batches while they pay (fitness.probes)
         hooks.emit({"type": "stage", "stage": "probes", **({"batch": batch} if batch else {})})
-        new = probe_recipes(spec, space, batch)[: irt.probes + irt.more_probes - len(recipes)]
+        new = probe_recipes(spec, space, batch)[: most - len(recipes)]
         for k in benches:
             probes[k] += [None] * len(new)
         for i, answers in evaluators.imap("probe", new):
@@ -230,8 +230,7 @@ def setup(spec: EvolveSpec, hooks: Hooks = NO_HOOKS, plan: Plan | None = None, e
             cost["probe_items"] += per_answer_set  # counted as a first run pays it, cached or not
         recipes += new
         hooks.emit({"type": "stage", "stage": "irt"})
-        more = probe_budget(len(recipes), irt.probe_batch, irt.probes + irt.more_probes, irt.probe_share,
-                            per_answer_set, budget) > len(recipes)
+        more = probe_budget(len(recipes), irt.probe_batch, most, irt.probe_share, per_answer_set, budget) > len(recipes)
         fitness = Fitness.fit(spec.objectives, ev, tokenizer, endpoints, probes, device=spec.device,
                               new_probes=len(new) if batch and more else 0)
         gains = {k: f.probe_gain for k, f in fitness.fits.items() if f.probe_gain is not None}

@@ -362,6 +362,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     sub = specs[0].subset
     if any(s.subset != sub for s in specs):
         raise ValueError(f"objectives on {bench.name} must share one subset spec")
+    st = sub.adaptive_settings()
     Y = response_matrix(list(endpoints) + list(probes)).astype(float)
     irt = evaluation.irt
     params, source = None, None
@@ -380,7 +381,7 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
     prior = None
     if sub.strategy in ("adaptive", "auto") or any(s.estimator in NEEDS_PRIOR for s in specs):
         prior_thetas = map_abilities(params, Y)
-        prior = endpoint_prior(prior_thetas[: len(endpoints)], sub.adaptive_settings()["min_sd"])
+        prior = endpoint_prior(prior_thetas[: len(endpoints)], st["min_sd"])
     k = min(sub.size, len(bench))
     kinds = [it.kind for it in bench.items]  # strata: see fitness.subsets
     adaptive = Subset(np.zeros(0, dtype=int), np.zeros(0), "adaptive")  # no fixed items: each candidate's CAT
@@ -396,15 +397,15 @@ def fit_benchmark(bench: Benchmark, specs: Sequence[ObjectiveSpec], evaluation: 
         subset = adaptive
     blend, model_sd, choice, line, gain = None, 0.0, None, None, None
     cat = sub.strategy in ("adaptive", "auto") and any(s.estimator in ("p_irt", "map_irt", "auto") for s in specs)
-    st = sub.adaptive_settings()
 
     def prior_of(p: ItemParams, answers: np.ndarray):
         return answers_prior(p, answers, st["min_sd"])
 
     # by leave-one-out over the known rows: refitted, unless the parameters come from elsewhere
-    refit = (lambda rows: fitted_item_params(rows, irt)) if source and source.startswith("fitted") else (lambda rows: params)
+    refitted = source is not None and source.startswith("fitted")
+    refit = (lambda rows: fitted_item_params(rows, irt)) if refitted else (lambda rows: params)
     check = loo_cats(Y, len(endpoints), refit, prior_of, k, st["round"]) if cat else None
-    if new_probes and source and source.startswith("fitted"):  # parameters from elsewhere: probes cannot improve them
+    if new_probes and refitted:  # parameters from elsewhere: probes cannot improve them
         gain = probe_gain(Y, len(endpoints), new_probes, refit, prior_of, k, st["round"], with_new=check)
     if cat or any(s.estimator in ("blend_irt", "auto") for s in specs):
         if sub.strategy != "adaptive":
