@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from core.devices import DTYPES, resolve_device, resolve_dtype
 from core.errors import CheckpointError
-from merging.chunks import CHUNK, row_chunks
+from merging.chunks import CHUNK, row_chunks, run_kwargs
 from merging.engine import all_finite, merged_tensors
 from merging.methods import MethodParams, get_method
 from merging.store import StoredTensor, StoreSettings
@@ -70,8 +70,8 @@ def working_set(method, numel: int, n_models: int, read_size: int) -> tuple[int,
     float32 (all N for a method with `prepare`, twice over: TSV's updates), a read buffer in the
     checkpoint's dtype and what making a compressed form takes (12 B an entry: the magnitude
     histogram, the keep mask and its packing). Writing holds N + 6 float32 chunks and the base's
-    rows as read for a `chunkable` method; the whole tensor, (2N + 8) float32 copies and the base
-    as read, otherwise (DARE's drawn masks and dropped vectors)."""
+    rows as read for a `chunkable` method (every registered one today); the whole tensor, (2N + 8)
+    float32 copies and the base as read, otherwise."""
     held = 2 * n_models if method.prepare else 1
     build = numel * (4 + 4 * held + read_size + 12)
     if method.chunkable:
@@ -252,7 +252,7 @@ class ResidentMerge:
             coeffs = [a - b for a, b in zip(self.method.coefficients(p, stored), self.method.coefficients(old, stored))]
         zero = torch.zeros((), device=self.device)
         for a, b, x in self._chunks(stored, rows.shape):
-            kw = {**ctx, "offset": a * per_row} if ctx else {}
+            kw = run_kwargs(self.method, ctx, a * per_row)
             if old is None:
                 base = self.reader.get_rows(n, a, b, self.device) if target.dim() else self.reader.get(n, self.device).view(1)
                 out = fn(base.float(), x, p, n, **kw)
@@ -262,7 +262,7 @@ class ResidentMerge:
                 for c, v in zip(coeffs, tree_leaves(x, torch.Tensor)):
                     out.add_(v, alpha=c)
             else:
-                old_kw = {**self._last_ctx.get(n, {}), "offset": a * per_row} if ctx else {}
+                old_kw = run_kwargs(self.method, self._last_ctx.get(n, {}), a * per_row)
                 out = rows[a:b].float().add_(fn(zero, x, p, n, **kw)).sub_(fn(zero, x, old, n, **old_kw))
             rows[a:b].copy_(out)
             del x, out  # before the next chunk's are made

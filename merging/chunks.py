@@ -29,6 +29,11 @@ def row_chunks(shape: Sequence[int], chunkable: bool) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
+def run_kwargs(method, ctx: dict, offset: int) -> dict:
+    """The keywords of `method.fn` on a run starting at flat index `offset`: its context, its offset."""
+    return {**ctx, "offset": offset} if method.positional else ctx
+
+
 RowFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (a, b, base rows a..b in float32) -> its rows; 2+ dims
 
 
@@ -53,7 +58,6 @@ def merge_rows(method, base: torch.Tensor, deltas: Sequence[torch.Tensor | RowFn
     per_row = math.prod(base.shape[1:])
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     for a, b in spans:
-        kw = {**ctx, "offset": a * per_row} if ctx else {}
         part = base[a:b].float()
-        out[a:b] = method.fn(part, [f(a, b, part) for f in rows], p, name, **kw)
+        out[a:b] = method.fn(part, [f(a, b, part) for f in rows], p, name, **run_kwargs(method, ctx, a * per_row))
     return out

@@ -6,20 +6,19 @@ are rescaled by 1 / density, so the expected task vector is unchanged:
     tau_i' = m_i * tau_i / density_i,   m_i ~ Bernoulli(density_i)
 
 then combined linearly (`dare_linear`: base + lambda * sum_i w_i tau_i') or with TIES'
-sign election and disjoint mean (`dare_ties`). The masks are reproducible: each comes
-from a generator seeded with (seed, tensor name, model index), independent of the order
-in which tensors are processed (masks drawn on CUDA differ from those drawn on CPU).
+sign election and disjoint mean (`dare_ties`). The masks are reproducible: entry j of model i's
+mask is a counter-based draw (`merging.draws`) of stream (seed, tensor name, i), so it is the same
+on every device and thread count, and whatever run of rows it is merged in (`chunkable`).
 Defaults: density 0.5, weights 1, lambda 1, seed 0.
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 from pydantic import Field
 
+from ..draws import keep_scaled, stream_key
 from .registry import register, weighted_sum
-from .ties import TiesParams, disjoint_merge, indicator_positive
+from .ties import TiesParams, disjoint_merge
 
 
 class DareParams(TiesParams):
@@ -29,32 +28,21 @@ class DareParams(TiesParams):
                                    "dare_ties (the disjoint mean), false for dare_linear (the weighted sum)")
 
 
-def drop_and_rescale(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    if density >= 1.0:
-        return tau
-    g = torch.Generator(device=tau.device).manual_seed(seed)
-    u = torch.rand(tau.shape, generator=g, device=tau.device)
-    return (tau / density).mul_(indicator_positive(u.neg_().add_(density)))  # kept where u < density
-
-
-def _dropped(deltas, p: DareParams, name: str):
+def _dropped(deltas, p: DareParams, name: str, offset: int):
     dens = p.per_model("density", len(deltas), 0.5)
-    return [
-        drop_and_rescale(t, d, zlib.crc32(f"{p.seed}:{name}:{i}".encode()))
-        for i, (t, d) in enumerate(zip(deltas, dens))
-    ]
+    return (keep_scaled(t, stream_key(p.seed, name, i), d, offset) for i, (t, d) in enumerate(zip(deltas, dens)))
 
 
-@register("dare_linear", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)}, sums=True)
-def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
+@register("dare_linear", DareParams, chunkable=True, positional=True, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)}, sums=True)
+def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str, offset: int = 0) -> torch.Tensor:
     """Random drop and rescale, then task arithmetic."""
     w = p.per_model("weights", len(deltas), 1.0)
     total = sum(w) if p.normalize and abs(sum(w)) >= 1e-8 else 1.0  # mergekit's divisor rule
-    return base + (p.lambda_ / total) * weighted_sum(_dropped(deltas, p, name), w)
+    return base + (p.lambda_ / total) * weighted_sum(_dropped(deltas, p, name, offset), w)
 
 
-@register("dare_ties", DareParams, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
-def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str) -> torch.Tensor:
+@register("dare_ties", DareParams, chunkable=True, positional=True, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
+def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str, offset: int = 0) -> torch.Tensor:
     """Random drop and rescale, then TIES sign election and disjoint mean."""
-    return base + p.lambda_ * disjoint_merge(_dropped(deltas, p, name), p.per_model("weights", len(deltas), 1.0),
+    return base + p.lambda_ * disjoint_merge(list(_dropped(deltas, p, name, offset)), p.per_model("weights", len(deltas), 1.0),
                                              p.normalize is not False)

@@ -13,7 +13,8 @@ the same tensors many times prepares them once (`evolve`) with identical results
 
 What lets an evolve job's resident merge (`evolve.materialize`) work in bounded memory:
 `chunkable` methods give the same values on any run of a tensor's rows, given the
-per-tensor `context` (TIES' trims, found over the whole tensor); `coefficients` says the
+per-tensor `context` (TIES' trims, found over the whole tensor) and, for `positional` ones, the
+run's flat offset (TIES' trims, DARE's masks); `coefficients` says the
 method is linear, base + sum_i c_i x_i over its prepared vectors x_i, so that a candidate
 can be written as an update of the previous one.
 """
@@ -76,6 +77,7 @@ class Method:
     prepare: Callable[[Sequence[torch.Tensor], str], Any] | None = None
     needs_base: bool = True  # False: whole-model methods, `base` optional
     chunkable: bool = False  # fn gives the same values on any run of rows (with `context`'s result)
+    positional: bool = False  # a chunkable fn that needs its run's flat index takes offset= (trims, masks)
     context: Callable[..., Any] | None = None  # (chunks, numel, params, name) -> ctx for fn(..., ctx=, offset=)
     coefficients: Callable[..., list[float]] | None = None  # (params, prepared) -> c_i: fn = base + sum_i c_i x_i
     space: Mapping[str, tuple[float, float]] = field(default_factory=dict)

@@ -89,7 +89,7 @@ def disjoint_merge(tvs: Sequence[torch.Tensor], weights: Sequence[float], normal
     return num.div_(den.add_(empty.mul_(1 - den)))
 
 
-@register("ties", TiesParams, context=ties_context, chunkable=True,
+@register("ties", TiesParams, context=ties_context, chunkable=True, positional=True,
           space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
 def ties(base: torch.Tensor, deltas, p: TiesParams, name: str, ctx: Sequence[Trim] | None = None,
          offset: int = 0) -> torch.Tensor:

@@ -16,13 +16,13 @@ def _params(method: str, rng):
     return get_method(method).params(**kw)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "tsv"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv"])
 @pytest.mark.parametrize("shape", [(300, 70), (1000, 3), (37, 5, 4)])
 def test_runs_of_rows_give_the_whole_tensors_values(method, shape, monkeypatch):
     """Task vectors rounded to bfloat16 (many magnitudes tied at TIES' k-th value), runs of at
     most 512 entries: every method equals its own call on the whole tensor, bit for bit, given the
-    task vectors whole or as functions making their rows (DARE and TSV, which cannot run on rows,
-    are called whole)."""
+    task vectors whole or as functions making their rows (TSV, which cannot run on rows, is called
+    whole; DARE's masks are drawn per entry, so a run draws its own)."""
     monkeypatch.setattr(chunks, "CHUNK", 512)
     rng = np.random.default_rng(sum(shape))
     gen = torch.Generator().manual_seed(0)
@@ -48,11 +48,11 @@ def test_row_chunks_cover_the_tensor_in_aligned_runs(monkeypatch):
     assert row_chunks((1000, 3), False) == [(0, 1000)]
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "tsv"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv"])
 def test_the_engine_by_runs_writes_the_same_bytes(method, tmp_path, monkeypatch):
     """merging.merge on two bfloat16 fine-tunes and a LoRA adapter: with runs of 256 entries (every
-    matrix merged a run at a time; for linear and task arithmetic read as stored and made float32
-    run by run) the output equals the whole-tensor merge, byte for byte."""
+    matrix merged a run at a time; for linear, task arithmetic and DARE read as stored and made
+    float32 run by run) the output equals the whole-tensor merge, byte for byte."""
     from factories import perturbed, save, tiny_llama
     from peft import LoraConfig, get_peft_model
 
@@ -72,7 +72,7 @@ def test_the_engine_by_runs_writes_the_same_bytes(method, tmp_path, monkeypatch)
     as_rows = ModelSource.delta_rows
     monkeypatch.setattr(ModelSource, "delta_rows", lambda self, n, b: read_as.append(b.dtype) or as_rows(self, n, b))
     runs = merge(spec, tmp_path / "runs", progress=False)
-    assert set(read_as) == ({torch.bfloat16} if method in ("linear", "task_arithmetic") else set())
+    assert set(read_as) == ({torch.bfloat16} if method in ("linear", "task_arithmetic", "dare_linear", "dare_ties") else set())
     files = sorted(f.name for f in whole.glob("*.safetensors"))
     assert files and files == sorted(f.name for f in runs.glob("*.safetensors"))
     assert all((whole / f).read_bytes() == (runs / f).read_bytes() for f in files)
