@@ -299,7 +299,7 @@ def test_tsv_equals_a_float64_reference(family, tmp_path):
         upd = tsv_reference(d) if base[n].dim() == 2 and n != emb else (d[0] + d[1]) / 2
         want = base[n] + 0.8 * torch.from_numpy(upd)
         scale = float(np.abs(upd).max())
-        torch.testing.assert_close(got[n].double(), want, atol=1e-5 * scale + 1e-7, rtol=1e-5,
+        torch.testing.assert_close(got[n].double(), want, atol=3e-5 * scale + 1e-7, rtol=1e-5,  # float32 SVDs
                                    msg=lambda m, n=n: f"{n}: {m}")
 
 

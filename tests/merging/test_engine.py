@@ -72,18 +72,22 @@ def test_engine_equals_method_applied_to_each_tensor(tmp_path, family, method, p
 
 @pytest.mark.parametrize("method", sorted(methods("tensor")))
 def test_pipelined_and_threaded_merges_equal_the_plain_loop_bit_for_bit(tmp_path, family, method):
-    """Read-ahead and write-behind at depths 0-3 and 1 or 2 torch threads: the same bytes (TSV's
-    SVDs of these small matrices run on one thread whatever the setting; at scale they round
-    differently with the thread count, which merge's docstring says)."""
+    """Read-ahead and write-behind at depths 0-3 and 1 or 2 torch threads: the same bytes. TSV's
+    SVDs may round differently with the thread count (LAPACK's blocking; merge's docstring says
+    so), so TSV is compared with the plain loop at the same thread count, and to 1e-6 across them."""
     base, models = family
     spec = spec_for(base, models, method)
-    plain = state_dict(merge(spec, tmp_path / "plain", progress=False, pipeline=0, threads=1))
+    plain = {}
     for pipeline, threads in [(1, 1), (3, 2), (2, None)]:
+        key = threads if method == "tsv" else 1
+        if key not in plain:
+            plain[key] = state_dict(merge(spec, tmp_path / f"plain{key}", progress=False, pipeline=0, threads=key))
         got = state_dict(merge(spec, tmp_path / f"p{pipeline}t{threads}", progress=False, pipeline=pipeline,
                                threads=threads))
-        assert got.keys() == plain.keys()
-        for k in plain:
-            assert torch.equal(got[k], plain[k]), (pipeline, threads, k)
+        assert got.keys() == plain[key].keys()
+        for k in got:
+            assert torch.equal(got[k], plain[key][k]), (pipeline, threads, k)
+            assert torch.allclose(got[k].float(), plain[next(iter(plain))][k].float(), atol=1e-6), k
 
 
 def test_a_stopped_pipelined_merge_writes_nothing_and_leaves_no_thread(tmp_path, family):
