@@ -133,8 +133,10 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
     larger than `merging.chunks.CHUNK`, else float32 task vectors) and pipeline + 1 merged float32 outputs,
     next to the one tensor of each kind the plain loop holds (pipeline 0), and a chunkable
     method's few float32 runs. Default: 1, and 0 for a
-    method with a `prepare` step (TSV): its SVDs keep every core busy, and the pipeline's threads
-    slowed them 1.5x (bench/README.md). `threads`: torch's intra-op threads for the methods'
+    method with a `prepare` step (TSV: its SVDs keep every core busy, and the pipeline's threads
+    slowed them 1.5x) or on a machine of at most 2 cores, where the pipeline's threads compete with
+    the method's (at 0.5 B on 2 cores the plain loop was faster for 4 of 5 methods, DARE by 35-40 %;
+    bench/README.md). `threads`: torch's intra-op threads for the methods'
     arithmetic (default: as torch is set, all cores unless OMP_NUM_THREADS says otherwise).
     The output is the same bit for bit at any `pipeline`, and at any `threads` for every method
     but TSV, whose SVDs (LAPACK) round differently with the number of threads.
@@ -146,7 +148,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
         return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
                           hooks=hooks)
     if pipeline is None:
-        pipeline = 0 if method.prepare is not None else 1
+        pipeline = 0 if method.prepare is not None or (os.cpu_count() or 1) <= 2 else 1
     with torch_threads(threads):
         return _stream(spec, Path(out_dir), overwrite, progress, params, card_extra, hooks, pipeline)
 
