@@ -9,8 +9,9 @@ tensor, on any device, with any number of threads, gets the same bits.
 
 The hash is MurmurHash3's 32-bit finalizer (fmix32: xor-shift, multiply, three times; Appleby,
 2011), applied to j xor key in int32 lanes with wrapping multiplies: every 32-bit output is
-equally likely, and the draw is a 32-bit unsigned integer u_j; "u_j < density * 2^32" keeps an
-entry with probability density (to 2^-32). On the CPU a mask costs 1.6 ns an entry on two threads
+equally likely. The draw u_j is that output's bits; an entry is kept when u_j read as a signed
+int32 is below round(density * 2^32) - 2^31 (as unsigned: u_j xor 2^31 < round(density * 2^32)),
+with probability density to 2^-32. On the CPU a mask costs 1.6 ns an entry on two threads
 (`torch.rand` and a compare: 3.5 ns), hashed in blocks that stay in the cache.
 """
 from __future__ import annotations
@@ -63,17 +64,19 @@ def draws(key: int, start: int, n: int, device: torch.device | str = "cpu") -> t
 
 
 def threshold(density: float) -> int:
-    """The signed int32 t with P(u_j read as signed < t) = round(density * 2^32) / 2^32."""
+    """The t with P(u_j read as a signed int32 < t) = round(density * 2^32) / 2^32; 2^31 keeps all."""
     return round(density * (1 << 32)) - (1 << 31)
 
 
 def keep_scaled(x: torch.Tensor, key: int, density: float, offset: int = 0) -> torch.Tensor:
-    """x * m / density with m_j = [u_j < density * 2^32] for entry j = offset + flat index of x
-    (a new tensor unless density is 1; `x` may be a slice of a larger tensor starting at flat index `offset`)."""
-    if density >= 1.0:
+    """x * m / density with m_j = [u_j as signed < threshold(density)] for entry j = offset + the
+    row-major flat index of x (a new tensor unless nothing is dropped; `x`, of any strides, may be
+    rows of a larger tensor starting at flat index `offset`)."""
+    t = threshold(density)
+    if t >= 1 << 31:  # density within 2^-33 of 1: every draw is below it
         return x
-    out = x / density
-    flat, t = out.view(-1), threshold(density)
+    out = (x / density).contiguous()
+    flat = out.view(-1)
     block = BLOCK if out.device.type == "cpu" else 1 << 24
     for s in range(0, flat.numel(), block):
         part = flat[s:s + block]

@@ -50,7 +50,8 @@ def test_row_chunks_cover_the_tensor_in_aligned_runs(monkeypatch):
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv"])
 def test_the_engine_by_runs_writes_the_same_bytes(method, tmp_path, monkeypatch):
-    """merging.merge on two bfloat16 fine-tunes and a LoRA adapter: with runs of 256 entries (every
+    """merging.merge on two bfloat16 fine-tunes and a LoRA adapter (its embedding's delta transposed,
+    non-contiguous): with runs of 256 entries (every
     matrix merged a run at a time; for linear, task arithmetic and DARE read as stored and made
     float32 run by run) the output equals the whole-tensor merge, byte for byte."""
     from factories import perturbed, save, tiny_llama
@@ -62,7 +63,8 @@ def test_the_engine_by_runs_writes_the_same_bytes(method, tmp_path, monkeypatch)
     fts = [perturbed(base, tmp_path / f"ft{i}", seed=i + 1) for i in range(2)]
     torch.manual_seed(1)
     get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                            target_modules=["q_proj", "down_proj"])).save_pretrained(tmp_path / "lora")
+                                            target_modules=["q_proj", "down_proj", "embed_tokens"])).save_pretrained(
+                                                tmp_path / "lora", save_embedding_layers=False)  # a transposed delta
     p = _params(method, np.random.default_rng(5)).model_dump(by_alias=True, exclude_none=True)
     spec = {"base": str(base), "models": [{"name": f"m{i}", "path": str(m)} for i, m in enumerate([*fts, tmp_path / "lora"])],
             "method": method, "params": p, "device": "cpu"}

@@ -82,10 +82,31 @@ def test_top_bytes_are_uniform():
     assert ((counts - expected) ** 2 / expected).sum() < 330
 
 
-def test_threshold_gives_the_exact_probability():
-    for d in (0.0001, 0.25, 0.5, 0.999):
-        t = threshold(d)
-        assert t + (1 << 31) == round(d * (1 << 32))  # signed draws below t: that many of 2^32
+def test_masks_follow_the_documented_rule():
+    """Entry j is kept when (u_j xor 2^31) < round(density * 2^32), u_j the integer reference:
+    checked entry by entry, at a slice's offset and on a transposed (non-contiguous) input, whose
+    entries are numbered in row-major order."""
+    key, d = stream_key(11, "model.embed_tokens.weight", 1), 0.37
+    x = torch.randn(40, 30) + 5.0  # no zeros: a zero entry reads as dropped
+    got = keep_scaled(x, key, d, offset=1000) != 0
+    want = [(reference(key, 1000 + j) ^ (1 << 31)) < round(d * (1 << 32)) for j in range(x.numel())]
+    assert got.reshape(-1).tolist() == want
+    xt = x.t()
+    assert not xt.is_contiguous()
+    assert torch.equal(keep_scaled(xt, key, d, offset=1000), keep_scaled(xt.contiguous(), key, d, offset=1000))
+
+
+@pytest.mark.parametrize("density, kept", [(2.0 ** -34, 0.0), (0.5, None), (1 - 1e-10, 1.0), (1 - 2.0 ** -34, 1.0)])
+def test_extreme_densities_keep_what_they_say(density, kept):
+    """threshold() counts the draws kept out of 2^32; at the ends no draw is wrongly all-or-nothing
+    (a threshold of 2^31 must not wrap to -2^31 and drop every entry)."""
+    assert threshold(density) + (1 << 31) == round(density * (1 << 32))
+    out = keep_scaled(torch.ones(1 << 16), stream_key(2, "w", 0), density)
+    share = float((out != 0).float().mean())
+    if kept is None:
+        assert abs(share - density) < 0.01
+    else:
+        assert share == kept
 
 
 @pytest.mark.gpu

@@ -142,6 +142,17 @@ def test_dare_drops_and_rescales():
     assert not torch.equal(out, run("dare_linear", base, [tau], name="other.weight", density=0.3, seed=5))
 
 
+def test_dare_draws_each_models_mask_apart():
+    """Two identical task vectors, weight on one or the other: different masks, so different
+    merges (a mask keyed only by seed and tensor would give the same)."""
+    base, tau = torch.zeros(100, 40), rand(100, 40, seed=3)
+    one = run("dare_linear", base, [tau, tau], density=0.5, weights=[1.0, 0.0])
+    other = run("dare_linear", base, [tau, tau], density=0.5, weights=[0.0, 1.0])
+    both = (one != 0) & (other != 0)
+    assert not torch.equal(one, other)
+    assert abs(both.float().mean().item() - 0.25) < 0.03  # independent Bernoulli(0.5) masks
+
+
 def test_dare_is_unbiased_over_seeds():
     base, tau = torch.zeros(30, 20), rand(30, 20, seed=4)
     mean = torch.stack([run("dare_linear", base, [tau], density=0.5, seed=s) for s in range(2000)]).mean(0)
