@@ -69,13 +69,15 @@ def working_set(method, numel: int, n_models: int, read_size: int) -> tuple[int,
     (building the store, writing a candidate). Building holds the base and one task vector in
     float32 (all N for a method with `prepare`, twice over: TSV's updates), a read buffer in the
     checkpoint's dtype and what making a compressed form takes (12 B an entry: the magnitude
-    histogram, the keep mask and its packing). Writing holds N + 6 float32 chunks and the base's
-    rows as read for a `chunkable` method (every registered one today); the whole tensor, (2N + 8)
-    float32 copies and the base as read, otherwise."""
+    histogram, the keep mask and its packing). Writing holds, for a `chunkable` method (every
+    registered one today), the base's rows as read and 6 float32 chunks beside the N stored runs,
+    plus N more for a method that is not linear (TIES' trimmed and DARE's dropped copies); the
+    whole tensor, (2N + 8) float32 copies and the base as read, otherwise."""
     held = 2 * n_models if method.prepare else 1
     build = numel * (4 + 4 * held + read_size + 12)
     if method.chunkable:
-        write = (read_size + (n_models + 6) * 4) * min(numel, CHUNK)
+        copies = n_models + 6 if method.coefficients else 2 * n_models + 6
+        write = (read_size + copies * 4) * min(numel, CHUNK)
     else:
         write = numel * read_size + (2 * n_models + 8) * 4 * numel
     return build, write

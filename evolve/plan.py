@@ -22,7 +22,8 @@ Components (bytes; "device" is the GPU for cuda, the host for cpu):
 - method state: 0 for every per-tensor method (TIES finds its thresholds per candidate;
   TSV's prepared updates replace the task vectors in the store, same size).
 - merge working set (device, transient): what writing a candidate holds for the largest
-  tensor (`evolve.materialize.working_set`: its read buffer and N + 6 float32 chunks);
+  tensor (`evolve.materialize.working_set`: its read buffer and N + 6 float32 chunks, 2N + 6 for a
+  method that is not linear in the task vectors: TIES' trimmed, DARE's dropped copies);
   and the store build's working set, held before the model is allocated (so the device's
   peak is the larger of the job and the store plus the build).
 - evaluation (device) at batch B and sequence length L: KV cache
