@@ -73,8 +73,8 @@ What is measured
   elements that differ and, for ties (``--explain-ties``, on by default), how many of them
   sit where some task vector has an entry whose magnitude equals its k-th largest, i.e.
   where "keep the top k" does not say which entries to keep. DARE's drop masks are random
-  and the tools draw them differently (evomerge from per-tensor seeded generators, mergekit
-  from torch's global generator), so DARE outputs are compared statistically only: the RMS
+  and the tools draw them differently (evomerge by counter-based draws per tensor, model and
+  entry, mergekit from torch's global generator), so DARE outputs are compared statistically only: the RMS
   of the update (merged - base) over all tensors, evomerge's divided by mergekit's (1 when
   both scale the kept entries alike), and the cosine between the two updates (about the
   density for independent masks).

@@ -1,6 +1,7 @@
 """Devices and dtypes by name, as specs give them."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -8,6 +9,14 @@ import torch
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:

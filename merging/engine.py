@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from core.devices import DTYPES, resolve_device, torch_threads
+from core.devices import DTYPES, resolve_device, torch_threads, usable_cores
 from core.errors import CheckpointError
 from core.hashing import content_hash
 from core.hooks import NO_HOOKS, Hooks
@@ -148,7 +148,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | os.PathLike, *, ov
         return method.run(spec, out_dir, overwrite=overwrite, progress=progress, card_extra=dict(card_extra or {}),
                           hooks=hooks)
     if pipeline is None:
-        pipeline = 0 if method.prepare is not None or (os.cpu_count() or 1) <= 2 else 1
+        pipeline = 0 if method.prepare is not None or usable_cores() <= 2 else 1
     with torch_threads(threads):
         return _stream(spec, Path(out_dir), overwrite, progress, params, card_extra, hooks, pipeline)
 
