@@ -22,7 +22,8 @@ def family(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {"weights": [0.5, 0.3, 0.8]}),
-                                           ("ties", {"weights": [0.5, 0.3, 0.8], "density": 0.3})])
+                                           ("ties", {"weights": [0.5, 0.3, 0.8], "density": 0.3}),
+                                           ("dare_ties", {"weights": [0.5, 0.3, 0.8], "density": 0.3})])
 def test_resident_merge_on_cuda_equals_the_cpu_stream(family, method, params):
     base, models = family
     p = get_method(method).params(**params)
