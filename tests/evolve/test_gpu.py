@@ -1,6 +1,6 @@
 """On a CUDA device: the resident merge (bf16 model, store on the GPU) writes what the streaming
-merge computes on the CPU in float32, to bf16 rounding; TIES' radix trim on the GPU keeps the
-same entries as on the CPU. Deselected where there is no CUDA device (conftest.py)."""
+merge computes on the CPU in float32, to bf16 rounding (DARE's counter-based masks are the same on
+both devices); TIES' radix trim on the GPU keeps the same entries as on the CPU. Deselected where there is no CUDA device (conftest.py)."""
 import pytest
 import torch
 from factories import perturbed, save, tiny_llama
