@@ -44,6 +44,7 @@ from fitness.evaluate import Responses
 from fitness.fitness import Fitness, benchmark_paths
 from fitness.probes import probe_budget
 from merging.engine import merge
+from merging.methods import get_method
 from merging.spec import MergeSpec
 from merging.task_vectors import open_inputs
 
@@ -146,8 +147,11 @@ def claim_run_folder(out: Path, spec: EvolveSpec, resume: bool, overwrite: bool)
 
 
 def _fingerprint(spec: EvolveSpec) -> str:
-    """What a checkpoint must match to be resumed: everything but where it runs and how it is saved."""
-    return hashlib.sha256(spec.model_dump_json(exclude={"device", "output", "execution"}).encode()).hexdigest()
+    """What a checkpoint must match to be resumed: everything but where it runs and how it is saved,
+    and the method's version where it is not 1 (the candidates it scored would not be merged alike)."""
+    text = spec.model_dump_json(exclude={"device", "output", "execution"})
+    version = get_method(spec.method).version
+    return hashlib.sha256((text + (f"|{spec.method} v{version}" if version != 1 else "")).encode()).hexdigest()
 
 
 @dataclass

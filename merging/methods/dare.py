@@ -9,7 +9,8 @@ then combined linearly (`dare_linear`: base + lambda * sum_i w_i tau_i') or with
 sign election and disjoint mean (`dare_ties`). The masks are reproducible: entry j of model i's
 mask is a counter-based draw (`merging.draws`) of stream (seed, tensor name, i), so it is the same
 on every device and thread count, and whatever run of rows it is merged in (`chunkable`).
-Defaults: density 0.5, weights 1, lambda 1, seed 0.
+Defaults: density 0.5, weights 1, lambda 1, seed 0. Version 2: version 1 drew the masks with
+torch's stateful generator, a tensor at a time (other masks for the same seed).
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def _dropped(deltas, p: DareParams, name: str, offset: int):
     return (keep_scaled(t, stream_key(p.seed, name, i), d, offset) for i, (t, d) in enumerate(zip(deltas, dens)))
 
 
-@register("dare_linear", DareParams, chunkable=True, positional=True, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)}, sums=True)
+SPACE = {"weights": (0.0, 1.0), "density": (0.1, 1.0)}
+
+
+@register("dare_linear", DareParams, chunkable=True, positional=True, version=2, space=SPACE, sums=True)
 def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str, offset: int = 0) -> torch.Tensor:
     """Random drop and rescale, then task arithmetic."""
     w = p.per_model("weights", len(deltas), 1.0)
@@ -41,8 +45,8 @@ def dare_linear(base: torch.Tensor, deltas, p: DareParams, name: str, offset: in
     return base + (p.lambda_ / total) * weighted_sum(_dropped(deltas, p, name, offset), w)
 
 
-@register("dare_ties", DareParams, chunkable=True, positional=True, space={"weights": (0.0, 1.0), "density": (0.1, 1.0)})
+@register("dare_ties", DareParams, chunkable=True, positional=True, version=2, space=SPACE)
 def dare_ties(base: torch.Tensor, deltas, p: DareParams, name: str, offset: int = 0) -> torch.Tensor:
     """Random drop and rescale, then TIES sign election and disjoint mean."""
-    return base + p.lambda_ * disjoint_merge(list(_dropped(deltas, p, name, offset)), p.per_model("weights", len(deltas), 1.0),
-                                             p.normalize is not False)
+    dropped = list(_dropped(deltas, p, name, offset))
+    return base + p.lambda_ * disjoint_merge(dropped, p.per_model("weights", len(deltas), 1.0), p.normalize is not False)

@@ -80,6 +80,7 @@ class Method:
     positional: bool = False  # a chunkable fn that needs its run's flat index takes offset= (trims, masks)
     context: Callable[..., Any] | None = None  # (chunks, numel, params, name) -> ctx for fn(..., ctx=, offset=)
     coefficients: Callable[..., list[float]] | None = None  # (params, prepared) -> c_i: fn = base + sum_i c_i x_i
+    version: int = 1  # bumped when fn's values change for the same parameters: no job resumes across it
     space: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     sums: bool = False
     check_models: Callable[[Any, Sequence[Any]], None] | None = None

@@ -198,3 +198,28 @@ def test_resume_after_the_last_checkpoint_reports_the_final_generation(tmp_path)
     assert [p.generation for p in again_events] == [3] and ev.evaluated == 0
     assert again_events[0].evaluations == len(first.candidates) and again.front == first.front
     assert again_events[0].hypervolume == first_events[-1].hypervolume
+
+
+def test_a_method_version_change_refuses_the_old_checkpoint(monkeypatch):
+    """The resume fingerprint: the spec's JSON alone for a version-1 method (old checkpoints still
+    resume), and with the version where a method's values changed (DARE's masks: version 2), so a
+    checkpoint scored under another version is not resumed."""
+    import dataclasses
+    import hashlib
+
+    from evolve.run import _fingerprint
+    from evolve.spec import EvolveSpec
+    from merging.methods import registry
+
+    def spec(method):
+        return EvolveSpec.model_validate({"kind": "evolve", "base": "/b", "method": method,
+                                          "models": [{"name": "x", "path": "/x"}, {"name": "y", "path": "/y"}],
+                                          "objectives": [{"benchmark": "/mc.jsonl"}]})
+
+    ties = spec("ties")
+    plain = hashlib.sha256(ties.model_dump_json(exclude={"device", "output", "execution"}).encode()).hexdigest()
+    assert _fingerprint(ties) == plain
+    dare = spec("dare_ties")
+    now = _fingerprint(dare)
+    monkeypatch.setitem(registry.METHODS, "dare_ties", dataclasses.replace(registry.METHODS["dare_ties"], version=1))
+    assert _fingerprint(dare) != now
