@@ -5,9 +5,11 @@ What stays resident for a job (`evolve.plan` counts each of these from headers a
   and written by the first candidate;
 - the task vectors tau_i, in a store (`merging.store`: dense in the evaluation dtype's
   precision, lowrank or sparse), after the method's parameter-free `prepare` (TSV's SVDs);
+- for TIES, each stored vector's magnitude histogram (`merging.selection.CachedChunks`, 128 KB a
+  matrix, in one block): its trims are found per candidate by a streaming selection that starts
+  from it (no rank per entry);
 - nothing else: the base is read from its checkpoint, tensor by tensor, when a candidate is
-  materialized fresh, and TIES' trims are found per candidate by a streaming selection
-  (no rank per entry).
+  materialized fresh.
 
 A candidate is written tensor by tensor, and large tensors in runs of rows (`merging.chunks`:
 `CHUNK` elements, for `chunkable` methods), merged in float32 and cast into the model: the
@@ -38,6 +40,7 @@ from core.errors import CheckpointError
 from merging.chunks import CHUNK, row_chunks, run_kwargs
 from merging.engine import all_finite, merged_tensors
 from merging.methods import MethodParams, get_method
+from merging.selection import HI_BINS, SMALL, CachedChunks
 from merging.store import StoredTensor, StoreSettings
 from merging.task_vectors import open_inputs
 
@@ -147,6 +150,8 @@ class ResidentMerge:
         self.n_layers = getattr(self.model.config, "num_hidden_layers", 1)
         self._last: MethodParams | Callable[[str], MethodParams] | None = None
         self._last_ctx: dict[str, Any] = {}
+        self._context_chunks: dict[str, list[CachedChunks]] = {}
+        self._histograms: torch.Tensor | None = None
         self._since_anchor = 0
 
     @torch.no_grad()
@@ -238,9 +243,21 @@ class ResidentMerge:
         if self.method.context is None:
             return {}
         leaves = tree_leaves(stored, StoredTensor)
-        spans = row_chunks(leaves[0].shape, True)
-        chunk_fns = [lambda s=s: (c.reshape(-1) for c in s.chunks(spans, self.device)) for s in leaves]
-        return {"ctx": self.method.context(chunk_fns, math.prod(leaves[0].shape), p, n)}
+        if n not in self._context_chunks:  # the stored vectors never change: their histograms are kept
+            spans = row_chunks(leaves[0].shape, True)
+            self._context_chunks[n] = [
+                CachedChunks(lambda s=s: (c.reshape(-1) for c in s.chunks(spans, self.device)),
+                             bfloat16=s.form == "dense" and s.parts[0].dtype == torch.bfloat16,
+                             out=self._histogram_row() if math.prod(s.shape) > SMALL else None) for s in leaves]
+        return {"ctx": self.method.context(self._context_chunks[n], math.prod(leaves[0].shape), p, n)}
+
+    def _histogram_row(self) -> torch.Tensor:
+        """The next row of one int32 block holding every kept magnitude histogram (`plan`'s method state)."""
+        if self._histograms is None:
+            rows = sum(math.prod(s.shape) > SMALL for n in self.names for s in tree_leaves(self.stored[n], StoredTensor))
+            self._histograms, self._histograms_used = torch.empty((max(rows, 1), HI_BINS), dtype=torch.int32), 0
+        self._histograms_used += 1
+        return self._histograms[self._histograms_used - 1]
 
     def _write(self, n: str, p: MethodParams, old: MethodParams | None) -> None:
         """Tensor `n` of the candidate with parameters `p`: fresh from the base when `old` is None,

@@ -19,8 +19,10 @@ Components (bytes; "device" is the GPU for cuda, the host for cpu):
   working set + evaluation fit there, else on the host (then it crosses PCIe per candidate).
 - base (disk): not resident; read tensor by tensor at each fresh materialization, every
   `reanchor_every` candidates (default 1 on cpu, 16 on cuda).
-- method state: 0 for every per-tensor method (TIES finds its thresholds per candidate;
-  TSV's prepared updates replace the task vectors in the store, same size).
+- method state (host): a method with a per-tensor context (TIES) keeps, for each task vector of
+  more than `merging.selection.SMALL` entries, the histogram of its magnitudes' high bits (128 KB:
+  `merging.selection.CachedChunks`; each candidate's trims skip that pass); 0 for the others
+  (TSV's prepared updates replace the task vectors in the store, same size).
 - merge working set (device, transient): what writing a candidate holds for the largest
   tensor (`evolve.materialize.working_set`: its read buffer and N + 6 float32 chunks, 2N + 6 for a
   method that is not linear in the task vectors: TIES' trimmed, DARE's dropped copies);
@@ -308,7 +310,11 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     from .materialize import CHUNK, working_set
 
     read_size = floating[largest].dtype.itemsize
-    build, work = working_set(get_method(spec.method), floating[largest].numel, n_models, read_size)
+    method = get_method(spec.method)
+    build, work = working_set(method, floating[largest].numel, n_models, read_size)
+    from merging.selection import HI_BINS, SMALL
+
+    state = 4 * HI_BINS * n_models * sum(i.numel > SMALL for i in floating.values()) if method.context else 0
     base_bytes = sum(i.numel * i.dtype.itemsize for i in infos.values())
 
     changed = [[n for n in s.adapter.targets() if n in floating] if isinstance(s, AdapterSource) else list(floating)
@@ -330,13 +336,14 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     # which store, and where: the first kind (of those allowed) that fits on the device, else on the host
     kinds = STORE_ORDER if ev.store == "auto" else (ev.store,)
     options = {k: store_bytes(k) for k in kinds}
-    fixed = model + work + batch * per_seq if auto_batch else model + work + sum(
-        evaluation_bytes(cfg, batch, seq, choice, size).values())  # on the device whatever the store
+    state_on = state if on == "host" else 0  # the method state is host memory
+    fixed = state_on + (model + work + batch * per_seq if auto_batch else model + work + sum(
+        evaluation_bytes(cfg, batch, seq, choice, size).values()))  # on the device whatever the store
     for kind in kinds:
         if max(fixed, build) + options[kind] <= device_budget:
             store_where, store_fits = on, True
             break
-        if dev == "cuda" and options[kind] <= host:
+        if dev == "cuda" and options[kind] + state <= host:
             store_where, store_fits = "host", True
             break
     else:
@@ -347,7 +354,7 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
         batch = AUTO_BATCH_MAX if left == math.inf else min(max(int(left // per_seq), 1), AUTO_BATCH_MAX)
     evaluation = evaluation_bytes(cfg, batch, seq, choice, size)
     eval_total = sum(evaluation.values())
-    fixed = model + work + eval_total
+    fixed = state_on + model + work + eval_total
 
     error: PlanError | None = None
     if model > device_budget:
@@ -401,7 +408,9 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
         Component("task-vector store", store, store_where, store_note),
         Component("base", base_bytes, "disk", f"read at each fresh materialization (every {reanchor} candidate"
                                               f"{'s' if reanchor > 1 else ''})"),
-        Component("method state", 0, on, f"{spec.method}: per-tensor, nothing kept between candidates"),
+        Component("method state", state, "host", f"{spec.method}: magnitude histograms of the stored vectors, kept "
+                                                 "for each candidate's trims" if state else
+                  f"{spec.method}: per-tensor, nothing kept between candidates"),
         Component("merge working set", work, on, f"per candidate, for {largest} ({count(floating[largest].numel)} "
                                                  f"entries, chunks of {count(CHUNK)}), transient"),
         Component("store build", build, on, f"while the store is built, before the model is allocated "

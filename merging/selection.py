@@ -9,6 +9,11 @@ value) give the k-th largest magnitude exactly, and one scan finds where its tie
 Every pass streams over chunks of the tensor, so memory is one chunk (chunks given as a list are
 in memory already: their magnitudes' bits are made once, one int32 copy), and the result is the
 stable sort's (tests/test_methods.py checks it against sorting, ties included).
+
+The first histogram does not depend on k: `CachedChunks` keeps it (32,768 int32 counts, 128 KB a
+tensor) for a tensor whose chunks never change, such as an evolve job's stored task vectors, so
+that each candidate's trims skip that pass; for bfloat16 values (low 16 bits zero) the second
+histogram is skipped too, since each bin of the first holds a single value.
 """
 from __future__ import annotations
 
@@ -20,6 +25,30 @@ import torch
 SMALL = 1 << 16  # at most this many entries: selected by kthvalue (the histograms' fixed cost is higher)
 TIE_SCAN = 1 << 18  # entries compared at a time while looking for the last tied entry kept
 Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order (a list: in memory)
+HI_BINS = 1 << 15  # the magnitudes' high 16 bits, sign cleared
+
+
+class CachedChunks:
+    """`Chunks` that always yield the same values, with their high-bits histogram kept after its
+    first use (in `out`, an int32 [HI_BINS] row of a block the caller allocated at once, so that
+    many small long-lived buffers do not fragment the heap); `bfloat16`: every value is a
+    bfloat16 (its float32 bits' low half is zero)."""
+
+    def __init__(self, chunks: Chunks, bfloat16: bool = False, out: torch.Tensor | None = None):
+        self.chunks, self.bfloat16, self.out, self._hist = chunks, bfloat16, out, None
+
+    def __call__(self) -> Iterable[torch.Tensor]:
+        return self.chunks()
+
+    def histogram(self, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._hist is None:
+            h = make()
+            self._hist = self.out.copy_(h) if self.out is not None else h.to(torch.int32)
+        return self._hist.long()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._hist is None else self._hist.numel() * 4
 
 
 class Trim(NamedTuple):
@@ -59,18 +88,26 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
         chunk_bits = lambda: bits  # noqa: E731
     else:  # streamed (an iterator): made again on each pass, one chunk at a time
         chunk_bits = lambda: (_magnitude_bits(c) for c in chunks())  # noqa: E731
-    hi = torch.zeros(1 << 15, dtype=torch.int64)
-    for b16 in chunk_bits():
-        hi += torch.bincount((b16 >> 16).cpu(), minlength=1 << 15)
+    def high_histogram() -> torch.Tensor:
+        hi = torch.zeros(HI_BINS, dtype=torch.int64)
+        for b16 in chunk_bits():
+            hi += torch.bincount((b16 >> 16).cpu(), minlength=HI_BINS)
+        return hi
+
+    cached = isinstance(chunks, CachedChunks)
+    hi = chunks.histogram(high_histogram) if cached else high_histogram()
     b, above = _select_bin(hi, k)
     if int(hi[b]) == k - above:  # the whole bin is kept: keep |x| >= its smallest possible value
         return Trim(_bits_value(b << 16), numel)
-    lo = torch.zeros(1 << 16, dtype=torch.int64)
-    for b16 in chunk_bits():
-        lo += torch.bincount((b16[(b16 >> 16) == b] & 0xFFFF).cpu(), minlength=1 << 16)
-    low, above_in_bin = _select_bin(lo, k - above)
-    threshold = (b << 16) | low
-    room, tied = k - above - above_in_bin, int(lo[low])
+    if cached and chunks.bfloat16:  # the bin is one value
+        threshold, room, tied = b << 16, k - above, int(hi[b])
+    else:
+        lo = torch.zeros(1 << 16, dtype=torch.int64)
+        for b16 in chunk_bits():
+            lo += torch.bincount((b16[(b16 >> 16) == b] & 0xFFFF).cpu(), minlength=1 << 16)
+        low, above_in_bin = _select_bin(lo, k - above)
+        threshold = (b << 16) | low
+        room, tied = k - above - above_in_bin, int(lo[low])
     if room >= tied:
         return Trim(_bits_value(threshold), numel)
     offset = 0

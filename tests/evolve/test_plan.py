@@ -168,7 +168,8 @@ def test_resident_model_is_two_bytes_per_parameter(shapes7b, arch):
     assert plan.component("resident model").where == "gpu"
     base = plan.component("base")
     assert (base.bytes, base.where) == (2 * published, "disk")
-    assert plan.component("method state").bytes == 0
+    large = 7 * cfg["num_hidden_layers"] + 2  # the matrices of over 65,536 entries: 7 a layer, embedding, lm_head
+    assert plan.component("method state").bytes == large * 3 * 4 * 2 ** 15  # ties: one 128 KB histogram each
     largest = cfg["vocab_size"] * cfg["hidden_size"]  # the embedding (and lm_head)
     assert plan.component("merge working set").bytes == written_by_hand(largest, 3)
     assert plan.component("store build").bytes == largest * (4 + 4 + 2 + 12)  # ties has no prepare
@@ -265,7 +266,9 @@ def test_cpu_plan_holds_everything_on_the_host(shapes7b):
     ev = evaluation_by_hand(cfg, 16, SEQ, CHOICE, 2)
     bo = plan.component("search: bo surrogate").bytes  # the default search for 16 x 8 candidates
     assert bo == BO_BASE + BO_PER_OBSERVATION * (16 * 8 + 11 + 24)  # candidates and the most probes (11 + 24)
-    assert plan.totals["host"] == 2 * published + 3 * lowrank_by_hand(cfg) + written_by_hand(32000 * 4096, 3) + ev + bo
+    hists = (7 * cfg["num_hidden_layers"] + 2) * 3 * 4 * 2 ** 15  # ties' kept magnitude histograms
+    assert plan.totals["host"] == (2 * published + 3 * lowrank_by_hand(cfg) + written_by_hand(32000 * 4096, 3) + ev
+                                   + bo + hists)
     assert plan.totals["gpu"] == 0 and plan.moved["host->GPU"] == 0
     assert plan.bytes_moved_per_candidate == 3 * lowrank_by_hand(cfg) + 2 * published + 2 * published
 

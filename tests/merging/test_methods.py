@@ -104,7 +104,8 @@ def test_ties_against_loop_reference(densities, weights, lam, tied, chunked, mon
 def test_trim_selection_equals_sorting(dtype, radix, monkeypatch):
     """The radix selection (and kthvalue, which small tensors take) keeps exactly the entries a
     stable sort by magnitude keeps, with many ties (bfloat16 values, zeros, repeated magnitudes
-    of both signs) and at every k."""
+    of both signs) and at every k; so does it from a kept histogram (`CachedChunks`, its first
+    pass made once for all k; for bfloat16 values without the second)."""
     import merging.selection
     from merging.methods.ties import trim_top_k
 
@@ -116,12 +117,19 @@ def test_trim_selection_equals_sorting(dtype, radix, monkeypatch):
     tau[::7] = 0.0
     tau[1::13] = -tau[::13][:len(tau[1::13])]
     order = sorted(range(len(tau)), key=lambda j: (-abs(float(tau[j])), j))
+    passes = []
+    cached = merging.selection.CachedChunks(lambda: passes.append(1) or (c for c in tau.split(100)),
+                                            bfloat16=dtype == torch.bfloat16)
     for k in [0, 1, 2, 50, 143, 500, 855, 996, 997]:
         keep = torch.zeros(len(tau), dtype=torch.bool)
         keep[order[:k]] = True
         assert torch.equal(trim_top_k(tau, (k + 0.5) / len(tau) if k < len(tau) else 1.0), tau * keep), k
         streamed = merging.selection.find_trim(lambda: (c for c in tau.split(100)), len(tau), k)  # chunks from disk
         assert streamed == merging.selection.find_trim(lambda: [tau], len(tau), k), k
+        assert merging.selection.find_trim(cached, len(tau), k) == streamed, k
+    if radix:  # one histogram pass in all; then per k at most a second histogram and the tie scan
+        assert cached.nbytes == 4 * merging.selection.HI_BINS
+        assert len(passes) <= 1 + 7 * (1 if dtype == torch.bfloat16 else 2) + 7
 
 
 def test_ties_sign_election_by_hand():
