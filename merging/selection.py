@@ -113,10 +113,11 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
     offset = 0
     for b16 in chunk_bits():
         for piece in b16.split(TIE_SCAN):  # the tied entries up to the room-th: stop there
-            eq = (piece == threshold).nonzero().reshape(-1)
-            if room <= len(eq):
-                return Trim(_bits_value(threshold), offset + int(eq[room - 1]))
-            room, offset = room - len(eq), offset + piece.numel()
+            eq = piece == threshold
+            tied = int(eq.sum())  # counted, not listed, until the piece that holds the room-th
+            if room <= tied:
+                return Trim(_bits_value(threshold), offset + int(eq.nonzero()[room - 1]))
+            room, offset = room - tied, offset + piece.numel()
     raise AssertionError("tied entries counted but not found")  # pragma: no cover
 
 
