@@ -40,7 +40,7 @@ from core.errors import CheckpointError
 from merging.chunks import CHUNK, row_chunks, run_kwargs
 from merging.engine import all_finite, merged_tensors
 from merging.methods import MethodParams, get_method
-from merging.selection import HI_BINS, SMALL, CachedChunks
+from merging.selection import HI_BINS, CachedChunks, by_radix
 from merging.store import StoredTensor, StoreSettings
 from merging.task_vectors import open_inputs
 
@@ -151,7 +151,7 @@ class ResidentMerge:
         self._last: MethodParams | Callable[[str], MethodParams] | None = None
         self._last_ctx: dict[str, Any] = {}
         self._context_chunks: dict[str, list[CachedChunks]] = {}
-        self._histograms: torch.Tensor | None = None
+        self._histogram_rows: Iterator[torch.Tensor] | None = None
         self._since_anchor = 0
 
     @torch.no_grad()
@@ -248,16 +248,15 @@ class ResidentMerge:
             self._context_chunks[n] = [
                 CachedChunks(lambda s=s: (c.reshape(-1) for c in s.chunks(spans, self.device)),
                              bfloat16=s.form == "dense" and s.parts[0].dtype == torch.bfloat16,
-                             out=self._histogram_row() if math.prod(s.shape) > SMALL else None) for s in leaves]
+                             out=self._histogram_row() if by_radix(math.prod(s.shape)) else None) for s in leaves]
         return {"ctx": self.method.context(self._context_chunks[n], math.prod(leaves[0].shape), p, n)}
 
     def _histogram_row(self) -> torch.Tensor:
         """The next row of one int32 block holding every kept magnitude histogram (`plan`'s method state)."""
-        if self._histograms is None:
-            rows = sum(math.prod(s.shape) > SMALL for n in self.names for s in tree_leaves(self.stored[n], StoredTensor))
-            self._histograms, self._histograms_used = torch.empty((max(rows, 1), HI_BINS), dtype=torch.int32), 0
-        self._histograms_used += 1
-        return self._histograms[self._histograms_used - 1]
+        if self._histogram_rows is None:
+            rows = sum(by_radix(math.prod(s.shape)) for n in self.names for s in tree_leaves(self.stored[n], StoredTensor))
+            self._histogram_rows = iter(torch.empty((rows, HI_BINS), dtype=torch.int32))
+        return next(self._histogram_rows)
 
     def _write(self, n: str, p: MethodParams, old: MethodParams | None) -> None:
         """Tensor `n` of the candidate with parameters `p`: fresh from the base when `old` is None,

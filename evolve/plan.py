@@ -312,9 +312,9 @@ def plan_job(spec, gpu_memory: float | None = None, host_memory: float | None = 
     read_size = floating[largest].dtype.itemsize
     method = get_method(spec.method)
     build, work = working_set(method, floating[largest].numel, n_models, read_size)
-    from merging.selection import HI_BINS, SMALL
+    from merging.selection import HISTOGRAM_BYTES, by_radix
 
-    state = 4 * HI_BINS * n_models * sum(i.numel > SMALL for i in floating.values()) if method.context else 0
+    state = HISTOGRAM_BYTES * n_models * sum(by_radix(i.numel) for i in floating.values()) if method.context else 0
     base_bytes = sum(i.numel * i.dtype.itemsize for i in infos.values())
 
     changed = [[n for n in s.adapter.targets() if n in floating] if isinstance(s, AdapterSource) else list(floating)

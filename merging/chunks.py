@@ -37,6 +37,11 @@ def run_kwargs(method, ctx: dict, offset: int) -> dict:
 RowFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (a, b, base rows a..b in float32) -> its rows; 2+ dims
 
 
+def tensor_rows(t: torch.Tensor) -> RowFn:
+    """The `RowFn` of a task vector held whole."""
+    return lambda a, b, _: t[a:b]
+
+
 def merge_rows(method, base: torch.Tensor, deltas: Sequence[torch.Tensor | RowFn], p, name: str) -> torch.Tensor:
     """``method.fn(base, deltas, p, name)`` in float32, run of rows by run of rows when the method
     is `chunkable` and needs no `prepare` (TSV's SVDs take the whole matrix): the same values.
@@ -49,7 +54,7 @@ def merge_rows(method, base: torch.Tensor, deltas: Sequence[torch.Tensor | RowFn
     if len(spans) == 1:
         whole = base.float()
         return method.fn(whole, [d if isinstance(d, torch.Tensor) else d(0, len(whole), whole) for d in deltas], p, name)
-    rows = [(lambda a, b, _, d=d: d[a:b]) if isinstance(d, torch.Tensor) else d for d in deltas]
+    rows = [tensor_rows(d) if isinstance(d, torch.Tensor) else d for d in deltas]
     ctx = {}
     if method.context is not None:
         streams = [(lambda d=d: [d.reshape(-1)]) if isinstance(d, torch.Tensor) else

@@ -26,6 +26,13 @@ SMALL = 1 << 16  # at most this many entries: selected by kthvalue (the histogra
 TIE_SCAN = 1 << 18  # entries compared at a time while looking for the last tied entry kept
 Chunks = Callable[[], Iterable[torch.Tensor]]  # a tensor's flat chunks, in index order (a list: in memory)
 HI_BINS = 1 << 15  # the magnitudes' high 16 bits, sign cleared
+HISTOGRAM_BYTES = 4 * HI_BINS  # one kept histogram (int32 counts)
+
+
+def by_radix(numel: int) -> bool:
+    """Whether a tensor of `numel` entries is selected by histograms (else by kthvalue), and so
+    whether `CachedChunks` keeps a histogram for it."""
+    return numel > SMALL
 
 
 class CachedChunks:
@@ -80,7 +87,7 @@ def find_trim(chunks: Chunks, numel: int, k: int) -> Trim:
         return Trim(-1.0, -1)
     if k <= 0:
         return Trim(math.inf, -1)
-    if numel <= SMALL:
+    if not by_radix(numel):
         return _find_trim_small(torch.cat([c.float().abs().reshape(-1) for c in chunks()]), k)
     first = chunks()
     if isinstance(first, (list, tuple)):  # in memory already: the magnitudes' bits made once for every pass

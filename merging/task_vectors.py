@@ -11,6 +11,7 @@ from core.errors import CheckpointError
 
 from .adapters import LoraAdapter, is_adapter
 from .checkpoint import CheckpointReader, TensorInfo
+from .chunks import tensor_rows
 
 
 class ModelSource:
@@ -35,7 +36,7 @@ class ModelSource:
         """`delta` by runs of rows (a `merging.chunks.RowFn`), from ``base`` as stored: the tensor
         is read once in its own dtype and each run promoted inside the subtraction."""
         if name in self.rows:
-            return _rows_of(self.delta(name, base.float()))
+            return tensor_rows(self.delta(name, base.float()))
         mine = self.reader.get(name, base.device)
         return lambda a, b, base_rows: torch.sub(mine[a:b], base_rows)
 
@@ -73,7 +74,7 @@ class AdapterSource:
 
     def delta_rows(self, name: str, base: torch.Tensor):
         """`delta` as a `merging.chunks.RowFn` (made whole first: scale * B @ A)."""
-        return _rows_of(self.delta(name, base.float()))
+        return tensor_rows(self.delta(name, base.float()))
 
     def mismatch(self, infos: dict[str, TensorInfo], vocab: frozenset[str] = frozenset()) -> str | None:
         for name in self.adapter.targets():
@@ -83,10 +84,6 @@ class AdapterSource:
             if shape != infos[name].shape:
                 return f"adapter target {name} has shape {shape}, the base has {infos[name].shape}"
         return None
-
-
-def _rows_of(delta: torch.Tensor):
-    return lambda a, b, _: delta[a:b]
 
 
 def open_source(path: str | os.PathLike) -> ModelSource | AdapterSource:
