@@ -56,7 +56,8 @@ def steps(algorithm: str, population: int, generations: int, batch: int) -> int:
 
 
 def make_algorithm(name: str, population: int, n_obj: int, *, batch: int = 1, initial=None,
-                   ref_point: np.ndarray | None = None, trust_region: bool | None = None):
+                   ref_point: np.ndarray | None = None, trust_region: bool | None = None,
+                   bounds: list[tuple[float, float] | None] | None = None):
     if n_obj > 1 and name not in ALGORITHMS_MULTI:
         raise ValueError(f"search.algorithm: {name} is not a multi-objective algorithm ({', '.join(ALGORITHMS_MULTI)})")
     if n_obj == 1 and name not in ALGORITHMS_SINGLE + ("nsga2", "bo"):
@@ -65,7 +66,7 @@ def make_algorithm(name: str, population: int, n_obj: int, *, batch: int = 1, in
 
     if name == "bo":
         from .bo import BayesOpt
-        return BayesOpt(batch=batch, initial=initial, ref_point=ref_point, trust_region=trust_region)
+        return BayesOpt(batch=batch, initial=initial, ref_point=ref_point, trust_region=trust_region, bounds=bounds)
     if name == "nsga2":
         from pymoo.algorithms.moo.nsga2 import NSGA2
         return NSGA2(pop_size=population)
@@ -150,7 +151,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
     evaluator.restore(known)
     if algo is None:
         algo = make_algorithm(algorithm, population, len(objectives), batch=batch, initial=initial, ref_point=ref,
-                              trust_region=trust_region)
+                              trust_region=trust_region, bounds=[minimized_range(o) for o in objectives])
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
     problem.evaluate_genomes = evaluator.evaluate
     checkpointable = algorithm != "moead"
@@ -197,6 +198,14 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
         result.overhead = {"asks": len(own), "suggestions": asked, "seconds_per_suggestion": sum(own) / max(asked, 1),
                            "max_seconds_per_ask": max(own)}
     return result
+
+
+def minimized_range(o) -> tuple[float, float] | None:
+    """An objective's range in minimized units, or None where it has no `best`."""
+    if o.best is None:
+        return None
+    a, b = o.to_min(o.best), o.to_min(o.worst)
+    return (min(a, b), max(a, b))
 
 
 def _matrix(cands: list[Candidate], objectives) -> np.ndarray:

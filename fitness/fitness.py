@@ -74,6 +74,7 @@ class Objective:
     name: str
     sense: str  # "max" or "min"
     worst: float  # the hypervolume reference value for this objective
+    best: float | None = None  # the other end of its range, where it is bounded (accuracy: 1)
 
     def to_min(self, value: float) -> float:
         return -value if self.sense == "max" else value
@@ -207,9 +208,9 @@ class Fitness:
         out = []
         for s in self.specs:
             if s.metric == "accuracy":
-                out.append(Objective(s.label, "max", 0.0))
+                out.append(Objective(s.label, "max", 0.0, 1.0))
             else:
-                out.append(Objective(s.label, "min", float(self.evaluation.max_new_tokens)))
+                out.append(Objective(s.label, "min", float(self.evaluation.max_new_tokens), 0.0))
         return out
 
     def settings_key(self) -> str:
