@@ -14,7 +14,9 @@ All three run one candidate after another, and none depends on the budget, so th
 candidates of a run are the run a budget of k would have made: each `--checkpoints` value
 (default 48 and the budget) is read off the same runs. At each checkpoint, the front of the
 candidates so far (on estimated objectives) is evaluated in full (each genome once, cached)
-and its TRUE hypervolume is reported (reference point: accuracy 0 on every task).
+and its TRUE hypervolume is reported (reference point: accuracy 0 on every task), with that of
+the true front of every genome the seed evaluated in full (all algorithms, all checkpoints): a
+reference for what the run's evaluations reach at all.
 
 Printed: mean true HV per algorithm and checkpoint with the ratios the issue asks for
 (bo / random and bo / nsga2 at the budget, bo at 48 / random at the budget), per-seed values,
