@@ -152,8 +152,7 @@ class BayesOpt(Algorithm):
             U.append(self.sobol[self.sobol_used])
             self.sobol_used += 1
         while len(U) < q and self._draws_next(len(U)):
-            lo, hi = self._box()
-            U.append(lo + self.random_state.random(len(lo)) * (hi - lo))
+            U.append(self._uniform())
         if len(U) < q:
             t0 = time.perf_counter()
             U += list(self._suggest(q - len(U), np.array(U).reshape(-1, self.U.shape[1])))
@@ -198,10 +197,14 @@ class BayesOpt(Algorithm):
         for u in U:
             seen = np.vstack([self.U, *out]) if out else self.U
             while len(seen) and np.min(np.abs(seen - u).max(1)) < 1e-9:
-                lo, hi = self._box()
-                u = lo + self.random_state.random(len(u)) * (hi - lo)
+                u = self._uniform()
             out.append(u)
         return np.array(out)
+
+    def _uniform(self) -> np.ndarray:
+        """A uniform draw from the search box (the trust region where there is one)."""
+        lo, hi = self._box()
+        return lo + self.random_state.random(len(lo)) * (hi - lo)
 
     def _box(self) -> tuple[np.ndarray, np.ndarray]:
         """Where the acquisition is maximized: the unit cube, or the trust region around its center."""
@@ -235,19 +238,18 @@ class BayesOpt(Algorithm):
         from botorch.sampling import SobolQMCNormalSampler
 
         t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-        scale = OutcomeScale(self.bounds, self.F.shape[1])
+        m = self.F.shape[1]
+        scale = OutcomeScale(self.bounds, m)
         Z, Zvar = scale.forward(self.F, self.Fvar)
         model = fit_surrogate(self.U, -Z, Zvar)  # BoTorch maximizes
-        objective = scale.objective()
+        objective = scale.objective(single=m == 1)
         X_base = t(self.U[self._own()])
         sampler = SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=seed)
         X_pending = t(pending) if len(pending) else None
-        m = self.F.shape[1]
         if m == 1:
             from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 
-            acq = qLogNoisyExpectedImprovement(model, X_base, sampler=sampler, X_pending=X_pending,
-                                               objective=scale.objective(single=True))
+            acq = qLogNoisyExpectedImprovement(model, X_base, sampler=sampler, X_pending=X_pending, objective=objective)
         elif m <= 4:
             from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
 

@@ -151,7 +151,7 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
     evaluator.restore(known)
     if algo is None:
         algo = make_algorithm(algorithm, population, len(objectives), batch=batch, initial=initial, ref_point=ref,
-                              trust_region=trust_region, bounds=[minimized_range(o) for o in objectives])
+                              trust_region=trust_region, bounds=[o.min_range() for o in objectives])
         algo.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
     problem.evaluate_genomes = evaluator.evaluate
     checkpointable = algorithm != "moead"
@@ -198,14 +198,6 @@ def run_search(problem: MergeProblem, evaluator: CandidateEvaluator, out_dir: Pa
         result.overhead = {"asks": len(own), "suggestions": asked, "seconds_per_suggestion": sum(own) / max(asked, 1),
                            "max_seconds_per_ask": max(own)}
     return result
-
-
-def minimized_range(o) -> tuple[float, float] | None:
-    """An objective's range in minimized units, or None where it has no `best`."""
-    if o.best is None:
-        return None
-    a, b = o.to_min(o.best), o.to_min(o.worst)
-    return (min(a, b), max(a, b))
 
 
 def _matrix(cands: list[Candidate], objectives) -> np.ndarray:

@@ -79,6 +79,13 @@ class Objective:
     def to_min(self, value: float) -> float:
         return -value if self.sense == "max" else value
 
+    def min_range(self) -> tuple[float, float] | None:
+        """Its range in minimized units, or None where it is unbounded (no `best`)."""
+        if self.best is None:
+            return None
+        a, b = self.to_min(self.best), self.to_min(self.worst)
+        return (min(a, b), max(a, b))
+
 
 @dataclass
 class Score:
